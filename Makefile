@@ -1,0 +1,70 @@
+# Verbs of the project. `make final` sets everything up on first use (virtualenv, packages,
+# offline data and weights when ../shared exists) and trains the default model.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SHARED ?= ../shared
+KERAS_MODELS ?= $(HOME)/.keras/models
+
+# Offline mode: when ../shared holds the data, build cache/cifar10.npz from it and use it.
+ifneq ($(wildcard $(SHARED)/data/make_cifar10_npz.py),)
+CIFAR10_NPZ ?= $(CURDIR)/cache/cifar10.npz
+OFFLINE := offline
+endif
+export CIFAR10_NPZ
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+ENGINE ?= optuna
+TRIALS ?= 50
+WORKERS ?= 1
+PRUNER ?= hyperband
+STORAGE ?=
+STUDY ?=
+ARGS ?=
+STORAGE_ARGS := $(if $(STORAGE),--storage $(STORAGE),) $(if $(STUDY),--study-name $(STUDY),)
+
+.PHONY: help setup offline final search evaluate test lint bench reliability clean-cache dashboard
+
+help:  ## list the verbs
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed $(OFFLINE)  ## virtualenv + packages (+ offline data/weights)
+
+offline: $(VENV)/.installed  ## build cache/cifar10.npz and seed ImageNet weights from ../shared
+	@test -f $(CIFAR10_NPZ) || $(PY) $(SHARED)/data/make_cifar10_npz.py $(CIFAR10_NPZ)
+	@mkdir -p $(KERAS_MODELS)
+	@for f in $(SHARED)/keras-cache/models/*.h5; do \
+	  test -f $(KERAS_MODELS)/$$(basename $$f) || cp $$f $(KERAS_MODELS)/; done
+
+final: setup  ## train head + tail on the cache, save ./cifar10.h5 and results/final.json
+	$(PY) -m search.cli final $(ARGS)
+
+search: setup  ## hyperparameter search on the cached features (ENGINE, TRIALS, WORKERS, STORAGE, PRUNER)
+	$(PY) -m search.cli search --engine $(ENGINE) --trials $(TRIALS) --workers $(WORKERS) \
+	  --pruner $(PRUNER) $(STORAGE_ARGS) $(ARGS)
+
+evaluate: setup  ## the classic evaluation script, unmodified, on ./cifar10.h5
+	$(PY) -m search.cli evaluate
+
+bench: setup  ## results/bench_cache.json and results/bench_search.json
+	$(PY) -m search.cli bench-cache $(ARGS)
+	$(PY) -m search.cli bench-search $(ARGS)
+
+test: setup  ## the test suite (tiny data, tiny backbones; < 10 min)
+	$(PY) -m pytest -q
+
+lint: setup  ## ruff
+	$(VENV)/bin/ruff check .
+
+dashboard: setup  ## open the study in optuna-dashboard (pip install optuna-dashboard)
+	$(VENV)/bin/optuna-dashboard $(or $(STORAGE),sqlite:///results/study.db)
+
+clean-cache:  ## delete feature caches (keeps cache/cifar10.npz)
+	find cache -mindepth 1 -maxdepth 1 -type d -exec rm -rf {} +

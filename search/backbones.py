@@ -1,0 +1,182 @@
+"""Keras Applications by name: constructor, ``preprocess_input``, native size, named cut points.
+
+Entry point: :func:`get_backbone`. To add a backbone, add one :class:`BackboneSpec` row to
+``BACKBONES``. A *cut* names the layer whose output is cached; every layer after it (up to the
+backbone's pooled output) is the trainable *tail*, everything up to it is frozen and runs over
+the data exactly once (see ``search.cache``).
+
+The functions registered with ``keras.saving.register_keras_serializable`` below are what the
+saved model's Lambda layers call, so ``cifar10.h5`` loads with the default ``safe_mode`` once
+this module is imported (``0-transfer.py`` imports it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import keras
+import numpy as np
+
+from search.errors import UserError
+
+SERIALIZATION_PACKAGE = "transfer"
+
+
+@keras.saving.register_keras_serializable(package=SERIALIZATION_PACKAGE)
+def upsample(x: Any, size: int = 224) -> Any:
+    """Bilinear resize of a ``(b, h, w, c)`` batch to ``(b, size, size, c)`` float32."""
+    return keras.ops.image.resize(keras.ops.cast(x, "float32"), (size, size), interpolation="bilinear")
+
+
+@keras.saving.register_keras_serializable(package=SERIALIZATION_PACKAGE)
+def preprocess(x: Any, backbone: str = "MobileNet") -> Any:
+    """The named backbone's own ``preprocess_input`` on 0-255 float pixels."""
+    return get_backbone(backbone).preprocess_input(x)
+
+
+@keras.saving.register_keras_serializable(package=SERIALIZATION_PACKAGE)
+def flip_left_right(x: Any) -> Any:
+    """Mirror a ``(b, h, w, c)`` batch horizontally (test-time augmentation)."""
+    return keras.ops.flip(x, axis=2)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """One Keras Application.
+
+    Attributes:
+        name: the constructor's name in ``keras.applications`` (``"MobileNet"``).
+        module: the submodule holding its ``preprocess_input`` (``"mobilenet"``).
+        native_size: the input side its ImageNet weights were trained at.
+        cuts: cut name -> layer name; the tail is every layer after that layer.
+        default_cut: the cut used when none is given.
+        kwargs: extra constructor arguments.
+    """
+
+    name: str
+    module: str
+    native_size: int
+    cuts: dict[str, str]
+    default_cut: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def preprocess_input(self, x: Any) -> Any:
+        """Map 0-255 float pixels to what this backbone expects (its own preprocess_input)."""
+        return getattr(keras.applications, self.module).preprocess_input(x)
+
+    def cut_layer(self, cut: str | None = None) -> str:
+        """The layer name of cut ``cut`` (a cut name or a layer name)."""
+        cut = cut or self.default_cut
+        if cut in self.cuts:
+            return self.cuts[cut]
+        raise UserError(f"unknown cut {cut!r} for {self.name}; choose one of {sorted(self.cuts)}")
+
+    def build(self, weights: str | None = "imagenet", size: int | None = None) -> keras.Model:
+        """Construct the application, ``include_top=False``, global-average-pooled output.
+
+        Input: ``(b, size, size, 3)`` preprocessed float32; output ``(b, features)`` float32.
+        """
+        size = size or self.native_size
+        if size < 32:
+            raise UserError(f"resolution must be at least 32, got {size}")
+        ctor = getattr(keras.applications, self.name)
+        try:
+            return ctor(include_top=False, weights=weights, input_shape=(size, size, 3),
+                        pooling="avg", **self.kwargs)
+        except Exception as exc:
+            if weights == "imagenet" and ("URL" in str(exc) or "fetch" in str(exc).lower()):
+                raise UserError(
+                    f"cannot download ImageNet weights for {self.name}; offline, seed "
+                    "~/.keras/models/ from ../shared/keras-cache/models/ (see README)") from None
+            raise
+
+
+def _mobilenet_v1_cuts() -> dict[str, str]:
+    return {"last1": "conv_pw_12_relu", "last2": "conv_pw_11_relu", "last3": "conv_pw_10_relu"}
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    spec.name: spec
+    for spec in (
+        BackboneSpec("MobileNet", "mobilenet", 224, _mobilenet_v1_cuts(), "last2"),
+        BackboneSpec("MobileNetV2", "mobilenet_v2", 224,
+                     {"last1": "block_15_add", "last2": "block_14_add",
+                      "last3": "block_13_project_BN"}, "last2"),
+        BackboneSpec("ResNet50", "resnet50", 224,
+                     {"last1": "conv5_block2_out", "last2": "conv5_block1_out",
+                      "last3": "conv4_block6_out"}, "last1"),
+        BackboneSpec("EfficientNetB0", "efficientnet", 224,
+                     {"last1": "block6d_add", "last2": "block6c_add"}, "last1"),
+        BackboneSpec("DenseNet121", "densenet", 224,
+                     {"last1": "conv5_block15_concat", "last2": "conv5_block14_concat"}, "last1"),
+        BackboneSpec("ConvNeXtTiny", "convnext", 224,
+                     # the residual adds are auto-named (add_N): cut at the input of a named layer
+                     {"last1": "before:convnext_tiny_stage_3_block_2_depthwise_conv",
+                      "last2": "before:convnext_tiny_stage_3_block_1_depthwise_conv"}, "last1"),
+    )
+}
+
+
+def get_backbone(name: str) -> BackboneSpec:
+    """Look up a backbone by name (case-insensitive); one clear error if unknown."""
+    for key, spec in BACKBONES.items():
+        if key.lower() == str(name).lower():
+            return spec
+    raise UserError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
+
+
+def cut_layer_of(model: keras.Model, layer_name: str) -> keras.Operation:
+    """The layer whose output is the cut: ``layer_name``, or for ``"before:NAME"`` the layer
+    feeding NAME (for graphs whose merge layers have no stable name)."""
+    try:
+        if layer_name.startswith("before:"):
+            return model.get_layer(layer_name[len("before:"):])._inbound_nodes[0].parent_nodes[0].operation
+        return model.get_layer(layer_name)
+    except ValueError:
+        raise UserError(f"layer {layer_name!r} not found in {model.name}") from None
+
+
+def split_at_cut(model: keras.Model, layer_name: str) -> keras.Model:
+    """The tail of ``model``: a Model from the cut layer's output to ``model.output``.
+
+    The tail shares its layers (and so its weights) with ``model``: training the tail trains
+    the backbone in place, which is how the stitched model gets the fine-tuned weights.
+    """
+    cut = cut_layer_of(model, layer_name)
+    layer_name = cut.name
+    tail_input = keras.Input(cut.output.shape[1:], name="cut_activations")
+    seen = {id(cut.output): tail_input}
+    # Replay the graph after the cut in topological order (layers are shared, not copied).
+    ops = model.operations
+    for layer in ops[ops.index(cut) + 1:]:
+        node = layer._inbound_nodes[0]
+        args = keras.tree.map_structure(
+            lambda t: seen.get(id(t), t) if isinstance(t, keras.KerasTensor) else t,
+            (node.arguments.args, node.arguments.kwargs))
+        missing = [t for t in keras.tree.flatten(args)
+                   if isinstance(t, keras.KerasTensor) and id(t) not in {id(v) for v in seen.values()}]
+        if missing:
+            raise UserError(f"cut {layer_name!r} does not separate {model.name}: "
+                            f"layer {layer.name} reads from before the cut")
+        out = layer(*args[0], **args[1])
+        for old, new in zip(keras.tree.flatten(node.outputs), keras.tree.flatten(out), strict=True):
+            seen[id(old)] = new
+    return keras.Model(tail_input, seen[id(model.outputs[0])], name=f"{model.name}_tail")
+
+
+def frozen_layers(model: keras.Model, layer_name: str) -> list[keras.layers.Layer]:
+    """Layers up to and including ``layer_name`` (the part computed once and cached)."""
+    ops = model.operations
+    before = ops[: ops.index(cut_layer_of(model, layer_name)) + 1]
+    return [op for op in before if isinstance(op, keras.layers.Layer)]
+
+
+def weights_fingerprint(model: keras.Model) -> str:
+    """sha1 (16 hex chars) of every weight of ``model``, in order: the weights' identity."""
+    h = hashlib.sha1()
+    for w in model.weights:
+        h.update(np.ascontiguousarray(keras.ops.convert_to_numpy(w)).tobytes())
+    return h.hexdigest()[:16]
+

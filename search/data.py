@@ -1,0 +1,186 @@
+"""CIFAR-10 loading, input validation and the stratified validation split.
+
+Entry point: :func:`load_cifar10`. The data source is, in order of precedence, the ``path``
+argument, the ``CIFAR10_NPZ`` environment variable, then ``keras.datasets.cifar10.load_data()``
+(which downloads on a machine with internet). An ``.npz`` must hold ``x_train``, ``y_train``,
+``x_test``, ``y_test`` with the shapes and dtypes of ``cifar10.load_data()``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from search.errors import UserError
+
+NUM_CLASSES = 10
+IMAGE_SHAPE = (32, 32, 3)
+CLASS_NAMES = (
+    "airplane", "automobile", "bird", "cat", "deer",
+    "dog", "frog", "horse", "ship", "truck",
+)
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def validate_images(x: np.ndarray, name: str = "X") -> np.ndarray:
+    """Check ``x`` is a non-empty numeric ``(m, 32, 32, 3)`` array; return it as an ndarray.
+
+    Raises:
+        UserError (a ValueError): saying what was expected and what was given.
+    """
+    x = np.asarray(x)
+    if x.dtype == object or not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
+        raise UserError(f"{name} must be numeric pixels (uint8 0-255), got dtype {x.dtype}")
+    if x.ndim != 4:
+        raise UserError(f"{name} must have rank 4 (m, 32, 32, 3), got shape {x.shape}")
+    if x.shape[1:] != IMAGE_SHAPE:
+        raise UserError(f"{name} must have shape (m, 32, 32, 3), got {x.shape}")
+    if x.shape[0] == 0:
+        raise UserError(f"{name} is empty: expected at least one image of shape (32, 32, 3)")
+    return x
+
+
+def validate_labels(y: np.ndarray, m: int | None = None, name: str = "Y") -> np.ndarray:
+    """Return ``y`` as a flat int64 array of class ids in 0..9.
+
+    Accepts shape ``(m,)`` or ``(m, 1)`` (as ``cifar10.load_data`` returns). When ``m`` is
+    given, the length must equal it.
+    """
+    y = np.asarray(y)
+    if y.dtype == object or not np.issubdtype(y.dtype, np.number):
+        raise UserError(f"{name} must be integer class ids 0-9, got dtype {y.dtype}")
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        raise UserError(f"{name} must have shape (m,) or (m, 1), got {y.shape}")
+    if y.shape[0] == 0:
+        raise UserError(f"{name} is empty: expected at least one label")
+    if m is not None and y.shape[0] != m:
+        raise UserError(f"X has {m} images but {name} has {y.shape[0]} labels")
+    if np.issubdtype(y.dtype, np.floating) and not np.all(np.mod(y, 1) == 0):
+        raise UserError(f"{name} must hold whole numbers 0-9, got non-integer values")
+    if y.min() < 0 or y.max() >= NUM_CLASSES:
+        raise UserError(f"{name} labels must be in 0..9, got range {y.min()}..{y.max()}")
+    return y.astype(np.int64)
+
+
+def one_hot(y: np.ndarray) -> np.ndarray:
+    """``(m,)`` int labels -> ``(m, 10)`` float32 one-hot."""
+    return np.eye(NUM_CLASSES, dtype=np.float32)[np.asarray(y, dtype=np.int64)]
+
+
+@dataclass(frozen=True)
+class Splits:
+    """CIFAR-10 in memory, with the validation split as indices into the training set.
+
+    Attributes:
+        x_train: ``(50000, 32, 32, 3)`` uint8, all training images (the cache covers them all).
+        y_train: ``(50000,)`` int64.
+        x_test: ``(10000, 32, 32, 3)`` uint8, touched only for the final reported score.
+        y_test: ``(10000,)`` int64.
+        train_idx: int64 indices of ``x_train`` used for fitting.
+        val_idx: int64 indices of ``x_train`` held out for every model choice.
+        fingerprint: sha1 of the four arrays' bytes (part of every cache key).
+        source: where the data came from (a path or ``keras.datasets``).
+    """
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    fingerprint: str
+    source: str
+
+    def subset(self, n_train: int, n_test: int, val_size: int, seed: int = 0) -> Splits:
+        """A smaller copy (first ``n_train``/``n_test`` images), for tests and quick runs."""
+        return make_splits(
+            self.x_train[:n_train], self.y_train[:n_train],
+            self.x_test[:n_test], self.y_test[:n_test],
+            val_size=val_size, seed=seed, source=f"{self.source}[:{n_train}]",
+        )
+
+
+def stratified_split(y: np.ndarray, val_size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Split indices of ``y`` into (train, val), ``val_size`` in all, equal share per class."""
+    if not 0 < val_size < len(y):
+        raise UserError(f"val_size must be in 1..{len(y) - 1}, got {val_size}")
+    rng = np.random.default_rng(seed)
+    classes = np.unique(y)
+    val_parts = []
+    for i, c in enumerate(classes):
+        members = np.flatnonzero(y == c)
+        share = val_size // len(classes) + (1 if i < val_size % len(classes) else 0)
+        val_parts.append(rng.permutation(members)[: min(share, len(members) - 1)])
+    val_idx = np.sort(np.concatenate(val_parts))
+    train_idx = np.setdiff1d(np.arange(len(y)), val_idx)
+    return train_idx.astype(np.int64), val_idx.astype(np.int64)
+
+
+def fingerprint_arrays(*arrays: np.ndarray) -> str:
+    """sha1 (hex, 16 chars) over the shapes, dtypes and bytes of ``arrays``."""
+    h = hashlib.sha1()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.shape}{a.dtype}".encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()[:16]
+
+
+def make_splits(
+    x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
+    val_size: int = 5000, seed: int = 0, source: str = "arrays",
+) -> Splits:
+    """Validate raw arrays and build :class:`Splits` (uint8 images, int64 labels)."""
+    x_train = validate_images(x_train, "x_train").astype(np.uint8, copy=False)
+    x_test = validate_images(x_test, "x_test").astype(np.uint8, copy=False)
+    y_train = validate_labels(y_train, len(x_train), "y_train")
+    y_test = validate_labels(y_test, len(x_test), "y_test")
+    train_idx, val_idx = stratified_split(y_train, val_size, seed)
+    return Splits(
+        x_train, y_train, x_test, y_test, train_idx, val_idx,
+        fingerprint_arrays(x_train, y_train, x_test, y_test), source,
+    )
+
+
+def read_npz(path: str | os.PathLike) -> tuple[np.ndarray, ...]:
+    """Read ``(x_train, y_train, x_test, y_test)`` from an ``.npz``; clear error otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"data file not found: {path} (build it with "
+                        "`python ../shared/data/make_cifar10_npz.py cache/cifar10.npz`)")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [k for k in NPZ_KEYS if k not in npz.files]
+            if missing:
+                raise UserError(f"data file {path} lacks keys {missing}; expected {list(NPZ_KEYS)}")
+            return tuple(npz[k] for k in NPZ_KEYS)
+    except UserError:
+        raise
+    except Exception as exc:  # zipfile/format errors: name the file, not the internals
+        raise UserError(f"data file {path} is not a readable .npz: {exc}") from None
+
+
+def load_cifar10(path: str | os.PathLike | None = None, val_size: int = 5000, seed: int = 0) -> Splits:
+    """Load CIFAR-10 and carve a stratified validation split from the training images.
+
+    Args:
+        path: an ``.npz`` with the arrays of ``cifar10.load_data()``; default ``$CIFAR10_NPZ``,
+            else ``keras.datasets.cifar10.load_data()``.
+        val_size: validation images taken from the 50k training images (equal per class).
+        seed: seed of the split.
+    """
+    path = path or os.environ.get("CIFAR10_NPZ") or None
+    if path is not None:
+        arrays, source = read_npz(path), str(path)
+    else:
+        import keras
+
+        (x_train, y_train), (x_test, y_test) = keras.datasets.cifar10.load_data()
+        arrays, source = (x_train, y_train, x_test, y_test), "keras.datasets.cifar10"
+    return make_splits(*arrays, val_size=val_size, seed=seed, source=source)

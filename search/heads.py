@@ -1,0 +1,66 @@
+"""The one head builder, and the optimizer/loss that go with a parameter set.
+
+Entry point: :func:`build_head`. The search (both engines) and the final model call it with
+the same parameter dict (see ``search.space``); nothing else builds a head.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+
+from search.data import NUM_CLASSES
+
+
+def build_head(params: dict[str, Any], input_shape: tuple[int, ...], name: str = "head") -> keras.Model:
+    """Classifier head: features -> ``(b, 10)`` softmax probabilities (float32).
+
+    Args:
+        params: ``n_layers`` (0-3), ``units_{i}``, ``activation``, ``dropout``, ``batch_norm``.
+        input_shape: ``(features,)`` for pooled features, or ``(h, w, c)`` for spatial maps,
+            which are global-average-pooled first.
+    """
+    inputs = keras.Input(input_shape, name=f"{name}_input")
+    x = inputs
+    if len(input_shape) == 3:
+        x = keras.layers.GlobalAveragePooling2D(name=f"{name}_pool")(x)
+    for i in range(int(params.get("n_layers", 0))):
+        x = keras.layers.Dense(int(params[f"units_{i}"]), use_bias=not params.get("batch_norm"),
+                               name=f"{name}_dense_{i}")(x)
+        if params.get("batch_norm"):
+            x = keras.layers.BatchNormalization(name=f"{name}_bn_{i}")(x)
+        x = keras.layers.Activation(params.get("activation", "relu"), name=f"{name}_act_{i}")(x)
+        if params.get("dropout", 0.0) > 0:
+            x = keras.layers.Dropout(float(params["dropout"]), name=f"{name}_dropout_{i}")(x)
+    if int(params.get("n_layers", 0)) == 0 and params.get("dropout", 0.0) > 0:
+        x = keras.layers.Dropout(float(params["dropout"]), name=f"{name}_dropout")(x)
+    outputs = keras.layers.Dense(NUM_CLASSES, activation="softmax", name=f"{name}_softmax")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def build_optimizer(params: dict[str, Any], learning_rate: Any = None) -> keras.optimizers.Optimizer:
+    """Adam, AdamW or SGD with Nesterov momentum from ``params``.
+
+    ``learning_rate`` overrides ``params["learning_rate"]`` (a float or a schedule).
+    """
+    lr = params["learning_rate"] if learning_rate is None else learning_rate
+    name = params.get("optimizer", "adam")
+    wd = float(params.get("weight_decay", 0.0))
+    if name == "adam":
+        return keras.optimizers.Adam(lr)
+    if name == "adamw":
+        return keras.optimizers.AdamW(lr, weight_decay=wd)
+    if name == "sgd":
+        return keras.optimizers.SGD(lr, momentum=0.9, nesterov=True, weight_decay=wd or None)
+    raise ValueError(f"unknown optimizer {name!r}; choose adam, adamw or sgd")
+
+
+def compile_for(model: keras.Model, params: dict[str, Any], learning_rate: Any = None) -> keras.Model:
+    """Compile ``model`` (one-hot targets) with the optimizer and label smoothing of ``params``."""
+    model.compile(
+        optimizer=build_optimizer(params, learning_rate),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=float(params.get("label_smoothing", 0.0))),
+        metrics=["accuracy"],
+    )
+    return model

@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny synthetic CIFAR-shaped data and a tiny random-weight backbone.
+
+Nothing here is pretrained: tests use ``weights=None`` at 32 px so they run in seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+TINY_RES = 32
+
+
+def synthetic_arrays(n_train: int = 120, n_test: int = 40, seed: int = 0):
+    """CIFAR-shaped uint8 images whose mean colour depends on the class (learnable)."""
+    rng = np.random.default_rng(seed)
+
+    def make(n):
+        y = np.arange(n) % 10
+        rng.shuffle(y)
+        base = (np.stack([y * 25, 255 - y * 25, (y * 70) % 256], axis=1)[:, None, None, :]).astype(np.int16)
+        x = np.clip(base + rng.integers(-40, 40, size=(n, 32, 32, 3)), 0, 255).astype(np.uint8)
+        return x, y.reshape(-1, 1).astype(np.uint8)
+
+    (xtr, ytr), (xte, yte) = make(n_train), make(n_test)
+    return xtr, ytr, xte, yte
+
+
+@pytest.fixture(scope="session")
+def tiny_npz(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "tiny.npz"
+    xtr, ytr, xte, yte = synthetic_arrays()
+    np.savez(path, x_train=xtr, y_train=ytr, x_test=xte, y_test=yte)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_splits(tiny_npz):
+    from search.data import load_cifar10
+
+    return load_cifar10(tiny_npz, val_size=20)
+
+
+@pytest.fixture(scope="session")
+def spec():
+    from search.backbones import get_backbone
+
+    return get_backbone("MobileNet")
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory, tiny_splits, spec):
+    from search.cache import ensure_cache
+
+    root = tmp_path_factory.mktemp("cache")
+    return ensure_cache(spec, tiny_splits, resolution=TINY_RES, weights=None, root=root,
+                        chunk_size=50, progress=False, flip=True)
+
+
+def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: int = 300):
+    """Run ``python -m search.cli`` in a subprocess; return CompletedProcess (text)."""
+    import subprocess
+
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "search.cli", *args], capture_output=True, text=True,
+                          env=full_env, cwd=cwd or ROOT, timeout=timeout)
