@@ -114,11 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _setup(args: argparse.Namespace):
     from search import backbones, data
 
+    spec = backbones.get_backbone(args.backbone)
+    spec.cut_layer(args.cut)
+    _check_resolution(args)
     splits = data.load_cifar10(args.data, val_size=args.val_size, seed=args.seed)
     if getattr(args, "limit", None):
         splits = splits.subset(args.limit, max(10, args.limit // 5), min(args.val_size, args.limit // 5),
                                args.seed)
-    spec = backbones.get_backbone(args.backbone)
     return splits, spec
 
 

@@ -1,7 +1,6 @@
 #!/usr/bin/env python3
 
 from tensorflow import keras as K
-
 preprocess_data = __import__('0-transfer').preprocess_data
 
 # to fix issue with saving keras applications

@@ -1,0 +1,68 @@
+"""Final model on a tiny random-weight backbone: stitched vs cached parity, .h5 round trip,
+second run reuses the cache, atomic save."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import TINY_RES
+from search import backbones
+from search.final import FinalConfig, build_final
+
+
+@pytest.fixture(scope="module")
+def final_run(tmp_path_factory, tiny_splits):
+    tmp = tmp_path_factory.mktemp("final")
+    config = FinalConfig(weights=None, resolution=TINY_RES, cache_root=str(tmp / "cache"),
+                         results=str(tmp / "results"), output=str(tmp / "cifar10.h5"), head_epochs=3,
+                         tail_epochs=1, tail_batch_size=32, bn_passes=1, parity_images=40, progress=False)
+    summary = build_final(config, tiny_splits)
+    return config, summary, tmp
+
+
+def test_stitched_matches_cached_path(final_run):
+    _, summary, _ = final_run
+    parity = summary["parity"]
+    assert parity["images"] == 40
+    assert abs(parity["stitched_accuracy"] - parity["cached_accuracy"]) <= 0.005
+    assert parity["prediction_agreement"] >= 0.975
+    assert parity["max_abs_prob_diff"] < 0.05
+
+
+def test_summary_and_ablation_written(final_run):
+    config, summary, tmp = final_run
+    on_disk = json.loads((tmp / "results" / "final.json").read_text())
+    assert on_disk["test_accuracy"] == summary["test_accuracy"]
+    assert 0.0 <= summary["val_accuracy"] <= 1.0
+    assert set(summary["timings_seconds"]) >= {"cache", "head", "tail", "bn_reestimate", "stitch_and_save"}
+    stages = [r["stage"] for r in json.loads((tmp / "results" / "ablation.json").read_text())]
+    assert stages[0] == "frozen features + head" and "tail fine-tuned" in stages
+
+
+def test_h5_round_trip_safe_mode(final_run, tiny_splits):
+    config, summary, _ = final_run
+    model = keras.models.load_model(config.output)  # default safe_mode=True
+    assert isinstance(model.layers[1], keras.layers.Lambda)
+    assert model.layers[1].name == "upsample"
+    assert model.layers[0].output.shape[1:] == (32, 32, 3)
+    assert model.optimizer is not None and model.compiled
+    x = tiny_splits.x_test[:8].astype(np.float32)
+    probs = model.predict(x, verbose=0)
+    assert probs.shape == (8, 10)
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-4)
+    with open(config.output, "rb") as f:
+        blob = f.read()
+    assert b"__lambda__" not in blob and b"marshal" not in blob, "no serialized bytecode"
+    backbone = next(la for la in model.layers if isinstance(la, keras.Model) and la.name != "head")
+    frozen = backbones.frozen_layers(backbone, backbones.get_backbone("MobileNet").cut_layer())
+    weighted = [la for la in frozen if la.weights]
+    assert weighted and not any(la.trainable for la in weighted), [la.name for la in weighted if la.trainable]
+
+
+def test_second_run_reuses_cache(final_run, tiny_splits):
+    config, _, tmp = final_run
+    config.output = str(tmp / "again.h5")
+    again = build_final(config, tiny_splits)
+    assert again["cache"]["reused"] is True
