@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pruner", default="hyperband", help="hyperband (default), median or none")
     p.add_argument("--oracle", default="bayesian", help="KerasTuner oracle: bayesian (default) or hyperband")
     p.add_argument("--max-epochs", type=int, default=None, help="epoch cap per trial (default 30)")
+    p.add_argument("--heartbeat", type=int, default=30,
+                   help="Optuna trial heartbeat in seconds: trials of a killed worker are marked FAIL "
+                        "after 2x this (default 30)")
     p.add_argument("--no-flip-rows", dest="use_flips", action="store_false",
                    help="train trials on original images only (mirrors not added as rows)")
 
@@ -179,7 +182,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     summary = engines.run_search(
         args.engine, data=data, cache_id=cache.path.name, n_trials=args.trials, storage=args.storage,
         study_name=args.study_name, pruner=args.pruner, oracle=args.oracle, seed=args.seed,
-        results=args.results, progress=not args.quiet, max_epochs=args.max_epochs or space.MAX_EPOCHS)
+        results=args.results, progress=not args.quiet, max_epochs=args.max_epochs or space.MAX_EPOCHS,
+        heartbeat=args.heartbeat)
     print(json.dumps(summary, indent=2, default=str))
     return 0
 

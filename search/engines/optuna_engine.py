@@ -39,8 +39,12 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
 
 
 def open_study(storage: str, study_name: str, seed: int = 0, pruner: str = "hyperband",
-               create: bool = True) -> optuna.Study:
-    """Create or load (``load_if_exists``) the study; one clear error for a bad storage URL."""
+               create: bool = True, heartbeat: int | None = None) -> optuna.Study:
+    """Create or load (``load_if_exists``) the study; one clear error for a bad storage URL.
+
+    With ``heartbeat`` (seconds), running trials beat; a trial whose process died (SIGKILL)
+    is marked FAIL when a worker next starts a trial, instead of staying RUNNING forever.
+    """
     import sqlalchemy
 
     try:
@@ -52,6 +56,9 @@ def open_study(storage: str, study_name: str, seed: int = 0, pruner: str = "hype
         Path(url.database).parent.mkdir(parents=True, exist_ok=True)
     sampler = optuna.samplers.TPESampler(seed=seed)
     try:
+        if heartbeat:
+            storage = optuna.storages.RDBStorage(storage, heartbeat_interval=heartbeat,
+                                                 grace_period=2 * heartbeat)
         if create:
             return optuna.create_study(storage=storage, study_name=study_name, direction="maximize",
                                        sampler=sampler, pruner=make_pruner(pruner), load_if_exists=True)
@@ -62,7 +69,7 @@ def open_study(storage: str, study_name: str, seed: int = 0, pruner: str = "hype
     except KeyError:
         raise UserError(f"no study {study_name!r} in {storage}") from None
     except Exception as exc:
-        raise UserError(f"cannot open storage {storage}: {type(exc).__name__}: "
+        raise UserError(f"cannot open storage {url.render_as_string()}: {type(exc).__name__}: "
                         f"{str(exc).splitlines()[0]}") from None
 
 
@@ -88,11 +95,11 @@ def make_objective(data: PooledData, cache_id: str, max_epochs: int, seed: int):
 def run(data: PooledData, cache_id: str, n_trials: int, storage: str | None = None,
         study_name: str | None = None, pruner: str = "hyperband", seed: int = 0,
         results: str | Path = "results", progress: bool = True, timeout: float | None = None,
-        max_epochs: int = space.MAX_EPOCHS, **_: Any) -> dict:
+        max_epochs: int = space.MAX_EPOCHS, heartbeat: int = 30, **_: Any) -> dict:
     """Run ``n_trials`` more trials in this process; record the study in ``latest_search.json``."""
     storage = storage or default_storage(results)
     study_name = study_name or f"heads-{cache_id}"
-    study = open_study(storage, study_name, seed, pruner)
+    study = open_study(storage, study_name, seed, pruner, heartbeat=heartbeat)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # Each worker process samples differently even with one --seed.
     study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
