@@ -29,7 +29,7 @@ import numpy as np
 
 from search import backbones, heads, space
 from search.cache import Cache, ensure_cache
-from search.data import Splits, load_cifar10, one_hot
+from search.data import CLASS_NAMES, NUM_CLASSES, Splits, load_cifar10, one_hot
 from search.errors import UserError
 from search.io import append_row, atomic_path, write_json
 
@@ -289,6 +289,10 @@ def build_final(config: FinalConfig, splits: Splits | None = None, model: keras.
     test_rows = np.arange(len(splits.y_test))
     test_probs = cached_probs(trainable, cache, "test", test_rows, tta)
     test_acc = accuracy(test_probs, splits.y_test)
+    test_pred = test_probs.argmax(1)
+    confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
+    np.add.at(confusion, (splits.y_test, test_pred), 1)
+    per_class = {name: float(confusion[i, i] / max(1, confusion[i].sum())) for i, name in enumerate(CLASS_NAMES)}
 
     t = time.perf_counter()
     final = stitch(spec, model, head, cut_layer, resolution, tta)
@@ -317,7 +321,8 @@ def build_final(config: FinalConfig, splits: Splits | None = None, model: keras.
         "frozen_val_accuracy": frozen_val, "frozen_val_accuracy_tta": frozen_val_tta,
         "val_accuracy": val_tta if tta else val_plain, "val_accuracy_plain": val_plain,
         "val_accuracy_tta": val_tta, "tta": tta,
-        "test_accuracy": test_acc, "parity": parity, "epochs": epoch_rows,
+        "test_accuracy": test_acc, "test_confusion_matrix": confusion.tolist(),
+        "test_per_class_accuracy": per_class, "class_names": list(CLASS_NAMES), "parity": parity, "epochs": epoch_rows,
         "head_history": {k: [float(v) for v in vs] for k, vs in head_hist.items()},
         "timings_seconds": timings, "model_path": str(saved.resolve()),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -36,6 +36,9 @@ def test_summary_and_ablation_written(final_run):
     on_disk = json.loads((tmp / "results" / "final.json").read_text())
     assert on_disk["test_accuracy"] == summary["test_accuracy"]
     assert 0.0 <= summary["val_accuracy"] <= 1.0
+    confusion = np.array(summary["test_confusion_matrix"])
+    assert confusion.shape == (10, 10) and confusion.sum() == 40
+    assert abs(np.trace(confusion) / 40 - summary["test_accuracy"]) < 1e-9
     assert set(summary["timings_seconds"]) >= {"cache", "head", "tail", "bn_reestimate", "stitch_and_save"}
     stages = [r["stage"] for r in json.loads((tmp / "results" / "ablation.json").read_text())]
     assert stages[0] == "frozen features + head" and "tail fine-tuned" in stages
