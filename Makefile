@@ -24,7 +24,7 @@ STUDY ?=
 ARGS ?=
 STORAGE_ARGS := $(if $(STORAGE),--storage $(STORAGE),) $(if $(STUDY),--study-name $(STUDY),)
 
-.PHONY: help setup offline final search evaluate test lint bench reliability clean-cache dashboard
+.PHONY: help setup offline final search report evaluate test lint bench reliability clean-cache dashboard
 
 help:  ## list the verbs
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -49,6 +49,9 @@ final: setup  ## train head + tail on the cache, save ./cifar10.h5 and results/f
 search: setup  ## hyperparameter search on the cached features (ENGINE, TRIALS, WORKERS, STORAGE, PRUNER)
 	$(PY) -m search.cli search --engine $(ENGINE) --trials $(TRIALS) --workers $(WORKERS) \
 	  --pruner $(PRUNER) $(STORAGE_ARGS) $(ARGS)
+
+report: setup  ## HTML report of the latest study (+ final model) -> results/report/
+	$(PY) -m search.cli report
 
 evaluate: setup  ## the classic evaluation script, unmodified, on ./cifar10.h5
 	$(PY) -m search.cli evaluate

@@ -100,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="cifar10.h5", help="model to evaluate (default ./cifar10.h5)")
     p.add_argument("--data", default=None, help=".npz to serve as cifar10.load_data (default $CIFAR10_NPZ)")
 
+    p = sub.add_parser("report", help="HTML/PNG/summary/CSV report of a study -> results/report/")
+    p.add_argument("--results", default="results", help="results folder (default results/)")
+    p.add_argument("--out", default=None, help="output folder (default RESULTS/report)")
+    p.add_argument("--storage", default=None, help="Optuna storage URL (default: the latest search)")
+    p.add_argument("--study-name", default=None, help="study name in --storage")
+    p.add_argument("--kerastuner-dir", default=None, help="a KerasTuner project folder instead")
+
     p = sub.add_parser("bench-cache", help="extraction vs raw predict throughput -> results/bench_cache.json")
     _add_data_args(p)
     _add_cache_args(p)
@@ -268,6 +275,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return subprocess.call([sys.executable, "evaluate_classic.py"], cwd=tmp, env=env)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from search.report import write_report
+
+    out = Path(args.out) if args.out else Path(args.results) / "report"
+    summary = write_report(out, args.results, args.storage, args.study_name, args.kerastuner_dir)
+    best = f"best val accuracy {summary['best_value']:.4f}" if "best_value" in summary else "no completed trial"
+    print(f"wrote {out}/index.html ({summary['trials']} trials, {best})")
+    return 0
+
+
 def cmd_bench_cache(args: argparse.Namespace) -> int:
     from search import bench
 
@@ -291,7 +308,7 @@ def cmd_bench_search(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"extract": cmd_extract, "search": cmd_search, "final": cmd_final, "evaluate": cmd_evaluate,
-            "bench-cache": cmd_bench_cache, "bench-search": cmd_bench_search}
+            "report": cmd_report, "bench-cache": cmd_bench_cache, "bench-search": cmd_bench_search}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,277 @@
+"""Study report: HTML (plotly from ``optuna.visualization``, embedded), PNGs, summary, CSV.
+
+Entry point: :func:`write_report`. Reads an Optuna study (storage URL + name) or a KerasTuner
+project (converted into an in-memory Optuna study with ``optuna.trial.create_trial``, so both
+engines get the same plots), plus ``results/final.json`` when present, and writes under
+``results/report/``: ``index.html``, ``*.png``, ``summary.md``, ``trials.csv``.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import statistics
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from search.errors import UserError
+from search.io import atomic_path, read_json
+
+log = logging.getLogger(__name__)
+
+FIGURES = {
+    "optimization_history": "Optimization history",
+    "param_importances": "Parameter importances",
+    "parallel_coordinate": "Parallel coordinates",
+    "slice": "Slice plots",
+    "intermediate_values": "Intermediate values (pruning)",
+    "trial_durations": "Trial durations",
+}
+
+
+def _kerastuner_study(directory: Path, project_name: str) -> optuna.Study:
+    """A KerasTuner project as an in-memory Optuna study (same plots for both engines)."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    study = optuna.create_study(direction="maximize", study_name=f"kerastuner:{project_name}")
+    files = sorted(Path(directory, project_name).glob("trial_*/trial.json"))
+    if not files:
+        raise UserError(f"no KerasTuner trials in {Path(directory, project_name)}")
+    for f in files:
+        t = json.loads(f.read_text())
+        space = {h["config"]["name"]: h for h in t["hyperparameters"]["space"]}
+        values = {k: v for k, v in t["hyperparameters"]["values"].items() if not k.startswith("tuner/")}
+        dists = {}
+        for name in values:
+            cfg = space[name]["config"]
+            kind = space[name]["class_name"]
+            if kind == "Int":
+                dists[name] = IntDistribution(cfg["min_value"], cfg["max_value"])
+            elif kind == "Float":
+                dists[name] = FloatDistribution(cfg["min_value"], cfg["max_value"], log=cfg["sampling"] == "log")
+            elif kind == "Boolean":
+                dists[name] = CategoricalDistribution([False, True])
+            else:
+                dists[name] = CategoricalDistribution(cfg["values"])
+        done = t.get("status") == "COMPLETED" and t.get("score") is not None
+        study.add_trial(optuna.trial.create_trial(
+            params=values, distributions=dists, value=t["score"] if done else None,
+            state=optuna.trial.TrialState.COMPLETE if done else optuna.trial.TrialState.FAIL,
+            user_attrs={"kerastuner_trial": t["trial_id"]}))
+    return study
+
+
+def load_study(results: str | Path = "results", storage: str | None = None, study_name: str | None = None,
+               kerastuner_dir: str | None = None) -> optuna.Study:
+    """The study to report: explicit arguments, else the latest search in ``results/``."""
+    if kerastuner_dir:
+        directory = Path(kerastuner_dir)
+        return _kerastuner_study(directory.parent, directory.name)
+    if storage is None:
+        pointer_path = Path(results) / "latest_search.json"
+        if not pointer_path.exists():
+            raise UserError(f"no search to report ({pointer_path} missing); run `make search` first")
+        pointer = read_json(pointer_path)
+        if pointer["engine"] == "kerastuner":
+            return _kerastuner_study(Path(pointer["directory"]), pointer["project_name"])
+        storage, study_name = pointer["storage"], study_name or pointer["study_name"]
+    from search.engines.optuna_engine import open_study
+
+    if study_name is None:
+        names = optuna.get_all_study_names(storage)
+        if not names:
+            raise UserError(f"no study in {storage}")
+        study_name = names[-1]
+    return open_study(storage, study_name, create=False)
+
+
+def _durations(study: optuna.Study) -> list[float]:
+    return [(t.datetime_complete - t.datetime_start).total_seconds() for t in study.trials
+            if t.datetime_complete and t.datetime_start]
+
+
+def _plotly_figures(study: optuna.Study) -> dict[str, Any]:
+    """Each named figure, or the reason it could not be drawn."""
+    import plotly.graph_objects as go
+    from optuna import visualization as vis
+
+    makers = {
+        "optimization_history": vis.plot_optimization_history,
+        "param_importances": vis.plot_param_importances,
+        "parallel_coordinate": vis.plot_parallel_coordinate,
+        "slice": vis.plot_slice,
+        "intermediate_values": vis.plot_intermediate_values,
+    }
+    out: dict[str, Any] = {}
+    for name, make in makers.items():
+        try:
+            out[name] = make(study)
+        except Exception as exc:  # e.g. importances need >= 2 complete trials
+            out[name] = f"not drawn: {exc}"
+    durations = _durations(study)
+    if durations:  # optuna.visualization has no duration histogram: drawn here
+        fig = go.Figure(go.Histogram(x=durations, nbinsx=30))
+        fig.update_layout(title="Trial durations", xaxis_title="seconds", yaxis_title="trials")
+        out["trial_durations"] = fig
+    else:
+        out["trial_durations"] = "not drawn: no finished trial"
+    return out
+
+
+def _pngs(study: optuna.Study, final: dict | None, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from optuna.visualization import matplotlib as vis_mpl
+
+    written = []
+    for name, make in {"optimization_history": vis_mpl.plot_optimization_history,
+                       "param_importances": vis_mpl.plot_param_importances,
+                       "intermediate_values": vis_mpl.plot_intermediate_values}.items():
+        try:
+            ax = make(study)
+        except Exception as exc:
+            log.info("PNG %s not drawn: %s", name, exc)
+            continue
+        fig = ax.figure if hasattr(ax, "figure") else np.ravel(ax)[0].figure
+        fig.set_size_inches(8, 5)
+        _save_fig(fig, out / f"{name}.png")
+        written.append(f"{name}.png")
+        plt.close(fig)
+    if final and "test_confusion_matrix" in final:
+        cm = np.array(final["test_confusion_matrix"])
+        names = final["class_names"]
+        fig, ax = plt.subplots(figsize=(7, 6))
+        im = ax.imshow(cm, cmap="Blues")
+        ax.set_xticks(range(10), names, rotation=45, ha="right")
+        ax.set_yticks(range(10), names)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        for i in range(10):
+            for j in range(10):
+                ax.text(j, i, cm[i, j], ha="center", va="center", fontsize=7,
+                        color="white" if cm[i, j] > cm.max() / 2 else "black")
+        ax.set_title(f"Test confusion matrix (accuracy {final['test_accuracy']:.4f})")
+        fig.colorbar(im)
+        fig.tight_layout()
+        _save_fig(fig, out / "confusion_matrix.png")
+        written.append("confusion_matrix.png")
+        plt.close(fig)
+    return written
+
+
+def _save_fig(fig: Any, path: Path) -> None:
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+
+
+def summarize(study: optuna.Study, final: dict | None) -> dict:
+    """Counts, best trial, timings: what ``summary.md`` and the paper quote."""
+    states = [t.state.name for t in study.trials]
+    durations = _durations(study)
+    summary: dict[str, Any] = {
+        "study_name": study.study_name, "trials": len(states), "complete": states.count("COMPLETE"),
+        "pruned": states.count("PRUNED"), "failed": states.count("FAIL"),
+        "total_trial_seconds": sum(durations),
+        "median_trial_seconds": statistics.median(durations) if durations else None,
+    }
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    if complete:
+        best = max(complete, key=lambda t: t.value)
+        summary.update(best_number=best.number, best_value=best.value, best_params=best.params,
+                       best_user_attrs=best.user_attrs,
+                       top=[{"number": t.number, "value": t.value, "params": t.params}
+                            for t in sorted(complete, key=lambda t: -t.value)[:5]])
+    if final:
+        summary["final"] = {k: final.get(k) for k in ("val_accuracy", "test_accuracy", "frozen_val_accuracy", "tta")}
+        summary["cache_key"] = final.get("cache", {}).get("key")
+    return summary
+
+
+def _summary_md(s: dict) -> str:
+    lines = [f"# Search report: {s['study_name']}", ""]
+    lines.append(f"- Trials: {s['trials']} (complete {s['complete']}, pruned {s['pruned']}, failed {s['failed']})")
+    if s["median_trial_seconds"] is not None:
+        lines.append(f"- Trial time: total {s['total_trial_seconds']:.1f} s, median {s['median_trial_seconds']:.2f} s")
+    if "best_value" in s:
+        lines += [f"- Best trial: #{s['best_number']}, val accuracy {s['best_value']:.4f}", "", "| parameter | value |",
+                  "|---|---|"] + [f"| {k} | {v} |" for k, v in s["best_params"].items()]
+    else:
+        lines.append("- No trial completed (all pruned or failed): nothing to recommend yet.")
+    if "final" in s:
+        f = s["final"]
+        lines += ["", "## Final model (results/final.json)", "",
+                  f"- Validation accuracy {f['val_accuracy']:.4f}, test accuracy {f['test_accuracy']:.4f}",
+                  f"- Cache key: `{json.dumps(s.get('cache_key'))}`"]
+    lines += ["", "## Reproduce", "", "```", "make search", "make final", "make report", "```", ""]
+    return "\n".join(lines)
+
+
+def _html(study: optuna.Study, figures: dict, summary: dict, final: dict | None) -> str:
+    parts = ["<!doctype html><html><head><meta charset='utf-8'>",
+             f"<title>Search report: {html.escape(study.study_name)}</title>",
+             "<style>body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px}"
+             ".missing{color:#a00}</style></head><body>",
+             f"<h1>Search report: {html.escape(study.study_name)}</h1>"]
+    if final:
+        parts.append(f"<h2>Final model</h2><p id='final-metrics'>Validation accuracy "
+                     f"<b>{final['val_accuracy']:.4f}</b>, test accuracy <b>{final['test_accuracy']:.4f}</b> "
+                     f"(mirror averaging: {final.get('tta')}).</p>")
+        if "test_per_class_accuracy" in final:
+            rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.3f}</td></tr>"
+                           for k, v in final["test_per_class_accuracy"].items())
+            parts.append(f"<table id='per-class'><tr><th>class</th><th>test accuracy</th></tr>{rows}</table>")
+            cm = final["test_confusion_matrix"]
+            head = "".join(f"<th>{html.escape(n[:5])}</th>" for n in final["class_names"])
+            body = "".join(f"<tr><th>{html.escape(n)}</th>" + "".join(f"<td>{v}</td>" for v in row) + "</tr>"
+                           for n, row in zip(final["class_names"], cm, strict=True))
+            parts.append(f"<h3>Test confusion matrix (rows: true)</h3><table id='confusion'><tr><th></th>{head}"
+                         f"</tr>{body}</table>")
+    counts = f"{summary['trials']} trials: {summary['complete']} complete, {summary['pruned']} pruned, " \
+             f"{summary['failed']} failed."
+    parts.append(f"<h2>Search</h2><p id='counts'>{counts}</p>")
+    if "best_value" not in summary:
+        parts.append("<p class='missing' id='no-complete'>No trial completed (all pruned or failed): "
+                     "the plots below that need completed trials are omitted.</p>")
+    first = True
+    for name, title in FIGURES.items():
+        fig = figures[name]
+        parts.append(f"<h3>{title}</h3>")
+        if isinstance(fig, str):
+            parts.append(f"<p class='missing' id='{name}'>{html.escape(fig)}</p>")
+            continue
+        parts.append(fig.to_html(full_html=False, include_plotlyjs=True if first else False, div_id=name))
+        first = False
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(out: str | Path = "results/report", results: str | Path = "results", storage: str | None = None,
+                 study_name: str | None = None, kerastuner_dir: str | None = None) -> dict:
+    """Write ``index.html``, PNGs, ``summary.md`` and ``trials.csv`` under ``out``; return the summary."""
+    out = Path(out)
+    study = load_study(results, storage, study_name, kerastuner_dir)
+    if not study.trials:
+        raise UserError(f"study {study.study_name!r} has no trials yet")
+    final_path = Path(results) / "final.json"
+    final = read_json(final_path) if final_path.exists() else None
+    summary = summarize(study, final)
+    figures = _plotly_figures(study)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "index.html") as tmp:
+        tmp.write_text(_html(study, figures, summary, final))
+    summary["pngs"] = _pngs(study, final, out)
+    with atomic_path(out / "summary.md") as tmp:
+        tmp.write_text(_summary_md(summary))
+    with atomic_path(out / "trials.csv") as tmp:
+        study.trials_dataframe().to_csv(tmp, index=False)
+    from search.io import write_json
+
+    write_json(out / "summary.json", summary)
+    return summary
