@@ -326,7 +326,7 @@ def build_final(config: FinalConfig, splits: Splits | None = None, model: keras.
         "test_first_predictions": {"true": splits.y_test[:48].tolist(), "predicted": test_pred[:48].tolist(),
                                    "confidence": test_probs[:48].max(1).round(4).tolist()}, "epochs": epoch_rows,
         "head_history": {k: [float(v) for v in vs] for k, vs in head_hist.items()},
-        "timings_seconds": timings, "model_path": str(saved.resolve()),
+        "timings_seconds": timings, "model_path": str(saved.resolve()), "stages": rows,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     write_json(results / "final.json", summary)
