@@ -24,7 +24,7 @@ STUDY ?=
 ARGS ?=
 STORAGE_ARGS := $(if $(STORAGE),--storage $(STORAGE),) $(if $(STUDY),--study-name $(STUDY),)
 
-.PHONY: help setup offline final search report evaluate test lint bench reliability clean-cache dashboard
+.PHONY: help setup offline final search report paper evaluate test lint bench reliability clean-cache dashboard
 
 help:  ## list the verbs
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -52,6 +52,9 @@ search: setup  ## hyperparameter search on the cached features (ENGINE, TRIALS, 
 
 report: setup  ## HTML report of the latest study (+ final model) -> results/report/
 	$(PY) -m search.cli report
+
+paper: setup  ## docs/paper.md + docs/paper.html from results/ (after search, final, report, bench)
+	$(PY) -m search.cli paper
 
 evaluate: setup  ## the classic evaluation script, unmodified, on ./cifar10.h5
 	$(PY) -m search.cli evaluate

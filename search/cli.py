@@ -107,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study-name", default=None, help="study name in --storage")
     p.add_argument("--kerastuner-dir", default=None, help="a KerasTuner project folder instead")
 
+    p = sub.add_parser("paper", help="docs/paper.md + docs/paper.html from docs/paper_template.md and results/")
+    p.add_argument("--results", default="results", help="results folder (default results/)")
+    p.add_argument("--docs", default="docs", help="folder with paper_template.md (default docs/)")
+    p.add_argument("--data", default=None, help="CIFAR-10 .npz for the figure (default $CIFAR10_NPZ)")
+
     p = sub.add_parser("bench-cache", help="extraction vs raw predict throughput -> results/bench_cache.json")
     _add_data_args(p)
     _add_cache_args(p)
@@ -285,6 +290,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_paper(args: argparse.Namespace) -> int:
+    from search.paper import write_paper
+
+    print(f"wrote {write_paper(args.results, args.docs, args.data)} and paper.html")
+    return 0
+
+
 def cmd_bench_cache(args: argparse.Namespace) -> int:
     from search import bench
 
@@ -308,7 +320,7 @@ def cmd_bench_search(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"extract": cmd_extract, "search": cmd_search, "final": cmd_final, "evaluate": cmd_evaluate,
-            "report": cmd_report, "bench-cache": cmd_bench_cache, "bench-search": cmd_bench_search}
+            "report": cmd_report, "paper": cmd_paper, "bench-cache": cmd_bench_cache, "bench-search": cmd_bench_search}
 
 
 def main(argv: list[str] | None = None) -> int:

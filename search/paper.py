@@ -113,7 +113,7 @@ def prediction_grid(final: dict, data: str | None, out: Path, n: int = 24) -> No
 
     from search.data import load_cifar10
 
-    splits = load_cifar10(data)
+    splits = load_cifar10(data, val_size=10)  # only the test images are drawn
     preds = final["test_first_predictions"]
     names = final["class_names"]
     fig, axes = plt.subplots(3, n // 3, figsize=(n // 3 * 1.4, 3 * 1.6))
