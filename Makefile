@@ -66,6 +66,14 @@ bench: setup  ## results/bench_cache.json and results/bench_search.json
 test: setup  ## the test suite (tiny data, tiny backbones; < 10 min)
 	$(PY) -m pytest -q
 
+RELIABILITY_TESTS := tests/test_reliability.py tests/test_cache.py tests/test_cli.py tests/test_preprocess.py \
+  tests/test_search.py tests/test_final.py
+
+reliability: setup  ## fault-injection and bad-input suite -> results/reliability.json
+	mkdir -p results
+	-$(PY) -m pytest -q $(RELIABILITY_TESTS) --junitxml=results/reliability.xml
+	$(PY) tests/reliability_report.py results/reliability.xml results/reliability.json
+
 lint: setup  ## ruff
 	$(VENV)/bin/ruff check .
 

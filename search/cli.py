@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pruner", default="hyperband", help="hyperband (default), median or none")
     p.add_argument("--oracle", default="bayesian", help="KerasTuner oracle: bayesian (default) or hyperband")
     p.add_argument("--max-epochs", type=int, default=None, help="epoch cap per trial (default 30)")
+    p.add_argument("--worker-index", type=int, default=0,
+                   help="offsets the sampler seed of parallel workers (set by --workers)")
     p.add_argument("--heartbeat", type=int, default=30,
                    help="Optuna trial heartbeat in seconds: trials of a killed worker are marked FAIL "
                         "after 2x this (default 30)")
@@ -133,6 +135,9 @@ def _setup(args: argparse.Namespace):
     spec.cut_layer(args.cut)
     _check_resolution(args)
     splits = data.load_cifar10(args.data, val_size=args.val_size, seed=args.seed)
+    import keras
+
+    keras.utils.set_random_seed(args.seed)  # random-weight backbones (tests) build the same
     if getattr(args, "limit", None):
         splits = splits.subset(args.limit, max(10, args.limit // 5), min(args.val_size, args.limit // 5),
                                args.seed)
@@ -195,7 +200,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         args.engine, data=data, cache_id=cache.path.name, n_trials=args.trials, storage=args.storage,
         study_name=args.study_name, pruner=args.pruner, oracle=args.oracle, seed=args.seed,
         results=args.results, progress=not args.quiet, max_epochs=args.max_epochs or space.MAX_EPOCHS,
-        heartbeat=args.heartbeat)
+        heartbeat=args.heartbeat, worker_index=args.worker_index)
     print(json.dumps(summary, indent=2, default=str))
     return 0
 
@@ -211,8 +216,12 @@ def _spawn_workers(args: argparse.Namespace) -> int:
     argv = [a for a in argv if not a.startswith("--workers=")]
     if args.study_name is None or args.storage is None:
         raise UserError("--workers > 1 needs --storage and --study-name shared by every worker")
-    procs = [subprocess.Popen([sys.executable, "-m", "search.cli", *argv, "--quiet",
-                               "--seed", str(args.seed + 1000 * w)], cwd=os.getcwd())
+    from search.engines import optuna_engine
+
+    # Create the schema and the study once: concurrent first-time creation races in the database.
+    optuna_engine.open_study(args.storage, args.study_name, args.seed, args.pruner, heartbeat=args.heartbeat)
+    procs = [subprocess.Popen([sys.executable, "-m", "search.cli", *argv, "--quiet", "--worker-index", str(w)],
+                              cwd=os.getcwd())
              for w in range(args.workers)]
     codes = [p.wait() for p in procs]
     print(f"{args.workers} workers finished with exit codes {codes}")

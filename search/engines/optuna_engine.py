@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,7 @@ def open_study(storage: str, study_name: str, seed: int = 0, pruner: str = "hype
     sampler = optuna.samplers.TPESampler(seed=seed)
     try:
         if heartbeat:
+            warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
             storage = optuna.storages.RDBStorage(storage, heartbeat_interval=heartbeat,
                                                  grace_period=2 * heartbeat)
         if create:
@@ -95,14 +97,14 @@ def make_objective(data: PooledData, cache_id: str, max_epochs: int, seed: int):
 def run(data: PooledData, cache_id: str, n_trials: int, storage: str | None = None,
         study_name: str | None = None, pruner: str = "hyperband", seed: int = 0,
         results: str | Path = "results", progress: bool = True, timeout: float | None = None,
-        max_epochs: int = space.MAX_EPOCHS, heartbeat: int = 30, **_: Any) -> dict:
+        max_epochs: int = space.MAX_EPOCHS, heartbeat: int = 30, worker_index: int = 0, **_: Any) -> dict:
     """Run ``n_trials`` more trials in this process; record the study in ``latest_search.json``."""
     storage = storage or default_storage(results)
     study_name = study_name or f"heads-{cache_id}"
     study = open_study(storage, study_name, seed, pruner, heartbeat=heartbeat)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    # Each worker process samples differently even with one --seed.
-    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
+    # Resumed runs and parallel workers sample differently even with one --seed.
+    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials) + 1000 * worker_index)
     write_json(Path(results) / LATEST, {"engine": "optuna", "storage": storage, "study_name": study_name})
     study.optimize(make_objective(data, cache_id, max_epochs, seed), n_trials=n_trials,
                    timeout=timeout, catch=(Exception,), show_progress_bar=progress, gc_after_trial=True)

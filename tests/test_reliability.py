@@ -1,0 +1,95 @@
+"""Fault injection: SIGKILL during extraction, unwritable outputs, safe loading."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, TINY_RES
+from search.errors import UserError
+from search.final import FinalConfig, build_final, save_model
+from search.io import write_json
+
+
+def _extract_cmd(npz, cache_dir):
+    return [sys.executable, "-m", "search.cli", "extract", "--data", str(npz), "--val-size", "20",
+            "--weights", "none", "--resolution", str(TINY_RES), "--cache-dir", str(cache_dir),
+            "--chunk-size", "10", "--quiet"]
+
+
+def _progress(cache_dir):
+    files = list(cache_dir.glob("*/progress.json"))
+    if not files:
+        return 0
+    try:
+        return sum(json.loads(files[0].read_text())["done"].values())
+    except (ValueError, KeyError):
+        return 0
+
+
+@pytest.mark.parametrize("kill_after_images", [30, 150])
+def test_sigkill_during_extraction_resumes(tiny_npz, tmp_path, kill_after_images):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(_extract_cmd(tiny_npz, tmp_path / "a"), env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while _progress(tmp_path / "a") < kill_after_images and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = _progress(tmp_path / "a")
+    assert 0 < done_before < 320, "kill must land mid-extraction (2 x (120 + 40) images)"
+    subprocess.run(_extract_cmd(tiny_npz, tmp_path / "a"), env=env, cwd=ROOT, check=True, timeout=300,
+                   capture_output=True)
+    manifest = json.loads(next((tmp_path / "a").glob("*/manifest.json")).read_text())
+    # the rerun computed only what was left: finished chunks are not recomputed
+    assert manifest["extraction"]["images"] == 320 - done_before
+    subprocess.run(_extract_cmd(tiny_npz, tmp_path / "b"), env=env, cwd=ROOT, check=True, timeout=300,
+                   capture_output=True)
+    a, b = next((tmp_path / "a").glob("*/")), next((tmp_path / "b").glob("*/"))
+    assert a.name == b.name
+    for f in sorted(b.glob("*.npy")):
+        np.testing.assert_array_equal(np.load(a / f.name), np.load(f), err_msg=f.name)
+    assert not list(a.glob("*.partial")) and not (a / "progress.json").exists()
+
+
+def test_disk_full_while_saving_leaves_no_partial_model(tmp_path, monkeypatch):
+    import keras
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+
+    def full(self, path, *a, **k):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(keras.Model, "save", full)
+    target = tmp_path / "cifar10.h5"
+    with pytest.raises(UserError, match=str(target)):
+        save_model(model, target)
+    assert list(tmp_path.iterdir()) == [], "no partial or temp file left"
+
+
+def test_unwritable_results_dir_names_the_path(tmp_path):
+    blocker = tmp_path / "results"
+    blocker.write_text("a file where a folder should be")
+    with pytest.raises(UserError, match=str(blocker)):
+        write_json(blocker / "final.json", {"x": 1})
+
+
+def test_final_into_unwritable_output_leaves_nothing(tmp_path, tiny_splits):
+    blocker = tmp_path / "out"
+    blocker.write_text("not a folder")
+    config = FinalConfig(weights=None, resolution=TINY_RES, cache_root=str(tmp_path / "cache"),
+                         results=str(tmp_path / "results"), output=str(blocker / "cifar10.h5"), head_epochs=1,
+                         tail_epochs=0, bn_passes=0, parity_images=5, progress=False)
+    with pytest.raises(UserError, match="cannot write"):
+        build_final(config, tiny_splits)
+    assert blocker.read_text() == "not a folder"
+    assert not (tmp_path / "results" / "final.json").exists()
