@@ -40,11 +40,21 @@ def bench_cache(spec: backbones.BackboneSpec, splits: Splits, cut: str | None, r
     return out
 
 
+def _rss_bytes() -> int:
+    """Resident set size of this process (Linux /proc)."""
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def bench_search(cache: Cache, splits: Splits, spec: backbones.BackboneSpec, trials: int,
-                 epoch_images: int, results: Path, weights: str | None = "imagenet") -> dict:
+                 epoch_images: int, results: Path, weights: str | None = "imagenet",
+                 max_epochs: int = space.MAX_EPOCHS) -> dict:
     """Median/p90 Optuna trial time on the cache vs one end-to-end epoch with the backbone in
-    the loop (timed on ``epoch_images`` images, scaled to the training split). Goals: median
-    trial <= 1 s, ratio >= 500x."""
+    the loop (timed on ``epoch_images`` images, scaled to the training split), and resident
+    memory after every trial. Goals: median trial <= 1 s, ratio >= 500x, RSS growth after the
+    first 10 trials <= 5 %."""
     import keras
     import optuna
 
@@ -55,8 +65,10 @@ def bench_search(cache: Cache, splits: Splits, spec: backbones.BackboneSpec, tri
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=0),
                                 pruner=optuna_engine.make_pruner("hyperband"))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study.optimize(optuna_engine.make_objective(data, cache.path.name, space.MAX_EPOCHS, 0),
-                   n_trials=trials, catch=(Exception,))
+    rss: list[int] = []
+    study.optimize(optuna_engine.make_objective(data, cache.path.name, max_epochs, 0),
+                   n_trials=trials, catch=(Exception,), gc_after_trial=True,
+                   callbacks=[lambda study, trial: rss.append(_rss_bytes())])
     seconds = np.array([t.user_attrs["seconds"] for t in study.trials if "seconds" in t.user_attrs])
 
     keras.backend.clear_session()
@@ -80,7 +92,10 @@ def bench_search(cache: Cache, splits: Splits, spec: backbones.BackboneSpec, tri
            "states": {s: sum(t.state.name == s for t in study.trials) for s in ("COMPLETE", "PRUNED", "FAIL")},
            "end_to_end_epoch_seconds": epoch, "end_to_end_epoch_timed_images": n,
            "train_images": len(splits.train_idx), "ratio_epoch_to_median_trial": epoch / median,
-           "goals": {"median_trial_seconds": 1.0, "ratio": 500},
+           "max_epochs": max_epochs,
+           "rss_mb_after_trial": [round(r / 2**20, 1) for r in rss],
+           "rss_growth_after_10_trials_pct": (100 * (rss[-1] - rss[9]) / rss[9]) if len(rss) > 10 else None,
+           "goals": {"median_trial_seconds": 1.0, "ratio": 500, "rss_growth_after_10_trials_pct": 5},
            "recorded": time.strftime("%Y-%m-%dT%H:%M:%S")}
     write_json(results / "bench_search.json", out)
     return out

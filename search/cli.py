@@ -123,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     _add_cache_args(p)
     p.add_argument("--trials", type=int, default=20, help="trials to time (default 20)")
+    p.add_argument("--max-epochs", type=int, default=None, help="epoch cap per trial (default 30)")
     p.add_argument("--epoch-images", type=int, default=1000,
                    help="images timed through the full backbone to estimate one end-to-end epoch")
     return parser
@@ -322,8 +323,10 @@ def cmd_bench_search(args: argparse.Namespace) -> int:
 
     splits, spec = _setup(args)
     cache = _cache(args, splits, spec)
+    from search import space
+
     out = bench.bench_search(cache, splits, spec, args.trials, args.epoch_images, Path(args.results),
-                             weights=_weights(args))
+                             weights=_weights(args), max_epochs=args.max_epochs or space.MAX_EPOCHS)
     print(json.dumps(out, indent=2))
     return 0
 
