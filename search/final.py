@@ -213,7 +213,7 @@ def build_final(config: FinalConfig, splits: Splits | None = None, model: keras.
         model = spec.build(weights=config.weights, size=resolution)
 
     t = time.perf_counter()
-    cache = ensure_cache(spec, splits, cut=cut_layer if cut_layer in spec.cuts else config.cut,
+    cache = ensure_cache(spec, splits, cut=config.cut,
                          resolution=resolution, flip=config.flip, weights=config.weights,
                          root=config.cache_root, build=config.build_cache,
                          progress=config.progress, model=model)
