@@ -1,6 +1,7 @@
 """Search engines on a tiny cache: Optuna (records, resume after SIGKILL, PostgreSQL workers)
 and KerasTuner; make final reads the best trial from either."""
 
+import json
 import os
 import signal
 import subprocess
@@ -34,6 +35,14 @@ def test_optuna_records_trials_and_best_params(pooled, tmp_path):
     assert params == study.best_trial.params and "optuna" in where
     head = heads.build_head(space.with_defaults(params), (pooled.x_train.shape[1],))
     assert head.output.shape[-1] == 10
+    # the study opens unchanged in the optuna CLI
+    optuna_cli = os.path.join(os.path.dirname(sys.executable), "optuna")
+    listed = subprocess.run([optuna_cli, "studies", "--storage", storage], capture_output=True, text=True)
+    assert listed.returncode == 0 and summary["study_name"] in listed.stdout, listed.stderr
+    best = subprocess.run([optuna_cli, "best-trial", "--study-name", summary["study_name"], "--storage", storage,
+                           "-f", "json"], capture_output=True, text=True)
+    assert best.returncode == 0, best.stderr
+    assert json.loads(best.stdout)["number"] == study.best_trial.number
     # same study again: load_if_exists continues it
     again = engines.run_search("optuna", data=pooled, cache_id="tiny", n_trials=2, storage=storage,
                                results=tmp_path, progress=False, max_epochs=3)
