@@ -116,3 +116,32 @@ def test_postgres_four_workers_no_lost_or_duplicated_trials(tiny_npz, tmp_path):
     finished = [t for t in trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
     assert len(finished) == 4 * per_worker
     assert len({t.number for t in trials}) == len(trials) == 4 * per_worker
+
+
+@pytest.mark.postgres
+@pytest.mark.skipif(not os.environ.get("OPTUNA_TEST_PG_URL"), reason="needs $OPTUNA_TEST_PG_URL (CI starts one)")
+def test_postgres_worker_killed_midway_does_not_break_the_others(tiny_npz, tmp_path):
+    url = os.environ["OPTUNA_TEST_PG_URL"]
+    study = f"kill-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = _search_cmd(tiny_npz, tmp_path, url, 3, study)
+    subprocess.run([*cmd[:3], "extract", *cmd[4:14]], env=env, cwd=ROOT, check=True, capture_output=True,
+                   timeout=300)
+    from search.engines.optuna_engine import open_study
+
+    open_study(url, study)  # schema and study exist before the workers start
+    victim = subprocess.Popen([*cmd, "--trials", "200", "--worker-index", "9"], env=env, cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    others = [subprocess.Popen([*cmd, "--worker-index", str(w)], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True) for w in range(3)]
+    deadline = time.time() + 240
+    while len(_finished(url, study)) < 2 and time.time() < deadline:
+        time.sleep(0.5)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    codes = [p.wait(timeout=600) for p in others]
+    assert codes == [0, 0, 0], [p.stderr.read()[-1000:] for p in others]
+    trials = optuna.load_study(study_name=study, storage=url).trials
+    assert len({t.number for t in trials}) == len(trials)
+    finished = [t for t in trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+    assert len(finished) >= 3 * 3
