@@ -138,7 +138,18 @@ def build_extractor(model: keras.Model, spec: backbones.BackboneSpec, cut_layer:
     """``(b, 32, 32, 3)`` pixels -> [cut activations, pooled features]: the frozen pass.
 
     Uses the same registered ``upsample`` and ``preprocess`` functions as the saved model.
+    Built once per (model, cut, resolution) and kept on the model, so a warmed-up (traced)
+    extractor is reused.
     """
+    memo = model.__dict__.setdefault("_extractors", {})
+    key = (spec.name, cut_layer, resolution)
+    if key not in memo:
+        memo[key] = _build_extractor(model, spec, cut_layer, resolution)
+    return memo[key]
+
+
+def _build_extractor(model: keras.Model, spec: backbones.BackboneSpec, cut_layer: str,
+                     resolution: int) -> keras.Model:
     cut = backbones.cut_layer_of(model, cut_layer)
     inner = keras.Model(model.inputs, [cut.output, model.outputs[0]])
     pixels = keras.Input((32, 32, 3), name="pixels")
@@ -162,7 +173,7 @@ def ensure_cache(
     weights: str | None = "imagenet",
     root: str | os.PathLike = DEFAULT_ROOT,
     build: bool = True,
-    chunk_size: int = 1000,
+    chunk_size: int = 2000,
     batch_size: int = 100,
     progress: bool = True,
     model: keras.Model | None = None,

@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("extract", help="run the frozen part once over train+test into cache/")
     _add_data_args(p)
     _add_cache_args(p)
-    p.add_argument("--chunk-size", type=int, default=1000, help="images per resumable chunk")
+    p.add_argument("--chunk-size", type=int, default=2000, help="images per resumable chunk (default 2000)")
 
     p = sub.add_parser("search", help="search head + optimizer on the cached features")
     _add_data_args(p)
@@ -93,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tail-epochs", type=int, default=6, help="epochs of tail fine-tuning (0: head only)")
     p.add_argument("--tail-lr", type=float, default=5e-4, help="peak AdamW learning rate of the tail")
     p.add_argument("--head-epochs", type=int, default=30, help="max epochs of the head on pooled features")
-    p.add_argument("--bn-passes", type=int, default=2, help="passes re-estimating the tail's BN statistics")
+    p.add_argument("--bn-passes", type=int, default=0,
+                   help="passes re-estimating the tail's BN statistics after training, kept only if "
+                        "validation accuracy does not drop (default 0: it cost 0.5 points at 45k images)")
     p.add_argument("--no-tta", dest="tta", action="store_false",
                    help="do not average the mirrored image's prediction in the saved model")
     p.add_argument("--output", default="cifar10.h5", help="where to save the model (default ./cifar10.h5)")
@@ -158,7 +160,7 @@ def _check_resolution(args: argparse.Namespace) -> None:
         raise UserError(f"--resolution must be in 32..1024, got {args.resolution}")
 
 
-def _cache(args: argparse.Namespace, splits, spec, chunk_size: int = 1000):
+def _cache(args: argparse.Namespace, splits, spec, chunk_size: int = 2000):
     from search.cache import ensure_cache
 
     _check_resolution(args)

@@ -57,7 +57,7 @@ class FinalConfig:
     tail_batch_size: int = 128
     tail_label_smoothing: float = 0.1
     shift: int = 1
-    bn_passes: int = 2
+    bn_passes: int = 0
     tta: bool = True
     output: str = "cifar10.h5"
     results: str = "results"
@@ -267,13 +267,20 @@ def build_final(config: FinalConfig, splits: Splits | None = None, model: keras.
                      "learning_rate": config.tail_learning_rate})
         if config.bn_passes:
             t = time.perf_counter()
+            before = [w.numpy() for w in tail.non_trainable_weights]
             reestimate_bn(tail, CachedMaps(cache, "train", splits.train_idx, config.tail_batch_size),
                           config.bn_passes)
             timings["bn_reestimate"] = time.perf_counter() - t
             bn_val = accuracy(cached_probs(trainable, cache, "train", splits.val_idx, False),
                               splits.y_train[splits.val_idx])
+            kept = bn_val >= tail_val
+            if not kept:  # chosen on validation: keep the statistics from training
+                for w, value in zip(tail.non_trainable_weights, before, strict=True):
+                    w.assign(value)
             rows.append({**base_row, "stage": "tail fine-tuned + BN re-estimated",
-                         "val_accuracy": bn_val, "seconds": timings["bn_reestimate"]})
+                         "val_accuracy": bn_val, "seconds": timings["bn_reestimate"], "chosen": kept})
+            log.info("BN re-estimation: val %.4f vs %.4f without: %s", bn_val, tail_val,
+                     "kept" if kept else "reverted")
     else:
         trainable.compile(loss="categorical_crossentropy", metrics=["accuracy"])
 

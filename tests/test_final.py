@@ -40,8 +40,12 @@ def test_summary_and_ablation_written(final_run):
     assert confusion.shape == (10, 10) and confusion.sum() == 40
     assert abs(np.trace(confusion) / 40 - summary["test_accuracy"]) < 1e-9
     assert set(summary["timings_seconds"]) >= {"cache", "head", "tail", "bn_reestimate", "stitch_and_save"}
-    stages = [r["stage"] for r in json.loads((tmp / "results" / "ablation.json").read_text())]
+    rows = json.loads((tmp / "results" / "ablation.json").read_text())
+    stages = [r["stage"] for r in rows]
     assert stages[0] == "frozen features + head" and "tail fine-tuned" in stages
+    bn = next(r for r in rows if r["stage"] == "tail fine-tuned + BN re-estimated")
+    tail = next(r for r in rows if r["stage"] == "tail fine-tuned")
+    assert bn["chosen"] == (bn["val_accuracy"] >= tail["val_accuracy"])
 
 
 def test_h5_round_trip_safe_mode(final_run, tiny_splits):
