@@ -145,7 +145,7 @@ def train_head_on_pooled(cache: Cache, splits: Splits, params: dict[str, Any], e
     y = one_hot(np.concatenate([splits.y_train[splits.train_idx]] * len(views)))
     x_val = np.asarray(cache.array("train", "pool", "orig")[splits.val_idx])
     y_val = one_hot(splits.y_train[splits.val_idx])
-    head = heads.compile_for(heads.build_head(params, x.shape[1:]), params)
+    head = heads.compile_for(heads.build_head(params, x.shape[1:]), params, steps_per_execution=64)
     stop = keras.callbacks.EarlyStopping("val_accuracy", patience=space.EARLY_STOPPING_PATIENCE,
                                          restore_best_weights=True, mode="max")
     history = head.fit(x, y, batch_size=int(params["batch_size"]), epochs=epochs,

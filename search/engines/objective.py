@@ -40,7 +40,7 @@ class PooledData:
 
 def build_model(params: dict[str, Any], n_features: int) -> keras.Model:
     """The compiled head for ``params`` (the one builder in ``search.heads``)."""
-    return heads.compile_for(heads.build_head(params, (n_features,)), params)
+    return heads.compile_for(heads.build_head(params, (n_features,)), params, steps_per_execution=64)
 
 
 def fit_and_score(params: dict[str, Any], data: PooledData, callbacks: list | None = None,
