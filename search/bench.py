@@ -32,9 +32,12 @@ def bench_cache(spec: backbones.BackboneSpec, splits: Splits, cut: str | None, r
                              root=tmp, progress=False, model=model)
         n = len(sub.x_train) + len(sub.x_test)
         extraction = n / cache.stats["seconds"]
+        in_loop_predict = n / cache.manifest["extraction"]["predict_seconds"]
     out = {"backbone": spec.name, "cut_layer": cut_layer, "resolution": resolution,
            "weights": str(weights), "images": images, "raw_predict_images_per_second": raw,
            "extraction_images_per_second": extraction, "ratio": extraction / raw,
+           "in_loop_predict_images_per_second": in_loop_predict,
+           "share_of_extraction_time_in_predict": extraction / in_loop_predict,
            "goal_ratio": 0.9, "recorded": time.strftime("%Y-%m-%dT%H:%M:%S")}
     write_json(results / "bench_cache.json", out)
     return out
