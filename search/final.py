@@ -57,7 +57,7 @@ class FinalConfig:
     tail_batch_size: int = 128
     tail_label_smoothing: float = 0.1
     shift: int = 1
-    bn_passes: int = 0
+    bn_passes: int = 2
     tta: bool = True
     output: str = "cifar10.h5"
     results: str = "results"
