@@ -12,11 +12,14 @@ import argparse
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from search.errors import UserError
+from search.io import write_json
 
 log = logging.getLogger("search")
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="run the classic evaluation script on ./cifar10.h5")
     p.add_argument("--model", default="cifar10.h5", help="model to evaluate (default ./cifar10.h5)")
     p.add_argument("--data", default=None, help=".npz to serve as cifar10.load_data (default $CIFAR10_NPZ)")
+    p.add_argument("--results", default="results", help="where evaluate.json goes (default results/)")
 
     p = sub.add_parser("report", help="HTML/PNG/summary/CSV report of a study -> results/report/")
     p.add_argument("--results", default="results", help="results folder (default results/)")
@@ -289,7 +293,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             os.symlink(ROOT / name, Path(tmp) / name)
         os.symlink(model.resolve(), Path(tmp) / "cifar10.h5")
         shutil.copy(ROOT / "tests" / "evaluate_classic.py", Path(tmp) / "evaluate_classic.py")
-        return subprocess.call([sys.executable, "evaluate_classic.py"], cwd=tmp, env=env)
+        start = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "evaluate_classic.py"], cwd=tmp, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        output = []
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            output.append(line)
+        code = proc.wait()
+    found = re.findall(r"accuracy: ([0-9.]+) - loss: ([0-9.]+)", "".join(output))
+    if code == 0 and found:
+        write_json(Path(args.results) / "evaluate.json", {
+            "accuracy": float(found[-1][0]), "loss": float(found[-1][1]), "model": str(model.resolve()),
+            "script": "tests/evaluate_classic.py (unmodified)", "data": env.get("CIFAR10_NPZ", "keras.datasets"),
+            "seconds": time.perf_counter() - start, "recorded": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    return code
 
 
 def cmd_report(args: argparse.Namespace) -> int:

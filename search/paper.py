@@ -71,7 +71,7 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 def build_context(results: Path) -> dict:
     """Everything the template may cite, read from ``results/`` (missing files leave gaps)."""
     ctx: dict[str, Any] = {}
-    for name in ("final", "bench_cache", "bench_search", "ablation"):
+    for name in ("final", "bench_cache", "bench_search", "ablation", "evaluate"):
         path = results / f"{name}.json"
         if path.exists():
             ctx[name] = read_json(path)

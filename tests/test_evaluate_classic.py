@@ -1,6 +1,7 @@
 """The classic evaluation script, byte for byte, on a saved model (data source redirected only)."""
 
 import hashlib
+import json
 import re
 
 import keras
@@ -34,10 +35,12 @@ def test_classic_script_runs_and_reports_the_model_accuracy(tmp_path, tiny_split
                          results=str(tmp_path / "results"), output=str(tmp_path / "cifar10.h5"),
                          head_epochs=2, tail_epochs=0, bn_passes=0, parity_images=10, progress=False)
     build_final(config, tiny_splits)
-    out = run_cli("evaluate", "--model", config.output, "--data", str(tiny_npz))
+    out = run_cli("evaluate", "--model", config.output, "--data", str(tiny_npz), "--results", str(tmp_path))
     assert out.returncode == 0, out.stderr[-2000:]
     printed = float(re.findall(r"accuracy: ([0-9.]+)", out.stdout + out.stderr)[-1])
     model = keras.models.load_model(config.output)
     probs = model.predict(tiny_splits.x_test.astype(np.float32), verbose=0)
     expected = float(np.mean(probs.argmax(1) == tiny_splits.y_test))
     assert abs(printed - expected) < 1e-3
+    recorded = json.loads((tmp_path / "evaluate.json").read_text())
+    assert recorded["accuracy"] == printed

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import ROOT, TINY_RES
+from conftest import ROOT, TINY_RES, run_cli
 from search import bench, engines
 from search.engines.objective import PooledData
 from search.errors import UserError
@@ -31,6 +31,8 @@ def tiny_results(tmp_path_factory, tiny_splits, tiny_npz, tiny_cache, spec):
     write_report(results / "report", results)
     bench.bench_cache(spec, tiny_splits, None, TINY_RES, None, 60, results)
     bench.bench_search(tiny_cache, tiny_splits, spec, 3, 20, results, weights=None)
+    out = run_cli("evaluate", "--model", str(tmp / "cifar10.h5"), "--data", str(tiny_npz), "--results", str(results))
+    assert out.returncode == 0, out.stderr[-2000:]
     docs = tmp / "docs"
     docs.mkdir()
     shutil.copy(ROOT / "docs" / "paper_template.md", docs / "paper_template.md")
