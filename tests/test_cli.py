@@ -22,6 +22,17 @@ def wrong_keys_npz(tmp_path_factory):
     return path
 
 
+def _in_process(capsys, *args):
+    """``search.cli.main`` in this process (no TensorFlow start-up per case)."""
+    from types import SimpleNamespace
+
+    from search import cli
+
+    code = cli.main(list(args))
+    captured = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=captured.out, stderr=captured.err)
+
+
 @pytest.mark.parametrize("args, needles", [
     (["extract", "--backbone", "NoSuchNet"], ["unknown backbone", "NoSuchNet"]),
     (["extract", "--resolution", "8", "--weights", "none"], ["--resolution"]),
@@ -33,25 +44,38 @@ def wrong_keys_npz(tmp_path_factory):
     (["final", "--params", "{not json"], ["--params"]),
     (["evaluate", "--model", "/nonexistent/model.h5"], ["no model at"]),
 ])
-def test_bad_options(args, needles, tiny_npz):
-    env = {"CIFAR10_NPZ": str(tiny_npz)}
+def test_bad_options(args, needles, tiny_npz, capsys, monkeypatch):
+    monkeypatch.setenv("CIFAR10_NPZ", str(tiny_npz))
     if args[0] in ("extract", "search", "final"):
         args = [*args, "--val-size", "20"]
-    _one_line_error(run_cli(*args, env=env), *needles)
+    _one_line_error(_in_process(capsys, *args), *needles)
 
 
-def test_wrong_keys(wrong_keys_npz):
-    _one_line_error(run_cli("extract", "--data", str(wrong_keys_npz)), "lacks keys")
+def test_bad_option_in_a_real_process_prints_one_line(tiny_npz):
+    """End to end through the interpreter: exit status 2, one line, no traceback."""
+    out = run_cli("extract", "--backbone", "NoSuchNet", env={"CIFAR10_NPZ": str(tiny_npz)})
+    _one_line_error(out, "unknown backbone")
+    ours = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode == 2 and len(ours) == 1  # (TensorFlow's own start-up logging aside)
 
 
-def test_missing_cache_with_no_build(tiny_npz, tmp_path):
-    out = run_cli("search", "--weights", "none", "--resolution", "32", "--no-build", "--val-size", "20",
+def test_wrong_keys(wrong_keys_npz, capsys):
+    _one_line_error(_in_process(capsys, "extract", "--data", str(wrong_keys_npz)), "lacks keys")
+
+
+def test_missing_cache_with_no_build(tiny_npz, tmp_path, capsys):
+    out = _in_process(capsys, "search", "--weights", "none", "--resolution", "32", "--no-build", "--val-size", "20",
                   "--cache-dir", str(tmp_path), "--data", str(tiny_npz))
     _one_line_error(out, "no usable cache")
 
 
-def test_help_explains():
-    out = run_cli("--help")
-    assert out.returncode == 0 and "extract" in out.stdout and "search" in out.stdout
-    out = run_cli("search", "--help")
-    assert "--storage" in out.stdout and "--engine" in out.stdout
+def test_help_explains(capsys):
+    from search import cli
+
+    for argv, needles in ((["--help"], ["extract", "search", "final", "report"]),
+                          (["search", "--help"], ["--storage", "--engine", "--pruner"])):
+        with pytest.raises(SystemExit) as info:
+            cli.main(argv)
+        assert info.value.code == 0
+        out = capsys.readouterr().out
+        assert all(n in out for n in needles), out
