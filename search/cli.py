@@ -136,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup(args: argparse.Namespace):
+    """Validate backbone, cut and resolution (before any data is read); load the splits."""
     from search import backbones, data
 
     spec = backbones.get_backbone(args.backbone)
@@ -167,8 +168,6 @@ def _check_resolution(args: argparse.Namespace) -> None:
 def _cache(args: argparse.Namespace, splits, spec, chunk_size: int = 2000):
     from search.cache import ensure_cache
 
-    _check_resolution(args)
-    spec.cut_layer(args.cut)
     return ensure_cache(spec, splits, cut=args.cut, resolution=args.resolution, flip=args.flip,
                         weights=_weights(args), root=args.cache_dir, build=args.build,
                         chunk_size=chunk_size, progress=not args.quiet)
@@ -257,9 +256,7 @@ def _head_params(args: argparse.Namespace) -> tuple[dict, str]:
 def cmd_final(args: argparse.Namespace) -> int:
     from search.final import FinalConfig, build_final
 
-    _check_resolution(args)
     splits, spec = _setup(args)
-    spec.cut_layer(args.cut)
     params, source = _head_params(args)
     log.info("head parameters from %s: %s", source, params)
     config = FinalConfig(
@@ -331,7 +328,6 @@ def cmd_bench_cache(args: argparse.Namespace) -> int:
     from search import bench
 
     splits, spec = _setup(args)
-    _check_resolution(args)
     out = bench.bench_cache(spec, splits, args.cut, args.resolution, _weights(args), args.images,
                             Path(args.results))
     print(json.dumps(out, indent=2))
