@@ -8,6 +8,8 @@ trains nothing; it defines :func:`preprocess_data` and makes the saved model loa
 - importing ``search.backbones`` registers the functions the model's Lambda layers call
   (``keras.saving.register_keras_serializable``), so ``load_model`` works with the default
   ``safe_mode``;
+- importing ``search`` first sets ``TF_CPU_ALLOCATOR_USE_BFC=true`` (unless already set) before
+  TensorFlow loads, when this file is imported or run first (see ``search/__init__.py``);
 - compatibility shim: Keras 3 has no ``keras.backend.learning_phase``, which the classic
   evaluation script reads (``K.learning_phase = K.backend.learning_phase``); we define it
   (always 0, inference) on ``tensorflow.keras.backend`` and ``keras.backend`` when missing.
@@ -16,13 +18,14 @@ trains nothing; it defines :func:`preprocess_data` and makes the saved model loa
 import os
 import sys
 
-import numpy as np
-from tensorflow import keras as K
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from search import backbones
-from search.data import one_hot, validate_images, validate_labels
+import numpy as np  # noqa: E402
+from tensorflow import keras as K  # noqa: E402
+
+import search  # noqa: E402,F401  (first: sets TensorFlow's CPU allocator before TensorFlow loads)
+from search import backbones  # noqa: E402
+from search.data import one_hot, validate_images, validate_labels  # noqa: E402
 
 
 def _learning_phase() -> int:

@@ -16,15 +16,22 @@ export CIFAR10_NPZ
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 ENGINE ?= optuna
-TRIALS ?= 50
+PHASE ?= both
+TRIALS ?=
+TAIL_TRIALS ?=
 WORKERS ?= 1
-PRUNER ?= hyperband
+PRUNER ?=
+ORACLE ?=
 STORAGE ?=
 STUDY ?=
 ARGS ?=
-STORAGE_ARGS := $(if $(STORAGE),--storage $(STORAGE),) $(if $(STUDY),--study-name $(STUDY),)
+# only what is set is passed: an engine refuses options it cannot honour (e.g. PRUNER with kerastuner)
+SEARCH_ARGS := $(if $(TRIALS),--trials $(TRIALS),) $(if $(TAIL_TRIALS),--tail-trials $(TAIL_TRIALS),) \
+  $(if $(PRUNER),--pruner $(PRUNER),) $(if $(ORACLE),--oracle $(ORACLE),) \
+  $(if $(STORAGE),--storage $(STORAGE),) $(if $(STUDY),--study-name $(STUDY),)
 
-.PHONY: help setup offline final search report paper evaluate test lint bench reliability clean-cache dashboard
+.PHONY: help setup offline final search report paper evaluate test lint bench bench-cache bench-search reliability \
+  clean-cache dashboard
 
 help:  ## list the verbs
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -43,15 +50,14 @@ offline: $(VENV)/.installed  ## build cache/cifar10.npz and seed ImageNet weight
 	@for f in $(SHARED)/keras-cache/models/*.h5; do \
 	  test -f $(KERAS_MODELS)/$$(basename $$f) || cp $$f $(KERAS_MODELS)/; done
 
-final: setup  ## train head + tail on the cache, save ./cifar10.h5 and results/final.json
+final: setup  ## train both phases' best parameters (this cache key's searches) on the cache, save ./cifar10.h5
 	$(PY) -m search.cli final $(ARGS)
 
-search: setup  ## hyperparameter search on the cached features (ENGINE, TRIALS, WORKERS, STORAGE, PRUNER)
-	$(PY) -m search.cli search --engine $(ENGINE) --trials $(TRIALS) --workers $(WORKERS) \
-	  --pruner $(PRUNER) $(STORAGE_ARGS) $(ARGS)
+search: setup  ## both phases on the cache (PHASE=head|tail|both, ENGINE, TRIALS, TAIL_TRIALS, WORKERS, STORAGE, PRUNER, ORACLE)
+	$(PY) -m search.cli search --engine $(ENGINE) --phase $(PHASE) --workers $(WORKERS) $(SEARCH_ARGS) $(ARGS)
 
-report: setup  ## HTML report of the latest study (+ final model) -> results/report/
-	$(PY) -m search.cli report
+report: setup  ## HTML report of the latest phase-1 study (+ final model) -> results/report/ (PHASE=tail for phase 2)
+	$(PY) -m search.cli report $(if $(filter tail,$(PHASE)),--phase tail --out results/report-tail,)
 
 paper: setup  ## docs/paper.md + docs/paper.html from results/ (after search, final, report, bench)
 	$(PY) -m search.cli paper
@@ -59,8 +65,12 @@ paper: setup  ## docs/paper.md + docs/paper.html from results/ (after search, fi
 evaluate: setup  ## the classic evaluation script, unmodified, on ./cifar10.h5
 	$(PY) -m search.cli evaluate
 
-bench: setup  ## results/bench_cache.json and results/bench_search.json
+bench: bench-cache bench-search  ## both benchmarks
+
+bench-cache: setup  ## extraction vs raw predict, CPU seconds, BFC vs glibc allocator -> results/bench_cache.json
 	$(PY) -m search.cli bench-cache $(ARGS)
+
+bench-search: setup  ## phase-1/phase-2 trial seconds, fidelity Kendall tau, end-to-end epoch -> results/bench_search.json
 	$(PY) -m search.cli bench-search $(ARGS)
 
 test: setup  ## the test suite (tiny data, tiny backbones; < 10 min)

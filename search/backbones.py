@@ -13,7 +13,7 @@ this module is imported (``0-transfer.py`` imports it).
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import keras
@@ -22,6 +22,7 @@ import numpy as np
 from search.errors import UserError
 
 SERIALIZATION_PACKAGE = "transfer"
+MIN_RESOLUTION, MAX_RESOLUTION = 32, 1024
 
 
 @keras.saving.register_keras_serializable(package=SERIALIZATION_PACKAGE)
@@ -52,7 +53,6 @@ class BackboneSpec:
         native_size: the input side its ImageNet weights were trained at.
         cuts: cut name -> layer name; the tail is every layer after that layer.
         default_cut: the cut used when none is given.
-        kwargs: extra constructor arguments.
     """
 
     name: str
@@ -60,7 +60,6 @@ class BackboneSpec:
     native_size: int
     cuts: dict[str, str]
     default_cut: str
-    kwargs: dict[str, Any] = field(default_factory=dict)
 
     def preprocess_input(self, x: Any) -> Any:
         """Map 0-255 float pixels to what this backbone expects (its own preprocess_input)."""
@@ -73,18 +72,26 @@ class BackboneSpec:
             return self.cuts[cut]
         raise UserError(f"unknown cut {cut!r} for {self.name}; choose one of {sorted(self.cuts)}")
 
+    def resolution(self, resolution: int | None = None) -> int:
+        """The input side: ``resolution`` checked against 32..1024, default the native size."""
+        size = self.native_size if resolution is None else int(resolution)
+        if not MIN_RESOLUTION <= size <= MAX_RESOLUTION:
+            raise UserError(f"resolution must be in {MIN_RESOLUTION}..{MAX_RESOLUTION}, got {size}")
+        return size
+
+    def resolve(self, cut: str | None = None, resolution: int | None = None) -> tuple[str, int]:
+        """``(cut layer name, input side)`` for a cut name and resolution, both checked, defaults filled."""
+        return self.cut_layer(cut), self.resolution(resolution)
+
     def build(self, weights: str | None = "imagenet", size: int | None = None) -> keras.Model:
         """Construct the application, ``include_top=False``, global-average-pooled output.
 
         Input: ``(b, size, size, 3)`` preprocessed float32; output ``(b, features)`` float32.
         """
-        size = size or self.native_size
-        if size < 32:
-            raise UserError(f"resolution must be at least 32, got {size}")
+        size = self.resolution(size)
         ctor = getattr(keras.applications, self.name)
         try:
-            return ctor(include_top=False, weights=weights, input_shape=(size, size, 3),
-                        pooling="avg", **self.kwargs)
+            return ctor(include_top=False, weights=weights, input_shape=(size, size, 3), pooling="avg")
         except Exception as exc:
             if weights == "imagenet" and ("URL" in str(exc) or "fetch" in str(exc).lower()):
                 raise UserError(
@@ -125,6 +132,15 @@ def get_backbone(name: str) -> BackboneSpec:
         if key.lower() == str(name).lower():
             return spec
     raise UserError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
+
+
+def input_stack(pixels: Any, spec: BackboneSpec, resolution: int) -> Any:
+    """``(b, h, w, 3)`` 0-255 pixels -> Lambda(upsample) -> Lambda(preprocess): the backbone's input.
+
+    The saved model and the cache's extractor both start with these two layers.
+    """
+    x = keras.layers.Lambda(upsample, arguments={"size": resolution}, name="upsample")(pixels)
+    return keras.layers.Lambda(preprocess, arguments={"backbone": spec.name}, name="preprocess")(x)
 
 
 def cut_layer_of(model: keras.Model, layer_name: str) -> keras.Operation:

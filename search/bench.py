@@ -1,104 +1,248 @@
-"""Benchmarks that write JSON under ``results/`` (speed goals live here, not in tests)."""
+"""Benchmarks that write JSON under ``results/`` (speed goals live here, not in tests).
+
+Entry points: :func:`bench_cache` (``make bench-cache``) and :func:`bench_search`
+(``make bench-search``). Every ratio is measured against its baseline in the same run; the
+machine is shared, so absolute seconds are indicative only.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import resource
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from search import backbones, heads, space
+from search import ALLOCATOR_ENV, backbones, space
 from search.cache import Cache, build_extractor, ensure_cache
 from search.data import Splits, one_hot
 from search.io import write_json
 
 
-def bench_cache(spec: backbones.BackboneSpec, splits: Splits, cut: str | None, resolution: int | None,
-                weights: str | None, images: int, results: Path) -> dict:
-    """Extraction throughput (chunked, resumable, written to disk) vs raw ``predict`` of the
-    same frozen part on the same images, in one run. Goal: ratio >= 0.9."""
-    resolution = resolution or spec.native_size
-    cut_layer = spec.cut_layer(cut)
-    model = spec.build(weights=weights, size=resolution)
-    sub = splits.subset(images, max(10, images // 10), max(1, images // 50))
-    extractor = build_extractor(model, spec, cut_layer, resolution)
-    extractor.predict(sub.x_train[:100], batch_size=100, verbose=0)  # warm-up: trace once
-    t = time.perf_counter()
-    extractor.predict(sub.x_train, batch_size=100, verbose=0)
-    raw = len(sub.x_train) / (time.perf_counter() - t)
-    with tempfile.TemporaryDirectory() as tmp:
-        cache = ensure_cache(spec, sub, cut=cut, resolution=resolution, flip=False, weights=weights,
-                             root=tmp, progress=False, model=model)
-        n = len(sub.x_train) + len(sub.x_test)
-        extraction = n / cache.stats["seconds"]
-        in_loop_predict = n / cache.manifest["extraction"]["predict_seconds"]
-    out = {"backbone": spec.name, "cut_layer": cut_layer, "resolution": resolution,
-           "weights": str(weights), "images": images, "raw_predict_images_per_second": raw,
-           "extraction_images_per_second": extraction, "ratio": extraction / raw,
-           "in_loop_predict_images_per_second": in_loop_predict,
-           "share_of_extraction_time_in_predict": extraction / in_loop_predict,
-           "goal_ratio": 0.9, "recorded": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    write_json(results / "bench_cache.json", out)
-    return out
+def _cpu() -> tuple[float, float]:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime, r.ru_stime
 
 
 def _rss_bytes() -> int:
     """Resident set size of this process (Linux /proc)."""
-    import os
-
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def bench_search(cache: Cache, splits: Splits, spec: backbones.BackboneSpec, trials: int,
-                 epoch_images: int, results: Path, weights: str | None = "imagenet",
-                 max_epochs: int = space.MAX_EPOCHS) -> dict:
-    """Median/p90 Optuna trial time on the cache vs one end-to-end epoch with the backbone in
-    the loop (timed on ``epoch_images`` images, scaled to the training split), and resident
-    memory after every trial. Goals: median trial <= 1 s, ratio >= 500x, RSS growth after the
-    first 10 trials <= 5 %."""
+def allocator_probe(backbone: str, cut: str | None, resolution: int | None, weights: str | None, images: int,
+                    tail_steps: int) -> dict:
+    """In this process (allocator as set at start-up): frozen-pass images/s with user/system CPU
+    seconds, and seconds per tail training step (batch 128), on random pixels (speed only)."""
+    import keras
+
+    from search import train
+
+    spec = backbones.get_backbone(backbone)
+    cut_layer, resolution = spec.resolve(cut, resolution)
+    model = spec.build(weights=weights, size=resolution)
+    extractor = build_extractor(model, spec, cut_layer, resolution)
+    x = np.random.default_rng(0).integers(0, 256, (images, 32, 32, 3), dtype=np.uint8)
+    extractor.predict(x[:100], batch_size=100, verbose=0)  # trace once
+    (u0, s0), t0 = _cpu(), time.perf_counter()
+    cut_maps, _ = extractor.predict(x, batch_size=100, verbose=0)
+    wall, (u1, s1) = time.perf_counter() - t0, _cpu()
+    parts = train.TailParts.from_backbone(model, cut_layer)
+    head = keras.Sequential([keras.Input(model.outputs[0].shape[1:]), keras.layers.Dense(10, activation="softmax")])
+    trainer = train.build_tail_trainer(parts, head, head.get_weights(), {}, tail_steps, 1)
+    xb = np.resize(cut_maps.astype(np.float16), (128, *cut_maps.shape[1:]))
+    yb = one_hot(np.arange(128) % 10)
+    trainer.train_on_batch(xb, yb)  # trace once
+    (u2, s2), t2 = _cpu(), time.perf_counter()
+    for _ in range(tail_steps):
+        trainer.train_on_batch(xb, yb)
+    step, (u3, s3) = (time.perf_counter() - t2) / tail_steps, _cpu()
+    return {"allocator": "BFC" if os.environ.get(ALLOCATOR_ENV, "").lower() == "true" else "glibc malloc",
+            ALLOCATOR_ENV: os.environ.get(ALLOCATOR_ENV), "images_per_second": images / wall,
+            "frozen_pass_user_cpu_seconds": u1 - u0, "frozen_pass_system_cpu_seconds": s1 - s0,
+            "tail_step_seconds": step, "tail_steps": tail_steps,
+            "tail_user_cpu_seconds": u3 - u2, "tail_system_cpu_seconds": s3 - s2}
+
+
+def _probe_subprocess(allocator: str, args: dict) -> dict:
+    env = {**os.environ, ALLOCATOR_ENV: allocator}
+    out = subprocess.run([sys.executable, "-m", "search.bench", json.dumps(args)], env=env, capture_output=True,
+                         text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"allocator probe failed: {out.stderr.strip().splitlines()[-1:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_cache(spec: backbones.BackboneSpec, splits: Splits, cut: str | None, resolution: int | None,
+                weights: str | None, images: int, results: Path, argv: list[str] | None = None,
+                tail_steps: int = 10) -> dict:
+    """Extraction throughput (chunked, resumable, written to disk) vs raw ``predict`` of the same
+    frozen part on the same images, with user and system CPU seconds; then the frozen pass and a
+    tail training step with TensorFlow's BFC allocator and with glibc's, each in a fresh process.
+    Goal: extraction / raw predict >= 0.9."""
+    cut_layer, resolution = spec.resolve(cut, resolution)
+    model = spec.build(weights=weights, size=resolution)
+    sub = splits.subset(images, max(10, images // 10), max(1, images // 50))
+    extractor = build_extractor(model, spec, cut_layer, resolution)
+    extractor.predict(sub.x_train[:100], batch_size=100, verbose=0)  # warm-up: trace once
+    (u0, s0), t = _cpu(), time.perf_counter()
+    extractor.predict(sub.x_train, batch_size=100, verbose=0)
+    raw_wall, (u1, s1) = time.perf_counter() - t, _cpu()
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = ensure_cache(spec, sub, cut=cut, resolution=resolution, flip=False, weights=weights,
+                             root=tmp, progress=False, model=model, extractor=extractor)
+        (u2, s2) = _cpu()
+        n = len(sub.x_train) + len(sub.x_test)
+        extraction = n / cache.stats["seconds"]
+        in_loop_predict = n / cache.manifest["extraction"]["predict_seconds"]
+    raw = len(sub.x_train) / raw_wall
+    probe_args = {"backbone": spec.name, "cut": cut, "resolution": resolution, "weights": weights,
+                  "images": min(images, 600), "tail_steps": tail_steps}
+    allocators = {name: _probe_subprocess(value, probe_args) for name, value in (("bfc", "true"), ("glibc", "false"))}
+    out = {"backbone": spec.name, "cut_layer": cut_layer, "resolution": resolution, "weights": str(weights),
+           "images": images, "allocator": os.environ.get(ALLOCATOR_ENV),
+           "raw_predict_images_per_second": raw, "raw_predict_user_cpu_seconds": u1 - u0,
+           "raw_predict_system_cpu_seconds": s1 - s0,
+           "extraction_images_per_second": extraction, "extraction_user_cpu_seconds": u2 - u1,
+           "extraction_system_cpu_seconds": s2 - s1, "ratio": extraction / raw,
+           "in_loop_predict_images_per_second": in_loop_predict,
+           "share_of_extraction_time_in_predict": extraction / in_loop_predict,
+           "allocator_comparison": allocators,
+           "frozen_pass_speedup_bfc_over_glibc": allocators["bfc"]["images_per_second"]
+           / allocators["glibc"]["images_per_second"],
+           "tail_step_speedup_bfc_over_glibc": allocators["glibc"]["tail_step_seconds"]
+           / allocators["bfc"]["tail_step_seconds"],
+           "goal_ratio": 0.9, "command": "python -m search.cli bench-cache " + " ".join(argv or []),
+           "recorded": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    write_json(results / "bench_cache.json", out)
+    return out
+
+
+def kendall_tau(a: list[float], b: list[float]) -> float:
+    """Kendall's tau-b of two equally long score lists (ties counted as neither)."""
+    n, concordant, discordant, ties_a, ties_b = len(a), 0, 0, 0, 0
+    for i in range(n):
+        for j in range(i + 1, n):
+            da, db = np.sign(a[i] - a[j]), np.sign(b[i] - b[j])
+            if da == 0 and db == 0:
+                continue
+            if da == 0:
+                ties_a += 1
+            elif db == 0:
+                ties_b += 1
+            elif da == db:
+                concordant += 1
+            else:
+                discordant += 1
+    denom = np.sqrt((concordant + discordant + ties_a) * (concordant + discordant + ties_b))
+    return float((concordant - discordant) / denom) if denom else 0.0
+
+
+def _study_seconds(study: Any) -> np.ndarray:
+    return np.array([t.user_attrs["seconds"] for t in study.trials if "seconds" in t.user_attrs])
+
+
+def bench_search(cache: Cache, splits: Splits, spec: backbones.BackboneSpec, model: Any, trials: int,
+                 rank_configs: int, tail_trials: int, epoch_images: int, results: Path,
+                 weights: str | None = "imagenet") -> dict:
+    """Phase-1 trial seconds (median, p90) at the default budget; Kendall tau between that
+    budget's score and full training (all rows and mirrors, up to 30 epochs, early stopping)
+    for ``rank_configs`` random configurations; phase-2 trial seconds at its default budget;
+    one end-to-end epoch with the backbone in the loop (timed on ``epoch_images`` images, scaled
+    to the training split); resident memory after every phase-1 trial."""
     import keras
     import optuna
 
-    from search.engines import optuna_engine
-    from search.engines.objective import PooledData
+    from search import train
+    from search.engines.objective import HeadObjective, make_objective
+    from search.engines.optuna_engine import OptunaEngine, make_pruner, make_sampler
 
-    data = PooledData.from_cache(cache, splits)
-    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=0),
-                                pruner=optuna_engine.make_pruner("hyperband"))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    budget = space.BUDGETS["head"]
+    engine = OptunaEngine(storage="sqlite:///:memory:", progress=False)
+    data = train.PooledData.from_cache(cache, splits)
+    head_obj = HeadObjective(data, cache.path.name, rows=budget.rows, max_epochs=budget.max_epochs)
+    study = optuna.create_study(direction="maximize", sampler=make_sampler(0, trials),
+                                pruner=make_pruner("hyperband", budget.max_epochs))
     rss: list[int] = []
-    study.optimize(optuna_engine.make_objective(data, cache.path.name, max_epochs, 0),
-                   n_trials=trials, catch=(Exception,), gc_after_trial=True,
+    study.optimize(engine.objective_fn(head_obj), n_trials=trials, catch=(Exception,), gc_after_trial=True,
                    callbacks=[lambda study, trial: rss.append(_rss_bytes())])
-    seconds = np.array([t.user_attrs["seconds"] for t in study.trials if "seconds" in t.user_attrs])
+    head_seconds = _study_seconds(study)
+
+    # fidelity: the same random configurations at the trial budget and trained in full
+    full_obj = HeadObjective(data, cache.path.name, rows=None, max_epochs=30)
+    sampler = optuna.samplers.RandomSampler(seed=1)
+    ranking = []
+    for i in range(rank_configs):
+        trial = optuna.create_study(sampler=sampler).ask()
+        params = space.suggest("head", trial)
+        row = {"params": params}
+        for name, obj in (("fast", head_obj), ("full", full_obj)):
+            t = time.perf_counter()
+            row[name] = obj.fit(obj.build(params, seed=i), obj.max_epochs)
+            row[f"{name}_seconds"] = time.perf_counter() - t
+        ranking.append(row)
+    tau = kendall_tau([r["fast"] for r in ranking], [r["full"] for r in ranking])
+
+    tail_budget = space.BUDGETS["tail"]
+    tail_obj = make_objective("tail", cache, splits, tail_budget.rows, tail_budget.max_epochs, backbone=model,
+                              results=str(results))
+    tail_study = optuna.create_study(direction="maximize", sampler=make_sampler(0, tail_trials),
+                                     pruner=make_pruner("hyperband", tail_budget.max_epochs))
+    tail_study.optimize(engine.objective_fn(tail_obj), n_trials=tail_trials, catch=(Exception,))
+    tail_seconds = _study_seconds(tail_study)
 
     keras.backend.clear_session()
     key = cache.key
-    model = spec.build(weights=weights, size=key["resolution"])
     from search.final import stitch
 
-    head = heads.build_head(space.DEFAULT_PARAMS, (model.outputs[0].shape[-1],))
-    e2e = heads.compile_for(stitch(spec, model, head, key["cut_layer"], key["resolution"], tta=False),
-                            space.DEFAULT_PARAMS)
+    e2e_backbone = spec.build(weights=weights, size=key["resolution"])
+    head = train.build_head_model({}, e2e_backbone.outputs[0].shape[-1], cache.num_classes)
+    from search import heads
+
+    e2e = heads.compile_for(stitch(spec, e2e_backbone, head, key["cut_layer"], key["resolution"], tta=False),
+                            space.DEFAULT_HEAD)
     n = min(epoch_images, len(splits.train_idx))
     x = splits.x_train[splits.train_idx[:n]].astype(np.float32)
-    y = one_hot(splits.y_train[splits.train_idx[:n]])
+    y = one_hot(splits.y_train[splits.train_idx[:n]], cache.num_classes)
     e2e.fit(x[:64], y[:64], batch_size=64, epochs=1, verbose=0)  # warm-up: trace once
     t = time.perf_counter()
     e2e.fit(x, y, batch_size=128, epochs=1, verbose=0)
     epoch = (time.perf_counter() - t) * len(splits.train_idx) / n
-    median = float(np.median(seconds))
-    out = {"cache": cache.path.name, "trials": len(seconds),
-           "trial_seconds_median": median, "trial_seconds_p90": float(np.percentile(seconds, 90)),
-           "states": {s: sum(t.state.name == s for t in study.trials) for s in ("COMPLETE", "PRUNED", "FAIL")},
-           "end_to_end_epoch_seconds": epoch, "end_to_end_epoch_timed_images": n,
-           "train_images": len(splits.train_idx), "ratio_epoch_to_median_trial": epoch / median,
-           "max_epochs": max_epochs,
-           "rss_mb_after_trial": [round(r / 2**20, 1) for r in rss],
-           "rss_growth_after_10_trials_pct": (100 * (rss[-1] - rss[9]) / rss[9]) if len(rss) > 10 else None,
-           "goals": {"median_trial_seconds": 1.0, "ratio": 500, "rss_growth_after_10_trials_pct": 5},
-           "recorded": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    median = float(np.median(head_seconds))
+    out = {
+        "cache": cache.path.name,
+        "phase1": {"trials": len(head_seconds), "budget": head_obj.budget,
+                   "trial_seconds_median": median, "trial_seconds_p90": float(np.percentile(head_seconds, 90)),
+                   "states": {s: sum(t.state.name == s for t in study.trials) for s in ("COMPLETE", "PRUNED", "FAIL")},
+                   "best_value": study.best_value if any(t.state.name == "COMPLETE" for t in study.trials) else None,
+                   "goal_median_trial_seconds": 2.0, "stretch_goal_median_trial_seconds": 1.0},
+        "fidelity": {"configs": len(ranking), "fast_budget": head_obj.budget, "full_budget": full_obj.budget,
+                     "kendall_tau": tau, "goal_kendall_tau": 0.6,
+                     "fast_seconds_median": float(np.median([r["fast_seconds"] for r in ranking])),
+                     "full_seconds_median": float(np.median([r["full_seconds"] for r in ranking])),
+                     "rows": ranking},
+        "phase2": {"trials": len(tail_seconds), "budget": tail_obj.budget,
+                   "trial_seconds_median": float(np.median(tail_seconds)) if len(tail_seconds) else None,
+                   "trial_seconds": tail_seconds.tolist(),
+                   "rungs_epochs": [1, tail_budget.max_epochs] if tail_budget.max_epochs > 1 else [1],
+                   "states": {s: sum(t.state.name == s for t in tail_study.trials)
+                              for s in ("COMPLETE", "PRUNED", "FAIL")}},
+        "end_to_end_epoch_seconds": epoch, "end_to_end_epoch_timed_images": n,
+        "train_images": len(splits.train_idx), "ratio_epoch_to_median_phase1_trial": epoch / median,
+        "rss_mb_after_trial": [round(r / 2**20, 1) for r in rss],
+        "rss_growth_after_10_trials_pct": (100 * (rss[-1] - rss[9]) / rss[9]) if len(rss) > 10 else None,
+        "recorded": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     write_json(results / "bench_search.json", out)
     return out
+
+
+if __name__ == "__main__":  # the allocator probe, run in a fresh process by bench_cache
+    print(json.dumps(allocator_probe(**json.loads(sys.argv[1]))))

@@ -31,7 +31,7 @@ import keras
 import numpy as np
 
 from search import backbones
-from search.data import Splits
+from search.data import NUM_CLASSES, Splits
 from search.errors import UserError
 from search.io import read_json, write_json
 
@@ -91,6 +91,10 @@ class Cache:
         return self._maps[name]
 
     @property
+    def num_classes(self) -> int:
+        return int(self.manifest.get("num_classes", NUM_CLASSES))
+
+    @property
     def labels(self) -> dict[str, np.ndarray]:
         return {s: np.asarray(self.manifest["labels"][s], dtype=np.int64) for s in SPLITS}
 
@@ -137,25 +141,12 @@ def build_extractor(model: keras.Model, spec: backbones.BackboneSpec, cut_layer:
                     resolution: int) -> keras.Model:
     """``(b, 32, 32, 3)`` pixels -> [cut activations, pooled features]: the frozen pass.
 
-    Uses the same registered ``upsample`` and ``preprocess`` functions as the saved model.
-    Built once per (model, cut, resolution) and kept on the model, so a warmed-up (traced)
-    extractor is reused.
+    Starts with the same two Lambda layers as the saved model (``backbones.input_stack``).
     """
-    memo = model.__dict__.setdefault("_extractors", {})
-    key = (spec.name, cut_layer, resolution)
-    if key not in memo:
-        memo[key] = _build_extractor(model, spec, cut_layer, resolution)
-    return memo[key]
-
-
-def _build_extractor(model: keras.Model, spec: backbones.BackboneSpec, cut_layer: str,
-                     resolution: int) -> keras.Model:
     cut = backbones.cut_layer_of(model, cut_layer)
     inner = keras.Model(model.inputs, [cut.output, model.outputs[0]])
     pixels = keras.Input((32, 32, 3), name="pixels")
-    x = keras.layers.Lambda(backbones.upsample, arguments={"size": resolution})(pixels)
-    x = keras.layers.Lambda(backbones.preprocess, arguments={"backbone": spec.name})(x)
-    return keras.Model(pixels, inner(x), name="extractor")
+    return keras.Model(pixels, inner(backbones.input_stack(pixels, spec, resolution)), name="extractor")
 
 
 def cache_key(spec: backbones.BackboneSpec, model: keras.Model, weights: str | None, cut_layer: str,
@@ -178,6 +169,7 @@ def ensure_cache(
     progress: bool = True,
     model: keras.Model | None = None,
     on_chunk: Callable[[str, int, int], None] | None = None,
+    extractor: keras.Model | None = None,
 ) -> Cache:
     """Return the verified cache for this configuration, extracting what is missing.
 
@@ -192,13 +184,13 @@ def ensure_cache(
         build: when False, a missing or stale cache is an error instead of being built.
         chunk_size: images per resumable chunk.
         model: an already built backbone (else built here from ``spec`` and ``weights``).
+        extractor: ``build_extractor(model, ...)`` already built (and traced) by the caller.
         on_chunk: called as ``on_chunk(array_prefix, start, stop)`` after each chunk is saved.
 
     Returns:
         The :class:`Cache`; ``cache.stats`` says how many chunks were computed in this call.
     """
-    resolution = resolution or spec.native_size
-    cut_layer = spec.cut_layer(cut)
+    cut_layer, resolution = spec.resolve(cut, resolution)
     if model is None:
         model = spec.build(weights=weights, size=resolution)
     key = cache_key(spec, model, weights, cut_layer, resolution, splits, flip)
@@ -212,17 +204,18 @@ def ensure_cache(
     if (path / "manifest.json").exists():
         log.warning("rebuilding cache %s: %s", path, problem)
         shutil.rmtree(path)
-    return _extract(spec, model, key, path, splits, chunk_size, batch_size, progress, on_chunk)
+    if extractor is None:
+        extractor = build_extractor(model, spec, cut_layer, resolution)
+    return _extract(spec, extractor, key, path, splits, chunk_size, batch_size, progress, on_chunk)
 
 
-def _extract(spec, model, key, path, splits, chunk_size, batch_size, progress, on_chunk) -> Cache:
+def _extract(spec, extractor, key, path, splits, chunk_size, batch_size, progress, on_chunk) -> Cache:
     from tqdm.auto import tqdm
 
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create cache folder {path}: {exc.strerror}") from None
-    extractor = build_extractor(model, spec, key.cut_layer, key.resolution)
     cut_shape = tuple(extractor.outputs[0].shape[1:])
     pool_shape = tuple(extractor.outputs[1].shape[1:])
     views = ("orig", "flip") if key.flip else ("orig",)
@@ -291,6 +284,7 @@ def _extract(spec, model, key, path, splits, chunk_size, batch_size, progress, o
     manifest = {
         "key": asdict(key), "arrays": arrays,
         "labels": {"train": splits.y_train.tolist(), "test": splits.y_test.tolist()},
+        "num_classes": NUM_CLASSES,
         "data_source": splits.source,
         "extraction": {"seconds": elapsed, "predict_seconds": seconds,
                        "images": remaining, "chunks": computed,

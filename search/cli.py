@@ -1,9 +1,10 @@
 """Command line: the Makefile's verbs. ``python -m search.cli --help``.
 
-Verbs: ``extract`` (build the feature cache), ``search`` (Optuna or KerasTuner on the cache),
-``final`` (train, stitch, save ``cifar10.h5``), ``evaluate`` (the classic evaluation script),
-``bench-cache`` (extraction vs raw predict throughput), ``bench-search``.
-Bad input exits with status 2 and one line ``error: ...`` (no traceback).
+Verbs: ``extract`` (build the feature cache), ``search`` (both phases, Optuna or KerasTuner, on
+the cache), ``final`` (train, stitch, save ``cifar10.h5``), ``evaluate`` (the classic
+evaluation script), ``report``, ``paper``, ``bench-cache``, ``bench-search``. This module only
+parses and dispatches: every check lives where the thing it checks is made. Bad input exits
+with status 2 and one line ``error: ...`` (no traceback).
 """
 
 from __future__ import annotations
@@ -12,17 +13,14 @@ import argparse
 import json
 import logging
 import os
-import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from search.errors import UserError
-from search.io import write_json
+from search.space import BUDGETS
 
 log = logging.getLogger("search")
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -44,7 +42,7 @@ def _add_cache_args(p: argparse.ArgumentParser) -> None:
                    help="'imagenet' (default) or 'none' (random: smoke tests only, never 'pretrained')")
     p.add_argument("--cut", default=None, help="cut point: last1, last2, ... (default per backbone)")
     p.add_argument("--resolution", type=int, default=None,
-                   help="input side the 32x32 images are upsampled to (default: the backbone's native size)")
+                   help="input side the 32x32 images are upsampled to, 32..1024 (default: the backbone's native size)")
     p.add_argument("--no-flip", dest="flip", action="store_false",
                    help="do not cache mirrored images (no flip augmentation / test-time averaging)")
     p.add_argument("--cache-dir", default="cache", help="folder of feature caches (default cache/)")
@@ -58,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m search.cli",
         description="Transfer-learning hyperparameter search for CIFAR-10 on Keras Applications: "
-                    "the frozen backbone runs once into cache/, heads are searched on the cached "
-                    "features, and the best one is fine-tuned with the backbone's last block(s).")
+                    "the frozen backbone runs once into cache/; phase 1 searches the head on the cached "
+                    "pooled features, phase 2 how the backbone's last block(s) are fine-tuned on the cached "
+                    "cut activations; `final` trains both phases' best parameters and saves the model.")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     p = sub.add_parser("extract", help="run the frozen part once over train+test into cache/")
@@ -67,43 +66,62 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cache_args(p)
     p.add_argument("--chunk-size", type=int, default=2000, help="images per resumable chunk (default 2000)")
 
-    p = sub.add_parser("search", help="search head + optimizer on the cached features")
+    p = sub.add_parser("search", help="search both phases on the cache (head, then tail fine-tuning)",
+                       description="Phase 1 (head): architecture and optimizer of the head on cached pooled "
+                                   "features. Phase 2 (tail): learning rate, decay, warm-up, smoothing, shifts, "
+                                   "BatchNormalization mode and the head's relative rate for fine-tuning the "
+                                   "layers after the cut, starting from phase 1's best head. Each trial trains on "
+                                   "a stratified subset of rows for a few epochs (multi-fidelity) and is pruned "
+                                   "per epoch. Studies are named <phase>-<cache id>.")
     _add_data_args(p)
     _add_cache_args(p)
+    p.add_argument("--phase", default="both", choices=("head", "tail", "both"), help="which phase(s) (default both)")
     p.add_argument("--engine", default="optuna", help="optuna (default) or kerastuner")
-    p.add_argument("--trials", type=int, default=50, help="trials to run (per worker)")
-    p.add_argument("--workers", type=int, default=1, help="worker processes sharing the study")
+    p.add_argument("--trials", type=int, default=None,
+                   help=f"phase-1 trials per worker (default {BUDGETS['head'].trials}; KerasTuner Hyperband sets "
+                        "its own)")
+    p.add_argument("--tail-trials", type=int, default=None,
+                   help=f"phase-2 trials per worker (default {BUDGETS['tail'].trials})")
+    for n, phase, rows, epochs in ((1, "head", "--head-rows", "--max-epochs"),
+                                   (2, "tail", "--tail-rows", "--tail-max-epochs")):
+        budget = BUDGETS[phase]
+        p.add_argument(rows, type=int, default=budget.rows,
+                       help=f"phase-{n} budget: stratified training images per trial (default {budget.rows}; 0: all)")
+        p.add_argument(epochs, type=int, default=budget.max_epochs,
+                       help=f"phase-{n} budget: epochs per trial (default {budget.max_epochs})")
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes sharing each study (Optuna, needs --storage)")
     p.add_argument("--storage", default=None,
-                   help="SQLAlchemy URL of the Optuna storage (default sqlite:///results/study.db)")
-    p.add_argument("--study-name", default=None, help="study/project name (default heads-<cache id>)")
-    p.add_argument("--pruner", default="hyperband", help="hyperband (default), median or none")
-    p.add_argument("--oracle", default="bayesian", help="KerasTuner oracle: bayesian (default) or hyperband")
-    p.add_argument("--max-epochs", type=int, default=None, help="epoch cap per trial (default 30)")
+                   help="Optuna storage URL (default sqlite:///RESULTS/study.db; postgresql+psycopg2://... "
+                        "for workers on several machines)")
+    p.add_argument("--study-name", default=None, help="study/project name (default <phase>-<cache id>)")
+    p.add_argument("--pruner", default=None, help="Optuna pruner: hyperband (default), median or none")
+    p.add_argument("--oracle", default=None, help="KerasTuner oracle: bayesian (default) or hyperband")
     p.add_argument("--worker-index", type=int, default=0,
                    help="offsets the sampler seed of parallel workers (set by --workers)")
-    p.add_argument("--heartbeat", type=int, default=30,
+    p.add_argument("--heartbeat", type=int, default=None,
                    help="Optuna trial heartbeat in seconds: trials of a killed worker are marked FAIL "
                         "after 2x this (default 30)")
     p.add_argument("--no-flip-rows", dest="use_flips", action="store_false",
-                   help="train trials on original images only (mirrors not added as rows)")
+                   help="phase 1 trains on original images only (mirrors not added as rows)")
 
     p = sub.add_parser("final", help="train head + tail on the cache, save cifar10.h5 and results/final.json")
     _add_data_args(p)
     _add_cache_args(p)
     p.add_argument("--params", default="auto",
-                   help="head parameters: 'auto' (best trial of the latest search if any, else the "
-                        "default), 'default', 'study' (latest search; error if none) or a JSON dict")
-    p.add_argument("--tail-epochs", type=int, default=6, help="epochs of tail fine-tuning (0: head only)")
-    p.add_argument("--tail-lr", type=float, default=5e-4, help="peak AdamW learning rate of the tail")
+                   help="'auto' (each phase's best trial of the search on this cache key, else the default), "
+                        "'default', 'study' (error if a phase has no search) or JSON {\"head\": {...}, "
+                        "\"tail\": {...}}")
+    p.add_argument("--tail-epochs", type=int, default=6, help="epochs of tail fine-tuning (0: head only; default 6)")
     p.add_argument("--head-epochs", type=int, default=30, help="max epochs of the head on pooled features")
     p.add_argument("--bn-passes", type=int, default=2,
                    help="passes re-estimating the tail's BN statistics after training; the new statistics "
                         "are kept only if validation accuracy does not drop (default 2; 0: skip)")
     p.add_argument("--no-tta", dest="tta", action="store_false",
-                   help="do not average the mirrored image's prediction in the saved model")
+                   help="never average the mirrored image's prediction in the saved model")
     p.add_argument("--output", default="cifar10.h5", help="where to save the model (default ./cifar10.h5)")
 
-    p = sub.add_parser("evaluate", help="run the classic evaluation script on ./cifar10.h5")
+    p = sub.add_parser("evaluate", help="run the classic evaluation script, unmodified, on ./cifar10.h5")
     p.add_argument("--model", default="cifar10.h5", help="model to evaluate (default ./cifar10.h5)")
     p.add_argument("--data", default=None, help=".npz to serve as cifar10.load_data (default $CIFAR10_NPZ)")
     p.add_argument("--results", default="results", help="where evaluate.json goes (default results/)")
@@ -111,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="HTML/PNG/summary/CSV report of a study -> results/report/")
     p.add_argument("--results", default="results", help="results folder (default results/)")
     p.add_argument("--out", default=None, help="output folder (default RESULTS/report)")
-    p.add_argument("--storage", default=None, help="Optuna storage URL (default: the latest search)")
+    p.add_argument("--phase", default="head", choices=("head", "tail"), help="which phase's study (default head)")
+    p.add_argument("--storage", default=None, help="Optuna storage URL (default: the latest search's)")
     p.add_argument("--study-name", default=None, help="study name in --storage")
     p.add_argument("--kerastuner-dir", default=None, help="a KerasTuner project folder instead")
 
@@ -120,28 +139,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--docs", default="docs", help="folder with paper_template.md (default docs/)")
     p.add_argument("--data", default=None, help="CIFAR-10 .npz for the figure (default $CIFAR10_NPZ)")
 
-    p = sub.add_parser("bench-cache", help="extraction vs raw predict throughput -> results/bench_cache.json")
+    p = sub.add_parser("bench-cache",
+                       help="extraction vs raw predict, CPU seconds, allocators -> results/bench_cache.json")
     _add_data_args(p)
     _add_cache_args(p)
     p.add_argument("--images", type=int, default=2000, help="images to time (default 2000)")
 
-    p = sub.add_parser("bench-search", help="trial time vs one end-to-end epoch -> results/bench_search.json")
+    p = sub.add_parser("bench-search",
+                       help="phase-1/phase-2 trial times, fidelity ranking -> results/bench_search.json")
     _add_data_args(p)
     _add_cache_args(p)
-    p.add_argument("--trials", type=int, default=20, help="trials to time (default 20)")
-    p.add_argument("--max-epochs", type=int, default=None, help="epoch cap per trial (default 30)")
+    p.add_argument("--trials", type=int, default=20, help="phase-1 trials to time (default 20)")
+    p.add_argument("--rank-configs", type=int, default=20,
+                   help="configurations trained at the fast fidelity and in full for Kendall tau (default 20)")
+    p.add_argument("--tail-trials", type=int, default=3, help="phase-2 trials to time (default 3)")
     p.add_argument("--epoch-images", type=int, default=1000,
                    help="images timed through the full backbone to estimate one end-to-end epoch")
     return parser
 
 
 def _setup(args: argparse.Namespace):
-    """Validate backbone, cut and resolution (before any data is read); load the splits."""
+    """The backbone spec (cut and resolution checked before any data is read) and the splits."""
     from search import backbones, data
 
     spec = backbones.get_backbone(args.backbone)
-    spec.cut_layer(args.cut)
-    _check_resolution(args)
+    spec.resolve(args.cut, args.resolution)
+    _weights(args)
     splits = data.load_cifar10(args.data, val_size=args.val_size, seed=args.seed)
     import keras
 
@@ -160,189 +183,153 @@ def _weights(args: argparse.Namespace) -> str | None:
     return "imagenet"
 
 
-def _check_resolution(args: argparse.Namespace) -> None:
-    if args.resolution is not None and not 32 <= args.resolution <= 1024:
-        raise UserError(f"--resolution must be in 32..1024, got {args.resolution}")
-
-
-def _cache(args: argparse.Namespace, splits, spec, chunk_size: int = 2000):
+def _cache(args: argparse.Namespace, splits, spec, chunk_size: int = 2000, model=None):
     from search.cache import ensure_cache
 
     return ensure_cache(spec, splits, cut=args.cut, resolution=args.resolution, flip=args.flip,
                         weights=_weights(args), root=args.cache_dir, build=args.build,
-                        chunk_size=chunk_size, progress=not args.quiet)
+                        chunk_size=chunk_size, progress=not args.quiet, model=model)
 
 
-def cmd_extract(args: argparse.Namespace) -> int:
+def cmd_extract(args: argparse.Namespace, argv: list[str]) -> int:
     splits, spec = _setup(args)
     cache = _cache(args, splits, spec, args.chunk_size)
     print(f"cache {'reused' if cache.stats['hit'] else 'built'}: {cache.path}")
     return 0
 
 
-def cmd_search(args: argparse.Namespace) -> int:
-    from search import engines, space
-    from search.engines.objective import PooledData
+def cmd_search(args: argparse.Namespace, argv: list[str]) -> int:
+    from search import engines
 
-    if args.engine not in engines.ENGINES:
-        raise UserError(f"unknown engine {args.engine!r}; choose one of {list(engines.ENGINES)}")
-    if args.engine == "optuna":
-        from search.engines import optuna_engine
-
-        optuna_engine.make_pruner(args.pruner)
-        if args.storage:
-            import sqlalchemy
-
-            try:
-                sqlalchemy.engine.make_url(args.storage)
-            except Exception:
-                raise UserError(f"malformed storage URL {args.storage!r}") from None
+    phases = ("head", "tail") if args.phase == "both" else (args.phase,)
+    engine = engines.make_engine(args.engine, storage=args.storage, pruner=args.pruner, oracle=args.oracle,
+                                 heartbeat=args.heartbeat, seed=args.seed, worker_index=args.worker_index,
+                                 progress=not args.quiet, results=args.results)
     if args.workers > 1:
-        return _spawn_workers(args)
+        return _spawn_workers(args, argv, phases)
+    from search.engines.objective import make_objective
+
     splits, spec = _setup(args)
-    cache = _cache(args, splits, spec)
-    data = PooledData.from_cache(cache, splits, use_flips=args.use_flips)
-    summary = engines.run_search(
-        args.engine, data=data, cache_id=cache.path.name, n_trials=args.trials, storage=args.storage,
-        study_name=args.study_name, pruner=args.pruner, oracle=args.oracle, seed=args.seed,
-        results=args.results, progress=not args.quiet, max_epochs=args.max_epochs or space.MAX_EPOCHS,
-        heartbeat=args.heartbeat, worker_index=args.worker_index)
-    print(json.dumps(summary, indent=2, default=str))
+    _, resolution = spec.resolve(args.cut, args.resolution)
+    model = spec.build(weights=_weights(args), size=resolution)
+    cache = _cache(args, splits, spec, model=model)
+    budgets = {"head": (args.head_rows or None, args.max_epochs, args.trials or BUDGETS["head"].trials),
+               "tail": (args.tail_rows or None, args.tail_max_epochs, args.tail_trials or BUDGETS["tail"].trials)}
+    for phase in phases:
+        rows, max_epochs, trials = budgets[phase]
+        if args.engine == "kerastuner" and args.oracle == "hyperband":
+            trials = args.trials if phase == "head" else args.tail_trials  # Hyperband refuses an explicit count
+        objective = make_objective(phase, cache, splits, rows, max_epochs, backbone=model, results=args.results,
+                                   seed=args.seed, mirrored=args.use_flips)
+        log.info("phase %s: %s trials, budget %s", phase, trials, objective.budget)
+        name = f"{args.study_name}-{phase}" if args.study_name and len(phases) > 1 else args.study_name
+        summary = engine.run(objective, trials, study_name=name)
+        print(json.dumps({"phase": phase, **summary}, indent=2, default=str))
     return 0
 
 
-def _spawn_workers(args: argparse.Namespace) -> int:
-    """Start ``--workers`` processes on one study (Optuna storage shared through the URL)."""
+def _spawn_workers(args: argparse.Namespace, argv: list[str], phases: tuple[str, ...]) -> int:
+    """Start ``--workers`` processes per phase on one study each (shared through the storage URL)."""
     if args.engine != "optuna":
         raise UserError("--workers > 1 needs --engine optuna (KerasTuner runs one process here)")
-    argv = [a for a in sys.argv[1:]]
-    if "--workers" in argv:
-        i = argv.index("--workers")
-        del argv[i:i + 2]
-    argv = [a for a in argv if not a.startswith("--workers=")]
-    if args.study_name is None or args.storage is None:
+    if args.storage is None or args.study_name is None:
         raise UserError("--workers > 1 needs --storage and --study-name shared by every worker")
-    from search.engines import optuna_engine
+    from search.engines.optuna_engine import open_study
 
-    # Create the schema and the study once: concurrent first-time creation races in the database.
-    optuna_engine.open_study(args.storage, args.study_name, args.seed, args.pruner, heartbeat=args.heartbeat)
-    procs = [subprocess.Popen([sys.executable, "-m", "search.cli", *argv, "--quiet", "--worker-index", str(w)],
-                              cwd=os.getcwd())
-             for w in range(args.workers)]
-    codes = [p.wait() for p in procs]
-    print(f"{args.workers} workers finished with exit codes {codes}")
+    own = ("--workers", "--phase", "--worker-index", "--study-name")
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in own:
+            skip = True
+        elif not a.startswith(tuple(f"{o}=" for o in own)):
+            rest.append(a)
+    codes: list[int] = []
+    for phase in phases:
+        name = f"{args.study_name}-{phase}" if len(phases) > 1 else args.study_name
+        open_study(args.storage, name, heartbeat=args.heartbeat)  # concurrent first-time creation races
+        procs = [subprocess.Popen([sys.executable, "-m", "search.cli", *rest, "--phase", phase, "--study-name", name,
+                                   "--quiet", "--worker-index", str(w)], cwd=os.getcwd())
+                 for w in range(args.workers)]
+        codes += [p.wait() for p in procs]
+        print(f"phase {phase}: {args.workers} workers finished with exit codes {codes[-args.workers:]}")
+        if any(codes):
+            break
     return max(codes)
 
 
-def _head_params(args: argparse.Namespace) -> tuple[dict, str]:
-    from search import engines, space
-
-    if args.params == "default":
-        return dict(space.DEFAULT_PARAMS), "default"
-    if args.params in ("auto", "study"):
-        try:
-            return engines.best_params(args.results)
-        except UserError:
-            if args.params == "study":
-                raise
-            return dict(space.DEFAULT_PARAMS), "default (no search found)"
+def _params(text: str) -> str | dict:
+    if text in ("auto", "default", "study"):
+        return text
     try:
-        params = json.loads(args.params)
+        value = json.loads(text)
     except json.JSONDecodeError:
         raise UserError("--params must be auto, default, study or a JSON object") from None
-    return params, "command line"
+    if not isinstance(value, dict):
+        raise UserError("--params JSON must be an object {\"head\": {...}, \"tail\": {...}}")
+    return value
 
 
-def cmd_final(args: argparse.Namespace) -> int:
+def cmd_final(args: argparse.Namespace, argv: list[str]) -> int:
     from search.final import FinalConfig, build_final
 
-    splits, spec = _setup(args)
-    params, source = _head_params(args)
-    log.info("head parameters from %s: %s", source, params)
     config = FinalConfig(
-        backbone=spec.name, weights=_weights(args), cut=args.cut, resolution=args.resolution,
-        flip=args.flip, data=args.data, val_size=args.val_size, seed=args.seed, head_params=params,
-        params_source=source, head_epochs=args.head_epochs, tail_epochs=args.tail_epochs,
-        tail_learning_rate=args.tail_lr, bn_passes=args.bn_passes, tta=args.tta, output=args.output,
-        results=args.results, cache_root=args.cache_dir, build_cache=args.build,
+        backbone=args.backbone, weights=_weights(args), cut=args.cut, resolution=args.resolution,
+        flip=args.flip, data=args.data, val_size=args.val_size, seed=args.seed, params=_params(args.params),
+        head_epochs=args.head_epochs, tail_epochs=args.tail_epochs, bn_passes=args.bn_passes, tta=args.tta,
+        output=args.output, results=args.results, cache_root=args.cache_dir, build_cache=args.build,
         progress=not args.quiet)
+    splits, _ = _setup(args)
     summary = build_final(config, splits)
     print(f"saved {summary['model_path']}: val accuracy {summary['val_accuracy']:.4f}, "
           f"test accuracy {summary['test_accuracy']:.4f}")
     return 0
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    data = args.data or os.environ.get("CIFAR10_NPZ")
-    model = Path(args.model)
-    if not model.is_file():
-        raise UserError(f"no model at {model}; run `make final` first")
-    env = dict(os.environ)
-    if data:
-        env["CIFAR10_NPZ"] = str(Path(data).resolve())
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "tests" / "evalshim"),
-                                                          env.get("PYTHONPATH")]))
-    import shutil
-    import tempfile
+def cmd_evaluate(args: argparse.Namespace, argv: list[str]) -> int:
+    from search.evaluate import run_classic
 
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in ("0-transfer.py", "search"):
-            os.symlink(ROOT / name, Path(tmp) / name)
-        os.symlink(model.resolve(), Path(tmp) / "cifar10.h5")
-        shutil.copy(ROOT / "tests" / "evaluate_classic.py", Path(tmp) / "evaluate_classic.py")
-        start = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "evaluate_classic.py"], cwd=tmp, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        output = []
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            output.append(line)
-        code = proc.wait()
-    found = re.findall(r"accuracy: ([0-9.]+) - loss: ([0-9.]+)", "".join(output))
-    if code == 0 and found:
-        write_json(Path(args.results) / "evaluate.json", {
-            "accuracy": float(found[-1][0]), "loss": float(found[-1][1]), "model": str(model.resolve()),
-            "script": "tests/evaluate_classic.py (unmodified)", "data": env.get("CIFAR10_NPZ", "keras.datasets"),
-            "seconds": time.perf_counter() - start, "recorded": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    return code
+    run_classic(args.model, args.data, args.results)
+    return 0
 
 
-def cmd_report(args: argparse.Namespace) -> int:
+def cmd_report(args: argparse.Namespace, argv: list[str]) -> int:
     from search.report import write_report
 
     out = Path(args.out) if args.out else Path(args.results) / "report"
-    summary = write_report(out, args.results, args.storage, args.study_name, args.kerastuner_dir)
+    summary = write_report(out, args.results, args.storage, args.study_name, args.kerastuner_dir, phase=args.phase)
     best = f"best val accuracy {summary['best_value']:.4f}" if "best_value" in summary else "no completed trial"
     print(f"wrote {out}/index.html ({summary['trials']} trials, {best})")
     return 0
 
 
-def cmd_paper(args: argparse.Namespace) -> int:
+def cmd_paper(args: argparse.Namespace, argv: list[str]) -> int:
     from search.paper import write_paper
 
     print(f"wrote {write_paper(args.results, args.docs, args.data)} and paper.html")
     return 0
 
 
-def cmd_bench_cache(args: argparse.Namespace) -> int:
+def cmd_bench_cache(args: argparse.Namespace, argv: list[str]) -> int:
     from search import bench
 
     splits, spec = _setup(args)
     out = bench.bench_cache(spec, splits, args.cut, args.resolution, _weights(args), args.images,
-                            Path(args.results))
+                            Path(args.results), argv)
     print(json.dumps(out, indent=2))
     return 0
 
 
-def cmd_bench_search(args: argparse.Namespace) -> int:
+def cmd_bench_search(args: argparse.Namespace, argv: list[str]) -> int:
     from search import bench
 
     splits, spec = _setup(args)
-    cache = _cache(args, splits, spec)
-    from search import space
-
-    out = bench.bench_search(cache, splits, spec, args.trials, args.epoch_images, Path(args.results),
-                             weights=_weights(args), max_epochs=args.max_epochs or space.MAX_EPOCHS)
+    _, resolution = spec.resolve(args.cut, args.resolution)
+    model = spec.build(weights=_weights(args), size=resolution)
+    cache = _cache(args, splits, spec, model=model)
+    out = bench.bench_search(cache, splits, spec, model, args.trials, args.rank_configs, args.tail_trials,
+                             args.epoch_images, Path(args.results), weights=_weights(args))
     print(json.dumps(out, indent=2))
     return 0
 
@@ -352,10 +339,11 @@ COMMANDS = {"extract": cmd_extract, "search": cmd_search, "final": cmd_final, "e
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        return COMMANDS[args.verb](args)
+        return COMMANDS[args.verb](args, argv)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -68,9 +68,9 @@ def validate_labels(y: np.ndarray, m: int | None = None, name: str = "Y") -> np.
     return y.astype(np.int64)
 
 
-def one_hot(y: np.ndarray) -> np.ndarray:
-    """``(m,)`` int labels -> ``(m, 10)`` float32 one-hot."""
-    return np.eye(NUM_CLASSES, dtype=np.float32)[np.asarray(y, dtype=np.int64)]
+def one_hot(y: np.ndarray, num_classes: int = NUM_CLASSES) -> np.ndarray:
+    """``(m,)`` int labels -> ``(m, num_classes)`` float32 one-hot."""
+    return np.eye(num_classes, dtype=np.float32)[np.asarray(y, dtype=np.int64)]
 
 
 @dataclass(frozen=True)
@@ -181,6 +181,10 @@ def load_cifar10(path: str | os.PathLike | None = None, val_size: int = 5000, se
     else:
         import keras
 
-        (x_train, y_train), (x_test, y_test) = keras.datasets.cifar10.load_data()
+        try:
+            (x_train, y_train), (x_test, y_test) = keras.datasets.cifar10.load_data()
+        except Exception as exc:  # offline: get_file's URL/HTTP errors, as one line
+            raise UserError(f"cannot download CIFAR-10 ({type(exc).__name__}); offline, set CIFAR10_NPZ or "
+                            "pass --data (see README: make offline)") from None
         arrays, source = (x_train, y_train, x_test, y_test), "keras.datasets.cifar10"
     return make_splits(*arrays, val_size=val_size, seed=seed, source=source)

@@ -11,13 +11,18 @@ from typing import Any
 import keras
 
 from search.data import NUM_CLASSES
+from search.errors import UserError
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
 
 
-def build_head(params: dict[str, Any], input_shape: tuple[int, ...], name: str = "head") -> keras.Model:
-    """Classifier head: features -> ``(b, 10)`` softmax probabilities (float32).
+def build_head(params: dict[str, Any], input_shape: tuple[int, ...], name: str = "head",
+               num_classes: int = NUM_CLASSES) -> keras.Model:
+    """Classifier head: features -> ``(b, num_classes)`` softmax probabilities (float32).
 
     Args:
-        params: ``n_layers`` (0-3), ``units_{i}``, ``activation``, ``dropout``, ``batch_norm``.
+        params: ``n_layers``, ``units_{i}``, ``activation``, ``dropout``, ``batch_norm``
+            (``search.space.suggest_head``).
         input_shape: ``(features,)`` for pooled features, or ``(h, w, c)`` for spatial maps,
             which are global-average-pooled first.
     """
@@ -35,7 +40,7 @@ def build_head(params: dict[str, Any], input_shape: tuple[int, ...], name: str =
             x = keras.layers.Dropout(float(params["dropout"]), name=f"{name}_dropout_{i}")(x)
     if int(params.get("n_layers", 0)) == 0 and params.get("dropout", 0.0) > 0:
         x = keras.layers.Dropout(float(params["dropout"]), name=f"{name}_dropout")(x)
-    outputs = keras.layers.Dense(NUM_CLASSES, activation="softmax", name=f"{name}_softmax")(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name=f"{name}_softmax")(x)
     return keras.Model(inputs, outputs, name=name)
 
 
@@ -53,7 +58,7 @@ def build_optimizer(params: dict[str, Any], learning_rate: Any = None) -> keras.
         return keras.optimizers.AdamW(lr, weight_decay=wd)
     if name == "sgd":
         return keras.optimizers.SGD(lr, momentum=0.9, nesterov=True, weight_decay=wd or None)
-    raise ValueError(f"unknown optimizer {name!r}; choose adam, adamw or sgd")
+    raise UserError(f"unknown optimizer {name!r}; choose one of {list(OPTIMIZERS)}")
 
 
 def compile_for(model: keras.Model, params: dict[str, Any], learning_rate: Any = None,

@@ -61,6 +61,15 @@ def append_row(path: str | os.PathLike, obj: Any) -> None:
     write_json(path, rows)
 
 
+def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 120) -> None:
+    """Save a matplotlib figure as PNG at ``path`` atomically, and close it."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+
+
 def _jsonable(obj: Any) -> Any:
     import numpy as np
 

@@ -1,7 +1,9 @@
 """The paper: ``docs/paper_template.md`` + ``results/`` -> ``docs/paper.md`` and ``docs/paper.html``.
 
-Entry point: :func:`write_paper`. Every number in the paper is a ``{{ name | format }}``
-placeholder filled from a results file; a missing number is an error (nothing is hand-typed).
+Entry point: :func:`write_paper`. Results numbers in the paper are ``{{ name | format }}``
+placeholders filled from results files; a missing one is an error. The template itself still
+types some facts (layer sizes, layer names, search ranges, versions): issue 15 tracks moving
+them to placeholders too.
 Formats: ``pct`` (0.8712 -> 87.12 %), ``pct1``, ``f2``, ``f3``, ``f4``, ``int``, ``min``
 (seconds -> minutes), ``s`` (as is).
 """
@@ -14,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from search.errors import UserError
-from search.io import atomic_path, read_json
+from search.io import atomic_path, read_json, save_figure
 
 PLACEHOLDER = re.compile(r"\{\{\s*([\w.]+)\s*(?:\|\s*(\w+)\s*)?\}\}")
 FORMATS = {
@@ -92,20 +94,22 @@ def build_context(results: Path) -> dict:
             ["class", "test accuracy"], [[k, f"{100 * v:.1f} %"] for k, v in final["test_per_class_accuracy"].items()])
         ctx["timings_table"] = _table(["stage", "seconds"], [[k, f"{v:.0f}"] for k, v in t.items()])
         ctx["ablation_table"] = _table(
-            ["stage", "val accuracy", "seconds"],
-            [[r["stage"], f"{100 * r['val_accuracy']:.2f} %", f"{r['seconds']:.0f}"] for r in final["stages"]])
+            ["stage", "val accuracy", "kept"],
+            [[r["stage"], f"{100 * r['val_accuracy']:.2f} %", {True: "yes", False: "no"}.get(r.get("chosen"), "")]
+             for r in final["stages"]])
     study = ctx.get("study")
     if study and study.get("top"):
         ctx["top_trials_table"] = _table(
-            ["trial", "val accuracy", "layers", "optimizer", "learning rate", "dropout", "batch"],
+            ["trial", "val accuracy", "layers", "optimizer", "learning rate", "dropout"],
             [[t["number"], f"{100 * t['value']:.2f} %", t["params"].get("n_layers"), t["params"].get("optimizer"),
-              f"{t['params'].get('learning_rate', 0):.2e}", f"{t['params'].get('dropout', 0):.2f}",
-              t["params"].get("batch_size")] for t in study["top"]])
+              f"{t['params'].get('learning_rate', 0):.2e}", f"{t['params'].get('dropout', 0):.2f}"]
+             for t in study["top"]])
     return ctx
 
 
 def prediction_grid(final: dict, data: str | None, out: Path, n: int = 24) -> None:
-    """The picture at the top: test images with the model's prediction (red when wrong)."""
+    """The picture at the top: a seeded random sample of test images with the model's prediction;
+    a mistake is drawn in red with its true label."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -114,21 +118,23 @@ def prediction_grid(final: dict, data: str | None, out: Path, n: int = 24) -> No
     from search.data import load_cifar10
 
     splits = load_cifar10(data, val_size=10)  # only the test images are drawn
-    preds = final["test_first_predictions"]
+    preds = final["test_sample_predictions"]
     names = final["class_names"]
     fig, axes = plt.subplots(3, n // 3, figsize=(n // 3 * 1.4, 3 * 1.6))
     for i, ax in enumerate(axes.ravel()):
-        ax.imshow(splits.x_test[i], interpolation="nearest")
+        if i >= len(preds["index"]):
+            ax.axis("off")
+            continue
+        ax.imshow(splits.x_test[preds["index"][i]], interpolation="nearest")
         ok = preds["predicted"][i] == preds["true"][i]
-        ax.set_title(names[preds["predicted"][i]], fontsize=8, color="black" if ok else "red")
+        predicted, true = names[preds["predicted"][i]], names[preds["true"][i]]
+        title = predicted if ok else f"{predicted}\n(true: {true})"
+        ax.set_title(title, fontsize=7, color="black" if ok else "red")
         ax.axis("off")
     fig.suptitle(f"CIFAR-10 test images and the model's predictions (red: wrong); "
                  f"test accuracy {100 * final['test_accuracy']:.2f} %", fontsize=9)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out)
 
 
 def epoch_figure(final: dict, out: Path) -> None:
@@ -146,9 +152,7 @@ def epoch_figure(final: dict, out: Path) -> None:
     ax.set_ylabel("accuracy (%)")
     ax.legend()
     fig.tight_layout()
-    with atomic_path(out, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out)
 
 
 def to_html(markdown_text: str, base: Path) -> str:

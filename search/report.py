@@ -18,7 +18,7 @@ from typing import Any
 import optuna
 
 from search.errors import UserError
-from search.io import atomic_path, read_json
+from search.io import atomic_path, read_json, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -36,18 +36,16 @@ def _kerastuner_study(directory: Path, project_name: str) -> optuna.Study:
     """A KerasTuner project as an in-memory Optuna study (same plots for both engines)."""
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-    study = optuna.create_study(direction="maximize", study_name=f"kerastuner:{project_name}")
-    files = sorted(Path(directory, project_name).glob("trial_*/trial.json"))
-    if not files:
+    from search.engines.kerastuner_engine import read_trials
+
+    trials = read_trials(directory, project_name)
+    if not trials:
         raise UserError(f"no KerasTuner trials in {Path(directory, project_name)}")
-    for f in files:
-        t = json.loads(f.read_text())
-        space = {h["config"]["name"]: h for h in t["hyperparameters"]["space"]}
-        values = {k: v for k, v in t["hyperparameters"]["values"].items() if not k.startswith("tuner/")}
+    study = optuna.create_study(direction="maximize", study_name=f"kerastuner:{project_name}")
+    for t in trials:
         dists = {}
-        for name in values:
-            cfg = space[name]["config"]
-            kind = space[name]["class_name"]
+        for name in t["params"]:
+            cfg, kind = t["space"][name]["config"], t["space"][name]["class_name"]
             if kind == "Int":
                 dists[name] = IntDistribution(cfg["min_value"], cfg["max_value"])
             elif kind == "Float":
@@ -56,25 +54,25 @@ def _kerastuner_study(directory: Path, project_name: str) -> optuna.Study:
                 dists[name] = CategoricalDistribution([False, True])
             else:
                 dists[name] = CategoricalDistribution(cfg["values"])
-        done = t.get("status") == "COMPLETED" and t.get("score") is not None
+        done = t["state"] == "COMPLETE"
         study.add_trial(optuna.trial.create_trial(
-            params=values, distributions=dists, value=t["score"] if done else None,
+            params=t["params"], distributions=dists, value=t["value"] if done else None,
             state=optuna.trial.TrialState.COMPLETE if done else optuna.trial.TrialState.FAIL,
             user_attrs={"kerastuner_trial": t["trial_id"]}))
     return study
 
 
 def load_study(results: str | Path = "results", storage: str | None = None, study_name: str | None = None,
-               kerastuner_dir: str | None = None) -> optuna.Study:
-    """The study to report: explicit arguments, else the latest search in ``results/``."""
+               kerastuner_dir: str | None = None, phase: str = "head") -> optuna.Study:
+    """The study to report: explicit arguments, else the newest ``phase`` search in ``results/searches/``."""
     if kerastuner_dir:
         directory = Path(kerastuner_dir)
         return _kerastuner_study(directory.parent, directory.name)
     if storage is None:
-        pointer_path = Path(results) / "latest_search.json"
-        if not pointer_path.exists():
-            raise UserError(f"no search to report ({pointer_path} missing); run `make search` first")
-        pointer = read_json(pointer_path)
+        pointers = sorted(Path(results, "searches").glob(f"{phase}-*.json"), key=lambda p: p.stat().st_mtime)
+        if not pointers:
+            raise UserError(f"no {phase} search to report in {Path(results, 'searches')}; run `make search` first")
+        pointer = read_json(pointers[-1])
         if pointer["engine"] == "kerastuner":
             return _kerastuner_study(Path(pointer["directory"]), pointer["project_name"])
         storage, study_name = pointer["storage"], study_name or pointer["study_name"]
@@ -140,9 +138,8 @@ def _pngs(study: optuna.Study, final: dict | None, out: Path) -> list[str]:
             continue
         fig = ax.figure if hasattr(ax, "figure") else np.ravel(ax)[0].figure
         fig.set_size_inches(8, 5)
-        _save_fig(fig, out / f"{name}.png")
+        save_figure(fig, out / f"{name}.png", dpi=110)
         written.append(f"{name}.png")
-        plt.close(fig)
     if final and "test_confusion_matrix" in final:
         cm = np.array(final["test_confusion_matrix"])
         names = final["class_names"]
@@ -159,34 +156,26 @@ def _pngs(study: optuna.Study, final: dict | None, out: Path) -> list[str]:
         ax.set_title(f"Test confusion matrix (accuracy {final['test_accuracy']:.4f})")
         fig.colorbar(im)
         fig.tight_layout()
-        _save_fig(fig, out / "confusion_matrix.png")
+        save_figure(fig, out / "confusion_matrix.png", dpi=110)
         written.append("confusion_matrix.png")
-        plt.close(fig)
     return written
-
-
-def _save_fig(fig: Any, path: Path) -> None:
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
 
 
 def summarize(study: optuna.Study, final: dict | None) -> dict:
     """Counts, best trial, timings: what ``summary.md`` and the paper quote."""
-    states = [t.state.name for t in study.trials]
+    from search.engines.optuna_engine import summarize as counts
+
     durations = _durations(study)
     summary: dict[str, Any] = {
-        "study_name": study.study_name, "trials": len(states), "complete": states.count("COMPLETE"),
-        "pruned": states.count("PRUNED"), "failed": states.count("FAIL"),
-        "total_trial_seconds": sum(durations),
+        **counts(study), "total_trial_seconds": sum(durations),
         "median_trial_seconds": statistics.median(durations) if durations else None,
     }
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     if complete:
-        best = max(complete, key=lambda t: t.value)
-        summary.update(best_number=best.number, best_value=best.value, best_params=best.params,
-                       best_user_attrs=best.user_attrs,
-                       top=[{"number": t.number, "value": t.value, "params": t.params}
-                            for t in sorted(complete, key=lambda t: -t.value)[:5]])
+        best = study.trials[summary["best_number"]] if summary.get("best_number") is not None else None
+        summary["best_user_attrs"] = best.user_attrs if best is not None else {}
+        summary["top"] = [{"number": t.number, "value": t.value, "params": t.params}
+                          for t in sorted(complete, key=lambda t: -t.value)[:5]]
     if final:
         summary["final"] = {k: final.get(k) for k in ("val_accuracy", "test_accuracy", "frozen_val_accuracy", "tta")}
         summary["cache_key"] = final.get("cache", {}).get("key")
@@ -253,10 +242,10 @@ def _html(study: optuna.Study, figures: dict, summary: dict, final: dict | None)
 
 
 def write_report(out: str | Path = "results/report", results: str | Path = "results", storage: str | None = None,
-                 study_name: str | None = None, kerastuner_dir: str | None = None) -> dict:
+                 study_name: str | None = None, kerastuner_dir: str | None = None, phase: str = "head") -> dict:
     """Write ``index.html``, PNGs, ``summary.md`` and ``trials.csv`` under ``out``; return the summary."""
     out = Path(out)
-    study = load_study(results, storage, study_name, kerastuner_dir)
+    study = load_study(results, storage, study_name, kerastuner_dir, phase)
     if not study.trials:
         raise UserError(f"study {study.study_name!r} has no trials yet")
     final_path = Path(results) / "final.json"

@@ -1,106 +1,191 @@
-"""The one search space, written once and served to both engines.
+"""The one search space of each phase, written once and served to both engines.
 
-Entry point: :func:`suggest`, which takes an Optuna ``Trial`` or a KerasTuner
-``HyperParameters`` and returns a plain parameter dict for ``search.heads``.
-``DEFAULT_PARAMS`` is what ``make final`` uses when no study exists.
+Entry point: :func:`suggest`, ``suggest(phase, source)``, where ``source`` is an Optuna
+``Trial`` or a KerasTuner ``HyperParameters``; it returns a plain parameter dict.
+
+- Phase ``"head"``: the classifier head and its optimizer, trained on cached pooled features
+  (``search.train.train_head``).
+- Phase ``"tail"``: how the layers after the cut are fine-tuned together with the phase-1 head
+  on cached cut activations (``search.train.train_tail``).
+
+Parameters are *conditional*: ``units_1`` exists only with two or more layers, ``activation``
+and ``batch_norm`` only with a hidden layer, ``weight_decay`` only for AdamW/SGD,
+``bn_momentum`` only when the tail's BatchNormalization uses batch statistics. Optuna samples
+them define-by-run; KerasTuner declares them under ``conditional_scope``; either way an
+inactive parameter is neither sampled nor shown as "important".
+
+``DEFAULTS[phase]`` is what ``make final`` uses when no study exists for its cache key
+(``--params default``); see the README for where these values come from.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
+PHASES = ("head", "tail")
 UNITS = (128, 256, 512, 1024)
-MAX_DENSE_LAYERS = 3
-MAX_EPOCHS = 30
-EARLY_STOPPING_PATIENCE = 3
+MAX_DENSE_LAYERS = 2
+HEAD_BATCH_SIZE = 512  # fixed: the learning rate is searched instead (large batches are fast here)
 
-DEFAULT_PARAMS: dict[str, Any] = {
+DEFAULT_HEAD: dict[str, Any] = {
     "n_layers": 0,
-    "activation": "relu",
     "dropout": 0.2,
-    "batch_norm": False,
     "optimizer": "adam",
     "learning_rate": 1e-3,
-    "weight_decay": 0.0,
-    "batch_size": 256,
     "label_smoothing": 0.1,
 }
+DEFAULT_TAIL: dict[str, Any] = {
+    "tail_learning_rate": 5e-4,
+    "weight_decay": 0.05,
+    "warmup_fraction": 0.1,
+    "label_smoothing": 0.1,
+    "shift": 1,
+    "bn_mode": "batch",
+    "bn_momentum": 0.9,
+    "head_lr_multiplier": 1.0,
+}
+DEFAULTS: dict[str, dict[str, Any]] = {"head": DEFAULT_HEAD, "tail": DEFAULT_TAIL}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A phase's default budget: trials per search, stratified rows and epochs per trial."""
+
+    trials: int
+    rows: int | None
+    max_epochs: int
+
+
+# Defaults of `make search` (see README: sized so both phases fit in about 30 minutes here).
+BUDGETS = {"head": Budget(trials=40, rows=10000, max_epochs=8), "tail": Budget(trials=8, rows=5000, max_epochs=3)}
 
 
 class Source(Protocol):
-    """What :func:`suggest` needs from an engine: four kinds of parameter."""
+    """What :func:`suggest` needs from an engine: three kinds of parameter and a condition.
+
+    ``when(parent, value, active, draw)`` declares the parameters ``draw`` samples as active only
+    while parameter ``parent`` (whose sampled value is ``value``) is one of ``active``; it returns
+    what ``draw`` returned, or None when inactive.
+    """
 
     def int(self, name: str, low: int, high: int) -> int: ...
     def float(self, name: str, low: float, high: float, log: bool = False) -> float: ...
     def choice(self, name: str, values: tuple) -> Any: ...
-    def boolean(self, name: str) -> bool: ...
+    def when(self, parent: str, value: Any, active: tuple, draw: Callable[[], Any]) -> Any: ...
 
 
 class OptunaSource:
-    """Adapter: Optuna ``Trial.suggest_*``."""
+    """Adapter: Optuna ``Trial.suggest_*`` (define-by-run: a condition is plain control flow)."""
 
     def __init__(self, trial: Any) -> None:
         self.trial = trial
 
-    def int(self, name, low, high):
+    def int(self, name: str, low: int, high: int) -> int:
         return self.trial.suggest_int(name, low, high)
 
-    def float(self, name, low, high, log=False):
+    def float(self, name: str, low: float, high: float, log: bool = False) -> float:
         return self.trial.suggest_float(name, low, high, log=log)
 
-    def choice(self, name, values):
+    def choice(self, name: str, values: tuple) -> Any:
         return self.trial.suggest_categorical(name, list(values))
 
-    def boolean(self, name):
-        return self.trial.suggest_categorical(name, [False, True])
+    def when(self, parent: str, value: Any, active: tuple, draw: Callable[[], Any]) -> Any:
+        return draw() if value in active else None
 
 
 class KerasTunerSource:
-    """Adapter: KerasTuner ``HyperParameters``."""
+    """Adapter: KerasTuner ``HyperParameters``; conditions through ``conditional_scope``.
+
+    KerasTuner draws every declared parameter; one declared inside a scope whose condition
+    does not hold is inactive (``hp.values`` omits it, the oracle ignores it).
+    """
 
     def __init__(self, hp: Any) -> None:
         self.hp = hp
 
-    def int(self, name, low, high):
+    def int(self, name: str, low: int, high: int) -> int:
         return self.hp.Int(name, low, high)
 
-    def float(self, name, low, high, log=False):
+    def float(self, name: str, low: float, high: float, log: bool = False) -> float:
         return self.hp.Float(name, low, high, sampling="log" if log else "linear")
 
-    def choice(self, name, values):
+    def choice(self, name: str, values: tuple) -> Any:
+        if tuple(values) == (False, True):
+            return self.hp.Boolean(name)
         return self.hp.Choice(name, list(values))
 
-    def boolean(self, name):
-        return self.hp.Boolean(name)
+    def when(self, parent: str, value: Any, active: tuple, draw: Callable[[], Any]) -> Any:
+        with self.hp.conditional_scope(parent, list(active)):
+            return draw()
 
 
 def _adapt(source: Any) -> Source:
     if hasattr(source, "suggest_float"):
         return OptunaSource(source)
-    if hasattr(source, "Float") and hasattr(source, "Choice"):
+    if hasattr(source, "Float") and hasattr(source, "conditional_scope"):
         return KerasTunerSource(source)
     return source
 
 
-def suggest(source: Any) -> dict[str, Any]:
-    """Sample one configuration: head architecture, optimizer, batch size, label smoothing."""
-    s = _adapt(source)
-    params: dict[str, Any] = {"n_layers": s.int("n_layers", 0, MAX_DENSE_LAYERS)}
-    for i in range(params["n_layers"]):
-        params[f"units_{i}"] = s.choice(f"units_{i}", UNITS)
-    if params["n_layers"]:
-        params["activation"] = s.choice("activation", ("relu", "gelu", "swish"))
-        params["batch_norm"] = s.boolean("batch_norm")
-    params["dropout"] = s.float("dropout", 0.0, 0.5)
-    params["optimizer"] = s.choice("optimizer", ("adam", "adamw", "sgd"))
-    params["learning_rate"] = s.float("learning_rate", 1e-4, 3e-2, log=True)
-    if params["optimizer"] != "adam":
-        params["weight_decay"] = s.float("weight_decay", 1e-6, 1e-2, log=True)
-    params["batch_size"] = s.choice("batch_size", (64, 128, 256, 512))
-    params["label_smoothing"] = s.float("label_smoothing", 0.0, 0.2)
-    return params
+def suggest_head(s: Source) -> dict[str, Any]:
+    """Head architecture and optimizer: 0-2 dense layers, dropout, Adam/AdamW/SGD, smoothing."""
+    n = s.int("n_layers", 0, MAX_DENSE_LAYERS)
+    p: dict[str, Any] = {"n_layers": n}
+    hidden = tuple(range(1, MAX_DENSE_LAYERS + 1))
+    for i in range(MAX_DENSE_LAYERS):
+        units = s.when("n_layers", n, hidden[i:], lambda i=i: s.choice(f"units_{i}", UNITS))
+        if n > i:
+            p[f"units_{i}"] = units
+    hidden_params = s.when("n_layers", n, hidden, lambda: {
+        "activation": s.choice("activation", ("relu", "gelu", "swish")),
+        "batch_norm": s.choice("batch_norm", (False, True))})
+    if n:
+        p.update(hidden_params)
+    p["dropout"] = s.float("dropout", 0.0, 0.5)
+    p["optimizer"] = s.choice("optimizer", ("adam", "adamw", "sgd"))
+    p["learning_rate"] = s.float("learning_rate", 1e-4, 3e-2, log=True)
+    wd = s.when("optimizer", p["optimizer"], ("adamw", "sgd"), lambda: s.float("weight_decay", 1e-6, 1e-2, log=True))
+    if p["optimizer"] != "adam":
+        p["weight_decay"] = wd
+    p["label_smoothing"] = s.float("label_smoothing", 0.0, 0.2)
+    return p
 
 
-def with_defaults(params: dict[str, Any]) -> dict[str, Any]:
-    """``params`` completed with ``DEFAULT_PARAMS`` for keys a trial did not sample."""
-    return {**DEFAULT_PARAMS, **params}
+def suggest_tail(s: Source) -> dict[str, Any]:
+    """Tail fine-tuning: AdamW peak rate, decay, warm-up, smoothing, shifts, BN mode, head rate."""
+    p: dict[str, Any] = {
+        "tail_learning_rate": s.float("tail_learning_rate", 5e-5, 3e-3, log=True),
+        "weight_decay": s.float("weight_decay", 1e-3, 0.2, log=True),
+        "warmup_fraction": s.float("warmup_fraction", 0.0, 0.3),
+        "label_smoothing": s.float("label_smoothing", 0.0, 0.2),
+        "shift": s.int("shift", 0, 2),
+        "bn_mode": s.choice("bn_mode", ("batch", "frozen")),
+    }
+    momentum = s.when("bn_mode", p["bn_mode"], ("batch",), lambda: s.choice("bn_momentum", (0.9, 0.99)))
+    if p["bn_mode"] == "batch":
+        p["bn_momentum"] = momentum
+    p["head_lr_multiplier"] = s.float("head_lr_multiplier", 0.1, 10.0, log=True)
+    return p
+
+
+SUGGEST: dict[str, Callable[[Source], dict[str, Any]]] = {"head": suggest_head, "tail": suggest_tail}
+
+
+def suggest(phase: str, source: Any) -> dict[str, Any]:
+    """Sample one configuration of ``phase`` from an Optuna trial or KerasTuner ``hp``."""
+    return SUGGEST[check_phase(phase)](_adapt(source))
+
+
+def check_phase(phase: str) -> str:
+    from search.errors import UserError
+
+    if phase not in PHASES:
+        raise UserError(f"unknown phase {phase!r}; choose one of {list(PHASES)}")
+    return phase
+
+
+def with_defaults(phase: str, params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` completed with ``DEFAULTS[phase]`` for keys a trial did not sample."""
+    return {**DEFAULTS[check_phase(phase)], **params}

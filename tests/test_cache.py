@@ -27,11 +27,12 @@ def model(spec):
 
 def test_key_changes_with_every_field():
     key = CacheKey("MobileNet", "imagenet", "w", 224, "conv_pw_11_relu", "d", True)
-    ids = {key.id}
-    for field, value in [("backbone", "MobileNetV2"), ("weights_fingerprint", "w2"), ("resolution", 160),
-                         ("cut_layer", "conv_pw_12_relu"), ("data_fingerprint", "d2"), ("flip", False)]:
-        ids.add(dataclasses.replace(key, **{field: value}).id)
-    assert len(ids) == 7
+    other = {"backbone": "MobileNetV2", "weights": "None", "weights_fingerprint": "w2", "resolution": 160,
+             "cut_layer": "conv_pw_12_relu", "data_fingerprint": "d2", "flip": False, "format_version": 2}
+    fields = [f.name for f in dataclasses.fields(CacheKey)]
+    assert sorted(other) == sorted(fields), "every field of the key is varied below"
+    ids = {key.id} | {dataclasses.replace(key, **{name: other[name]}).id for name in fields}
+    assert len(ids) == len(fields) + 1
 
 
 def test_contents_shapes_and_exactly_once(tiny_splits, spec, model, tmp_path):

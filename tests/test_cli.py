@@ -35,12 +35,15 @@ def _in_process(capsys, *args):
 
 @pytest.mark.parametrize("args, needles", [
     (["extract", "--backbone", "NoSuchNet"], ["unknown backbone", "NoSuchNet"]),
-    (["extract", "--resolution", "8", "--weights", "none"], ["--resolution"]),
+    (["extract", "--resolution", "8", "--weights", "none"], ["resolution must be in 32..1024"]),
     (["extract", "--cut", "last9"], ["unknown cut"]),
     (["extract", "--data", "/nonexistent/cifar.npz"], ["data file not found", "/nonexistent/cifar.npz"]),
     (["search", "--engine", "sklearn"], ["unknown engine", "sklearn"]),
     (["search", "--storage", "not a url"], ["malformed storage URL"]),
     (["search", "--pruner", "sometimes"], ["unknown pruner"]),
+    (["search", "--engine", "kerastuner", "--pruner", "median"], ["KerasTuner cannot honour --pruner"]),
+    (["search", "--oracle", "hyperband"], ["--oracle is a KerasTuner option"]),
+    (["search", "--workers", "2"], ["--workers > 1 needs --storage"]),
     (["final", "--params", "{not json"], ["--params"]),
     (["evaluate", "--model", "/nonexistent/model.h5"], ["no model at"]),
 ])
@@ -57,6 +60,34 @@ def test_bad_option_in_a_real_process_prints_one_line(tiny_npz):
     _one_line_error(out, "unknown backbone")
     ours = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert out.returncode == 2 and len(ours) == 1  # (TensorFlow's own start-up logging aside)
+
+
+def test_cheap_options_are_checked_before_any_data_is_read(capsys, monkeypatch):
+    """Offline and without CIFAR10_NPZ: a bad storage URL is reported, nothing is downloaded."""
+    import keras
+
+    monkeypatch.delenv("CIFAR10_NPZ", raising=False)
+    monkeypatch.setattr(keras.datasets.cifar10, "load_data", lambda: pytest.fail("data read before options checked"))
+    _one_line_error(_in_process(capsys, "search", "--storage", "notaurl://x"), "storage URL")
+
+
+def test_failed_download_is_one_line(capsys, monkeypatch):
+    import keras
+
+    def offline():
+        raise Exception("URL fetch failure on https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz")
+
+    monkeypatch.delenv("CIFAR10_NPZ", raising=False)
+    monkeypatch.setattr(keras.datasets.cifar10, "load_data", offline)
+    _one_line_error(_in_process(capsys, "extract", "--weights", "none"), "set CIFAR10_NPZ or pass --data")
+
+
+def test_bad_optimizer_in_params_is_one_line(tiny_npz, tmp_path, capsys):
+    out = _in_process(capsys, "final", "--data", str(tiny_npz), "--val-size", "20", "--weights", "none",
+                      "--resolution", "32", "--cache-dir", str(tmp_path / "c"), "--results", str(tmp_path / "r"),
+                      "--quiet", "--params", '{"head": {"optimizer": "rmsprop"}}', "--output", str(tmp_path / "m.h5"))
+    _one_line_error(out, "unknown optimizer 'rmsprop'")
+    assert not (tmp_path / "m.h5").exists()
 
 
 def test_wrong_keys(wrong_keys_npz, capsys):

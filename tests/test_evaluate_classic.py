@@ -7,7 +7,8 @@ import re
 import keras
 import numpy as np
 
-from conftest import ROOT, TINY_RES, run_cli
+from conftest import TINY_RES, run_cli
+from search.evaluate import SCRIPT
 from search.final import FinalConfig, build_final
 
 # sha256 of the script as given in DEVELOPERS.md (trailing space on the learning_phase line kept)
@@ -27,7 +28,7 @@ model.evaluate(X_p, Y_p, batch_size=128, verbose=1)
 
 
 def test_script_is_unmodified():
-    assert hashlib.sha256((ROOT / "tests" / "evaluate_classic.py").read_bytes()).hexdigest() == CLASSIC_SHA256
+    assert hashlib.sha256(SCRIPT.read_bytes()).hexdigest() == CLASSIC_SHA256
 
 
 def test_classic_script_runs_and_reports_the_model_accuracy(tmp_path, tiny_splits, tiny_npz):

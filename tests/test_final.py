@@ -39,7 +39,10 @@ def test_summary_and_ablation_written(final_run):
     confusion = np.array(summary["test_confusion_matrix"])
     assert confusion.shape == (10, 10) and confusion.sum() == 40
     assert abs(np.trace(confusion) / 40 - summary["test_accuracy"]) < 1e-9
-    assert set(summary["timings_seconds"]) >= {"cache", "head", "tail", "bn_reestimate", "stitch_and_save"}
+    assert set(summary["timings_seconds"]) >= {"cache", "head", "tail", "bn_reestimate", "test", "stitch_and_save"}
+    assert summary["params_provenance"]["head"]["source"] == "default"  # no search in this results folder
+    assert summary["params"]["tail"] == {**summary["params"]["tail"], "bn_mode": "batch"}
+    assert len(summary["epochs"]) == config.tail_epochs
     rows = json.loads((tmp / "results" / "ablation.json").read_text())
     stages = [r["stage"] for r in rows]
     assert stages[0] == "frozen features + head" and "tail fine-tuned" in stages

@@ -8,11 +8,12 @@ import pytest
 
 from conftest import ROOT, TINY_RES, run_cli
 from search import bench, engines
-from search.engines.objective import PooledData
+from search.engines.objective import HeadObjective
 from search.errors import UserError
 from search.final import FinalConfig, build_final
 from search.paper import render, write_paper
 from search.report import write_report
+from search.train import PooledData
 
 SECTIONS = ["Abstract", "Introduction", "Materials and Methods", "Results", "Discussion", "Acknowledgments",
             "Literature Cited", "Appendices"]
@@ -26,11 +27,15 @@ def tiny_results(tmp_path_factory, tiny_splits, tiny_npz, tiny_cache, spec):
     build_final(FinalConfig(weights=None, resolution=TINY_RES, cache_root=str(tmp / "cache"), results=str(results),
                             output=str(tmp / "cifar10.h5"), head_epochs=2, tail_epochs=1, tail_batch_size=32,
                             bn_passes=1, parity_images=10, progress=False), tiny_splits)
-    engines.run_search("optuna", data=PooledData.from_cache(tiny_cache, tiny_splits), cache_id="tiny", n_trials=4,
-                       results=results, progress=False, max_epochs=2)
+    engines.make_engine("optuna", progress=False, results=results).run(
+        HeadObjective(PooledData.from_cache(tiny_cache, tiny_splits), "tiny", max_epochs=2), 4)
     write_report(results / "report", results)
-    bench.bench_cache(spec, tiny_splits, None, TINY_RES, None, 60, results)
-    bench.bench_search(tiny_cache, tiny_splits, spec, 3, 20, results, weights=None)
+    bench.bench_cache(spec, tiny_splits, None, TINY_RES, None, 60, results, tail_steps=1)
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = spec.build(weights=None, size=TINY_RES)
+    bench.bench_search(tiny_cache, tiny_splits, spec, model, 3, 3, 1, 20, results, weights=None)
     out = run_cli("evaluate", "--model", str(tmp / "cifar10.h5"), "--data", str(tiny_npz), "--results", str(results))
     assert out.returncode == 0, out.stderr[-2000:]
     docs = tmp / "docs"

@@ -10,10 +10,10 @@ import tempfile
 import optuna
 import pytest
 
-from conftest import ROOT
 from search import engines
-from search.engines.objective import PooledData
+from search.engines.objective import HeadObjective
 from search.report import FIGURES, write_report
+from search.train import PooledData
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -21,8 +21,8 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 @pytest.fixture(scope="module")
 def optuna_results(tmp_path_factory, tiny_cache, tiny_splits):
     results = tmp_path_factory.mktemp("results")
-    engines.run_search("optuna", data=PooledData.from_cache(tiny_cache, tiny_splits), cache_id="tiny",
-                       n_trials=6, results=results, progress=False, max_epochs=4, pruner="median")
+    objective = HeadObjective(PooledData.from_cache(tiny_cache, tiny_splits), "tiny", max_epochs=4)
+    engines.make_engine("optuna", pruner="median", progress=False, results=results).run(objective, 6)
     final = {"val_accuracy": 0.5, "test_accuracy": 0.25, "tta": True, "class_names": [str(i) for i in range(10)],
              "test_confusion_matrix": [[1 if i == j else 0 for j in range(10)] for i in range(10)],
              "test_per_class_accuracy": {str(i): 1.0 for i in range(10)}, "cache": {"key": {"backbone": "x"}}}
@@ -46,8 +46,8 @@ def test_report_files(optuna_results):
 
 
 def test_report_kerastuner(tmp_path, tiny_cache, tiny_splits):
-    engines.run_search("kerastuner", data=PooledData.from_cache(tiny_cache, tiny_splits), cache_id="tiny",
-                       n_trials=2, results=tmp_path, progress=False, max_epochs=2)
+    objective = HeadObjective(PooledData.from_cache(tiny_cache, tiny_splits), "tiny", max_epochs=2)
+    engines.make_engine("kerastuner", progress=False, results=tmp_path).run(objective, 2)
     summary = write_report(tmp_path / "report", tmp_path)
     assert summary["trials"] == 2 and (tmp_path / "report" / "index.html").exists()
 
@@ -88,7 +88,7 @@ def test_page_renders_in_headless_chromium(optuna_results):
     console_errors = [line for line in dom.stderr.splitlines()
                       if "CONSOLE" in line and ("Error" in line or "Uncaught" in line)]
     assert console_errors == []
-    shot = ROOT / "results" / "report_screenshot.png"
+    shot = optuna_results / "report_screenshot.png"  # tests write only under temp folders
     with tempfile.TemporaryDirectory() as profile:
         subprocess.run([CHROMIUM, *flags, f"--user-data-dir={profile}", f"--screenshot={shot}",
                         "--window-size=1200,2400", page.as_uri()], capture_output=True, timeout=120)

@@ -1,5 +1,6 @@
-"""Search engines on a tiny cache: Optuna (records, resume after SIGKILL, PostgreSQL workers)
-and KerasTuner; make final reads the best trial from either."""
+"""Search engines on a tiny cache: both engines run both phases through the same objective;
+Optuna records, resumes after SIGKILL and shares PostgreSQL studies; final reads the best trials
+of its own cache key only; failing searches and options an engine cannot honour are refused."""
 
 import json
 import os
@@ -9,33 +10,87 @@ import sys
 import time
 import uuid
 
+import keras
 import optuna
 import pytest
 
-from conftest import ROOT
-from search import engines, heads, space
-from search.engines.objective import PooledData
+from conftest import ROOT, TINY_RES
+from search import engines, space, train
+from search.engines.objective import HeadObjective, TailObjective, make_objective
+from search.errors import UserError
+from search.final import FinalConfig, build_final
 
 
 @pytest.fixture(scope="module")
 def pooled(tiny_cache, tiny_splits):
-    return PooledData.from_cache(tiny_cache, tiny_splits)
+    return train.PooledData.from_cache(tiny_cache, tiny_splits)
 
 
-def test_optuna_records_trials_and_best_params(pooled, tmp_path):
+@pytest.fixture(scope="module")
+def backbone(spec):
+    keras.utils.set_random_seed(0)
+    return spec.build(weights=None, size=TINY_RES)
+
+
+class Spy:
+    """Wraps an objective and records every build and fit the engine makes through it."""
+
+    def __init__(self, objective):
+        self.inner, self.builds, self.fits = objective, [], []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def build(self, params, seed=0):
+        self.builds.append(params)
+        return self.inner.build(params, seed=seed)
+
+    def fit(self, model, epochs, callbacks=None, initial_epoch=0):
+        value = self.inner.fit(model, epochs, callbacks, initial_epoch=initial_epoch)
+        self.fits.append(value)
+        return value
+
+
+@pytest.mark.parametrize("engine_name", ["optuna", "kerastuner"])
+def test_both_engines_run_both_phases_through_the_same_objective(engine_name, tiny_cache, tiny_splits, backbone,
+                                                                 tmp_path):
+    engine = engines.make_engine(engine_name, progress=False, results=tmp_path)
+    for phase in space.PHASES:
+        objective = make_objective(phase, tiny_cache, tiny_splits, rows=60, max_epochs=2, backbone=backbone,
+                                   results=str(tmp_path))
+        assert isinstance(objective, HeadObjective if phase == "head" else TailObjective)
+        spy = Spy(objective)
+        summary = engine.run(spy, 2)
+        assert summary["trials"] == 2 and summary["complete"] == 2, summary
+        # (KerasTuner also builds while it discovers the conditional space, before the first trial)
+        assert len(spy.fits) == 2 and len(spy.builds) >= 2
+        # every sampled configuration is one of this phase's space, and the best value is a fit's result
+        assert all(set(p) <= set(space.with_defaults(phase, p)) for p in spy.builds)
+        assert summary["best_value"] in spy.fits
+        params, provenance = engines.best_params(tmp_path, phase, tiny_cache.path.name)
+        assert provenance["engine"] == engine_name and params == summary["best_params"]
+    if engine_name == "optuna":
+        study = optuna.load_study(study_name=f"tail-{tiny_cache.path.name}",
+                                  storage=f"sqlite:///{tmp_path / 'study.db'}")
+        assert study.metric_names == ["validation accuracy"]
+        # the tail study started from the best phase-1 head of this cache key
+        assert study.trials[0].user_attrs["budget"]["head"]["source"] == "search"
+        # conditional parameters: only active ones are recorded
+        for t in study.trials:
+            assert ("bn_momentum" in t.params) == (t.params["bn_mode"] == "batch")
+
+
+def test_optuna_records_trials_and_opens_in_optuna_cli(pooled, tmp_path):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
-    summary = engines.run_search("optuna", data=pooled, cache_id="tiny", n_trials=4, storage=storage,
-                                 results=tmp_path, progress=False, max_epochs=3, pruner="median")
+    engine = engines.make_engine("optuna", storage=storage, pruner="median", progress=False, results=tmp_path)
+    summary = engine.run(HeadObjective(pooled, "tiny", max_epochs=3), 4)
     assert summary["trials"] == 4 and summary["complete"] + summary["pruned"] + summary["failed"] == 4
     study = optuna.load_study(study_name=summary["study_name"], storage=storage)
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert done and all({"val_accuracy", "epochs", "seconds", "cache"} <= set(t.user_attrs) for t in done)
-    assert all(t.user_attrs["val_accuracy"] == t.value for t in done)
-    params, where = engines.best_params(tmp_path)
-    assert params == study.best_trial.params and "optuna" in where
-    head = heads.build_head(space.with_defaults(params), (pooled.x_train.shape[1],))
-    assert head.output.shape[-1] == 10
-    # the study opens unchanged in the optuna CLI
+    assert done and all({"epochs", "seconds", "cache", "phase", "budget"} <= set(t.user_attrs) for t in done)
+    for t in study.trials:  # inactive parameters are not sampled
+        assert ("weight_decay" in t.params) == (t.params["optimizer"] != "adam")
+        assert all((f"units_{i}" in t.params) == (t.params["n_layers"] > i) for i in range(space.MAX_DENSE_LAYERS))
     optuna_cli = os.path.join(os.path.dirname(sys.executable), "optuna")
     listed = subprocess.run([optuna_cli, "studies", "--storage", storage], capture_output=True, text=True)
     assert listed.returncode == 0 and summary["study_name"] in listed.stdout, listed.stderr
@@ -43,27 +98,102 @@ def test_optuna_records_trials_and_best_params(pooled, tmp_path):
                            "-f", "json"], capture_output=True, text=True)
     assert best.returncode == 0, best.stderr
     assert json.loads(best.stdout)["number"] == study.best_trial.number
-    # same study again: load_if_exists continues it
-    again = engines.run_search("optuna", data=pooled, cache_id="tiny", n_trials=2, storage=storage,
-                               results=tmp_path, progress=False, max_epochs=3)
+    again = engine.run(HeadObjective(pooled, "tiny", max_epochs=3), 2)  # load_if_exists continues it
     assert again["trials"] == 6
 
 
-def test_kerastuner_same_space_and_best_params(pooled, tmp_path):
-    summary = engines.run_search("kerastuner", data=pooled, cache_id="tiny", n_trials=2, results=tmp_path,
-                                 progress=False, max_epochs=2, oracle="bayesian")
-    assert summary["trials"] == 2
-    params, where = engines.best_params(tmp_path)
-    assert "kerastuner" in where
-    assert {"n_layers", "dropout", "optimizer", "learning_rate", "batch_size", "label_smoothing"} <= set(params)
-    heads.build_head(space.with_defaults(params), (pooled.x_train.shape[1],))
+def test_hyperband_pruner_follows_the_epoch_budget():
+    from search.engines.optuna_engine import make_pruner
+
+    assert make_pruner("hyperband", 7)._max_resource == 7
+
+
+def test_tpe_startup_is_sized_to_the_budget():
+    from search.engines.optuna_engine import make_sampler
+
+    assert make_sampler(0, 15)._n_startup_trials == 3
+    assert make_sampler(0, 200)._n_startup_trials == 10
+
+
+class Failing:
+    phase, cache_id, max_epochs, budget = "head", "tiny", 1, {}
+
+    def build(self, params, seed=0):
+        raise RuntimeError("out of memory (simulated)")
+
+    def fit(self, model, epochs, callbacks=None, initial_epoch=0):
+        raise AssertionError("not reached")
+
+
+@pytest.mark.parametrize("engine_name", ["optuna", "kerastuner"])
+def test_a_search_whose_trials_all_fail_is_an_error(engine_name, tmp_path):
+    engine = engines.make_engine(engine_name, progress=False, results=tmp_path)
+    with pytest.raises(engines.AllTrialsFailed, match="simulated"):
+        engine.run(Failing(), 2)
+
+
+@pytest.mark.parametrize("engine_name, options, needle", [
+    ("kerastuner", {"pruner": "median"}, "--pruner"),
+    ("kerastuner", {"storage": "sqlite:///x.db"}, "--storage"),
+    ("kerastuner", {"heartbeat": 5}, "--heartbeat"),
+    ("optuna", {"oracle": "hyperband"}, "--oracle"),
+    ("optuna", {"pruner": "sometimes"}, "unknown pruner"),
+    ("optuna", {"storage": "notaurl://x"}, "storage URL"),
+    ("kerastuner", {"oracle": "grid"}, "unknown KerasTuner oracle"),
+])
+def test_an_option_an_engine_cannot_honour_is_refused(engine_name, options, needle, tmp_path):
+    with pytest.raises(UserError, match=needle):
+        engines.make_engine(engine_name, results=tmp_path, **options)
+
+
+def test_kerastuner_hyperband_refuses_a_trial_count(pooled, tmp_path):
+    engine = engines.make_engine("kerastuner", oracle="hyperband", progress=False, results=tmp_path)
+    with pytest.raises(UserError, match="--trials"):
+        engine.run(HeadObjective(pooled, "tiny", max_epochs=2), 5)
+
+
+def test_final_takes_both_phases_of_its_own_cache_key_only(spec, tiny_splits, tmp_path):
+    from search.cache import ensure_cache
+
+    results = tmp_path / "results"
+    keras.utils.set_random_seed(0)
+    model = spec.build(weights=None, size=TINY_RES)
+    cache = ensure_cache(spec, tiny_splits, resolution=TINY_RES, weights=None, root=tmp_path / "cache",
+                         progress=False, model=model)
+    own = cache.path.name
+    # a search on another cache key (another cut, say) with very different parameters
+    engines.write_pointer(results, "tail", "MobileNet-32-other-cut", {"engine": "optuna", "storage": "x",
+                                                                       "study_name": "never-read"})
+    with pytest.raises(UserError, match="no tail search"):
+        engines.resolve_params("study", results, own, phases=("tail",))
+    # this cache key's searches: phase-1 and phase-2 studies written by the engine
+    storage = f"sqlite:///{results / 'study.db'}"
+    for phase, params in (("head", {"n_layers": 1, "units_0": 128}), ("tail", {"shift": 2, "bn_mode": "frozen"})):
+        study = optuna.create_study(storage=storage, study_name=f"{phase}-{own}", direction="maximize")
+        trial = study.ask()
+        for name, value in params.items():
+            trial.suggest_categorical(name, [value])
+        study.tell(trial, 0.5)
+        engines.write_pointer(results, phase, own, {"engine": "optuna", "storage": storage,
+                                                    "study_name": f"{phase}-{own}"})
+    config = FinalConfig(weights=None, resolution=TINY_RES, cache_root=str(tmp_path / "cache"),
+                         results=str(results), output=str(tmp_path / "m.h5"), head_epochs=1, tail_epochs=1,
+                         tail_batch_size=32, bn_passes=1, parity_images=8, progress=False, params="study")
+    summary = build_final(config, tiny_splits, model=model)
+    assert summary["cache"]["reused"] and summary["cache"]["path"].endswith(own)
+    assert summary["params"]["tail"]["shift"] == 2 and summary["params"]["tail"]["bn_mode"] == "frozen"
+    assert summary["params"]["head"]["units_0"] == 128
+    assert summary["params_provenance"]["tail"]["study"] == f"tail-{own}"
+    assert summary["params_provenance"]["tail"]["trial"] == 0
+    assert not any(r["stage"].endswith("BN re-estimated") for r in summary["stages"]), "frozen BN: no re-estimation"
 
 
 def _search_cmd(npz, tmp_path, storage, trials, study="resume"):
     return [sys.executable, "-m", "search.cli", "search", "--data", str(npz), "--val-size", "20",
             "--weights", "none", "--resolution", "32", "--cache-dir", str(tmp_path / "cache"),
             "--results", str(tmp_path / "results"), "--storage", storage, "--study-name", study,
-            "--trials", str(trials), "--max-epochs", "4", "--heartbeat", "1", "--quiet"]
+            "--trials", str(trials), "--max-epochs", "4", "--heartbeat", "1", "--quiet", "--phase", "head",
+            "--head-rows", "0"]
 
 
 def _finished(storage, study):

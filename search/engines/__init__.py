@@ -1,9 +1,14 @@
-"""Search engines over the cached pooled features: Optuna (default) and KerasTuner.
+"""Search engines over one phase objective: Optuna (default) and KerasTuner.
 
-Entry point: :func:`run_search`. Both engines sample ``search.space.suggest`` and build with
-``search.heads.build_head`` through :class:`search.engines.objective.PooledData`; both record
-a pointer in ``results/latest_search.json`` that :func:`best_params` (used by ``make final``)
-follows back to the study itself.
+Entry point: :func:`make_engine` builds an engine from its options, validating every one before
+any data is read, and refusing an option the engine cannot honour; ``engine.run(objective,
+n_trials, study_name)`` then searches. Both engines sample ``search.space.suggest`` and train
+through ``search.engines.objective`` (so through ``search.train``, like the final model).
+
+Each search writes a pointer ``results/searches/<phase>-<cache id>.json`` naming its study;
+:func:`best_params` (used by ``make final``) follows the pointer of *its own* cache key and
+phase back to the study, so parameters tuned for another backbone, cut or resolution are
+never used.
 """
 
 from __future__ import annotations
@@ -12,35 +17,69 @@ from pathlib import Path
 from typing import Any
 
 from search.errors import UserError
-from search.io import read_json
+from search.io import read_json, write_json
 
 ENGINES = ("optuna", "kerastuner")
-LATEST = "latest_search.json"
+METRIC = "validation accuracy"
 
 
-def run_search(engine: str, **kwargs: Any) -> dict:
-    """Run ``engine`` (``"optuna"`` or ``"kerastuner"``); return the best trial's summary."""
-    if engine == "optuna":
-        from search.engines import optuna_engine
-
-        return optuna_engine.run(**kwargs)
-    if engine == "kerastuner":
-        from search.engines import kerastuner_engine
-
-        return kerastuner_engine.run(**kwargs)
-    raise UserError(f"unknown engine {engine!r}; choose one of {list(ENGINES)}")
+class AllTrialsFailed(UserError):
+    """Every trial of a search failed: nothing to recommend."""
 
 
-def best_params(results: str | Path = "results", pointer: dict | None = None) -> tuple[dict, str]:
-    """The best trial's parameters of the latest search, read from the study itself.
+def make_engine(name: str, *, storage: str | None = None, pruner: str | None = None, oracle: str | None = None,
+                heartbeat: int | None = None, seed: int = 0, worker_index: int = 0, progress: bool = True,
+                results: str | Path = "results") -> Any:
+    """The engine ``name`` with its options checked; an option it cannot honour is an error."""
+    if name == "optuna":
+        if oracle is not None:
+            raise UserError("--oracle is a KerasTuner option; Optuna takes --pruner (and TPE)")
+        from search.engines.optuna_engine import OptunaEngine
 
-    Returns ``(params, description)``. Raises UserError when no search exists.
+        return OptunaEngine(storage=storage, pruner=pruner, heartbeat=heartbeat, seed=seed,
+                            worker_index=worker_index, progress=progress, results=results)
+    if name == "kerastuner":
+        given = [opt for opt, v in (("--storage", storage), ("--pruner", pruner), ("--heartbeat", heartbeat))
+                 if v is not None]
+        if given or worker_index:
+            raise UserError(f"KerasTuner cannot honour {', '.join(given) or '--worker-index'}: it keeps its "
+                            "trials in a folder and stops trials through its oracle (--oracle)")
+        from search.engines.kerastuner_engine import KerasTunerEngine
+
+        return KerasTunerEngine(oracle=oracle, seed=seed, progress=progress, results=results)
+    raise UserError(f"unknown engine {name!r}; choose one of {list(ENGINES)}")
+
+
+def default_study_name(phase: str, cache_id: str) -> str:
+    return f"{phase}-{cache_id}"
+
+
+def pointer_path(results: str | Path, phase: str, cache_id: str) -> Path:
+    return Path(results) / "searches" / f"{default_study_name(phase, cache_id)}.json"
+
+
+def write_pointer(results: str | Path, phase: str, cache_id: str, pointer: dict) -> None:
+    write_json(pointer_path(results, phase, cache_id), {"phase": phase, "cache": cache_id, **pointer})
+
+
+def check_outcome(summary: dict) -> dict:
+    """Raise :class:`AllTrialsFailed` when a search ran trials and none completed or was pruned."""
+    if summary["trials"] and not summary.get("complete") and not summary.get("pruned"):
+        reason = summary.get("fail_reason") or "see the log"
+        raise AllTrialsFailed(f"all {summary['trials']} trials of {summary['study_name']} failed: {reason}")
+    return summary
+
+
+def best_params(results: str | Path, phase: str, cache_id: str) -> tuple[dict, dict]:
+    """The best trial of the ``phase`` search on cache ``cache_id``, read from the study itself.
+
+    Returns ``(params, provenance)``, provenance naming engine, study, trial and value.
+    Raises UserError when this cache key has no such search.
     """
-    path = Path(results) / LATEST
-    if pointer is None:
-        if not path.exists():
-            raise UserError(f"no search found ({path} missing); run `make search` first")
-        pointer = read_json(path)
+    path = pointer_path(results, phase, cache_id)
+    if not path.exists():
+        raise UserError(f"no {phase} search for cache {cache_id} ({path} missing); run `make search` first")
+    pointer = read_json(path)
     if pointer["engine"] == "optuna":
         from search.engines import optuna_engine
 
@@ -48,3 +87,31 @@ def best_params(results: str | Path = "results", pointer: dict | None = None) ->
     from search.engines import kerastuner_engine
 
     return kerastuner_engine.best_params(pointer["directory"], pointer["project_name"])
+
+
+def resolve_params(mode: str | dict, results: str | Path, cache_id: str,
+                   phases: tuple[str, ...] | None = None) -> tuple[dict, dict]:
+    """``({phase: params}, {phase: provenance})`` for cache ``cache_id``.
+
+    ``mode``: ``"auto"`` (each phase's best trial on this cache key if a search exists, else its
+    default), ``"default"``, ``"study"`` (error if a phase has no search), or a dict
+    ``{phase: params}``. Missing keys are filled from ``search.space.DEFAULTS``.
+    """
+    from search import space
+
+    params, provenance = {}, {}
+    for phase in phases or space.PHASES:
+        if isinstance(mode, dict):
+            params[phase], provenance[phase] = mode.get(phase, {}), {"source": "given"}
+        elif mode == "default":
+            params[phase], provenance[phase] = {}, {"source": "default"}
+        else:
+            try:
+                params[phase], found = best_params(results, phase, cache_id)
+                provenance[phase] = {"source": "search", **found}
+            except UserError as exc:
+                if mode == "study":
+                    raise
+                params[phase], provenance[phase] = {}, {"source": "default", "why": str(exc)}
+        params[phase] = space.with_defaults(phase, params[phase])
+    return params, provenance

@@ -1,58 +1,119 @@
-"""What both engines optimize: the head trained on cached pooled features, val accuracy.
+"""What both engines optimize: one objective per phase, each a ``build`` and a ``fit``.
 
-The arrays are read from the cache's memory maps once per process (:class:`PooledData`);
-trials share them, nothing is copied per trial.
+An engine knows nothing of caches or layers: it samples ``params`` with
+``search.space.suggest(objective.phase, trial_or_hp)``, calls ``model = objective.build(params)``
+and ``objective.fit(model, epochs, callbacks, seed)``, and records the returned best validation
+accuracy. Optuna calls both from its objective function; KerasTuner from ``HyperModel.build`` and
+``HyperModel.fit``. The halves are ``search.train``'s, the same the final model runs.
+
+Budget (multi-fidelity): a trial trains on ``rows`` stratified training rows for at most
+``max_epochs`` epochs; engines' pruners stop it earlier from its per-epoch validation accuracy.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import keras
 import numpy as np
 
-from search import heads, space
+from search import train
 from search.cache import Cache
-from search.data import Splits, one_hot
+from search.data import Splits
 
 
 @dataclass
-class PooledData:
-    """Train/val arrays of pooled features (float32) and one-hot labels (float32).
+class HeadObjective:
+    """Phase 1: a head on pooled features. ``data`` is resident in memory once per process
+    (:class:`search.train.PooledData`); a trial with ``rows`` set fits a stratified subset of
+    it, gathered once when the objective is made and then shared by every trial."""
 
-    ``x_train`` is ``(n_train * views, features)``: mirrored images are extra rows.
+    data: train.PooledData
+    cache_id: str
+    rows: int | None = None
+    max_epochs: int = 10
+    mirrored: bool = True
+    phase: str = "head"
+    _fit_data: train.PooledData | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self._fit_data = self.data.subset(self.rows, mirrored=self.mirrored)
+
+    @property
+    def budget(self) -> dict[str, Any]:
+        return {"rows": len(self._fit_data.x_train), "max_epochs": self.max_epochs, "mirrored": self.mirrored}
+
+    def build(self, params: dict[str, Any], seed: int = 0) -> keras.Model:
+        keras.backend.clear_session()
+        keras.utils.set_random_seed(seed)
+        return train.build_head_model(params, self.data.x_train.shape[1], self.data.y_train.shape[1])
+
+    def fit(self, model: keras.Model, epochs: int, callbacks: list | None = None, initial_epoch: int = 0) -> float:
+        history = train.fit_head(model, self._fit_data, epochs, callbacks, initial_epoch=initial_epoch)
+        return float(max(history["val_accuracy"]))
+
+
+@dataclass
+class TailObjective:
+    """Phase 2: the tail after the cut, with the phase-1 head, on cached cut activations.
+
+    ``head`` starts every trial from ``head_weights`` (trained once on pooled features with the
+    phase-1 parameters); the tail from its pretrained weights (``parts.reset``).
     """
 
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_val: np.ndarray
-    y_val: np.ndarray
+    cache: Cache
+    splits: Splits
+    parts: train.TailParts
+    head: keras.Model
+    head_weights: list[np.ndarray]
+    cache_id: str
+    rows: int | None = 5000
+    max_epochs: int = 3
+    batch_size: int = 128
+    head_provenance: dict = field(default_factory=dict)
+    phase: str = "tail"
+    _rows: np.ndarray | None = field(default=None, repr=False)
 
-    @classmethod
-    def from_cache(cls, cache: Cache, splits: Splits, use_flips: bool = True) -> PooledData:
-        views = cache.views if use_flips else ("orig",)
-        x = np.concatenate([np.asarray(cache.array("train", "pool", v)[splits.train_idx]) for v in views])
-        y = one_hot(np.concatenate([splits.y_train[splits.train_idx]] * len(views)))
-        x_val = np.asarray(cache.array("train", "pool", "orig")[splits.val_idx])
-        return cls(x, y, x_val, one_hot(splits.y_train[splits.val_idx]))
+    def __post_init__(self) -> None:
+        self._rows = train.stratified_rows(self.splits.y_train, self.splits.train_idx, self.rows)
+
+    @property
+    def budget(self) -> dict[str, Any]:
+        return {"rows": len(self._rows), "max_epochs": self.max_epochs, "batch_size": self.batch_size,
+                "head": self.head_provenance}
+
+    def build(self, params: dict[str, Any], seed: int = 0) -> keras.Model:
+        keras.utils.set_random_seed(seed)
+        self._data = train.tail_batches(self.cache, self.splits, params, self._rows, self.batch_size, seed)
+        return train.build_tail_trainer(self.parts, self.head, self.head_weights, params, len(self._data[0]),
+                                        self.max_epochs)
+
+    def fit(self, model: keras.Model, epochs: int, callbacks: list | None = None, initial_epoch: int = 0) -> float:
+        history = train.fit_tail(model, *self._data, epochs, callbacks, initial_epoch=initial_epoch)
+        return float(max(history["val_accuracy"]))
 
 
-def build_model(params: dict[str, Any], n_features: int) -> keras.Model:
-    """The compiled head for ``params`` (the one builder in ``search.heads``)."""
-    return heads.compile_for(heads.build_head(params, (n_features,)), params, steps_per_execution=64)
+Objective = HeadObjective | TailObjective
 
 
-def fit_and_score(params: dict[str, Any], data: PooledData, callbacks: list | None = None,
-                  max_epochs: int = space.MAX_EPOCHS, seed: int = 0) -> dict[str, Any]:
-    """Train one head with early stopping on val accuracy; return ``val_accuracy``, ``epochs``."""
-    keras.backend.clear_session()
-    keras.utils.set_random_seed(seed)
-    model = build_model(params, data.x_train.shape[1])
-    stop = keras.callbacks.EarlyStopping("val_accuracy", patience=space.EARLY_STOPPING_PATIENCE,
-                                         mode="max", restore_best_weights=True)
-    history = model.fit(data.x_train, data.y_train, batch_size=int(params["batch_size"]),
-                        epochs=max_epochs, validation_data=(data.x_val, data.y_val),
-                        callbacks=[stop, *(callbacks or [])], verbose=0)
-    accs = history.history["val_accuracy"]
-    return {"val_accuracy": float(max(accs)), "epochs": len(accs)}
+def make_objective(phase: str, cache: Cache, splits: Splits, rows: int | None, max_epochs: int,
+                   backbone: keras.Model | None = None, results: str = "results", seed: int = 0,
+                   mirrored: bool = True) -> Objective:
+    """The ``phase`` objective on ``cache`` with a budget of ``rows`` x ``max_epochs``.
+
+    The tail objective starts from the head of the best phase-1 trial on this cache key (or the
+    default head when there is none), trained once here on all pooled features; ``backbone`` is
+    the model the cache was extracted with (its layers after the cut are the tail).
+    """
+    from search import engines, space
+
+    space.check_phase(phase)
+    data = train.PooledData.from_cache(cache, splits, mirrored=mirrored)
+    if phase == "head":
+        return HeadObjective(data, cache.path.name, rows=rows, max_epochs=max_epochs, mirrored=mirrored)
+    params, provenance = engines.resolve_params("auto", results, cache.path.name, phases=("head",))
+    head, _ = train.train_head(data, params["head"], epochs=30, seed=seed)
+    parts = train.TailParts.from_backbone(backbone, cache.key["cut_layer"])
+    return TailObjective(cache, splits, parts, head, head.get_weights(), cache.path.name, rows=rows,
+                         max_epochs=max_epochs, head_provenance=provenance["head"])

@@ -1,8 +1,9 @@
-"""Optuna engine: TPE with a seed, a per-epoch pruner, any SQLAlchemy storage, resumable.
+"""Optuna engine: seeded TPE over conditional parameters, a per-epoch pruner, any storage URL.
 
-The study opens unchanged in the ``optuna`` CLI and in optuna-dashboard: parameters are the
-plain names of ``search.space.suggest``; user attrs hold ``val_accuracy``, ``epochs``,
-``seconds`` and the cache key.
+The study opens unchanged in the ``optuna`` CLI and in optuna-dashboard: its objective is named
+"validation accuracy" (``study.set_metric_names``), parameters are the names of
+``search.space.suggest``, user attrs hold ``seconds``, ``epochs``, ``cache``, ``phase``,
+``budget`` (and ``fail_reason`` for a failed trial).
 """
 
 from __future__ import annotations
@@ -13,13 +14,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import keras
 import optuna
 
 from search import space
-from search.engines import LATEST
-from search.engines.objective import PooledData, fit_and_score
+from search.engines import METRIC, check_outcome, default_study_name, write_pointer
 from search.errors import UserError
-from search.io import write_json
 
 log = logging.getLogger(__name__)
 PRUNERS = ("hyperband", "median", "none")
@@ -29,43 +29,64 @@ def default_storage(results: str | Path = "results") -> str:
     return f"sqlite:///{Path(results) / 'study.db'}"
 
 
-def make_pruner(name: str) -> optuna.pruners.BasePruner:
+def make_pruner(name: str, max_epochs: int) -> optuna.pruners.BasePruner:
+    """Hyperband (``max_resource`` = the trial's epoch budget), median, or none."""
     if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=space.MAX_EPOCHS)
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max_epochs, reduction_factor=3)
     if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2)
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
     if name == "none":
         return optuna.pruners.NopPruner()
     raise UserError(f"unknown pruner {name!r}; choose one of {list(PRUNERS)}")
 
 
-def open_study(storage: str, study_name: str, seed: int = 0, pruner: str = "hyperband",
-               create: bool = True, heartbeat: int | None = None) -> optuna.Study:
-    """Create or load (``load_if_exists``) the study; one clear error for a bad storage URL.
-
-    With ``heartbeat`` (seconds), running trials beat; a trial whose process died (SIGKILL)
-    is marked FAIL when a worker next starts a trial, instead of staying RUNNING forever.
-    """
+def check_storage(storage: str) -> Any:
+    """The parsed SQLAlchemy URL of ``storage``; one clear error for a malformed one."""
     import sqlalchemy
 
     try:
         url = sqlalchemy.engine.make_url(storage)
     except Exception:
         raise UserError(f"malformed storage URL {storage!r} (e.g. sqlite:///results/study.db or "
-                        "postgresql://user@host:port/db)") from None
+                        "postgresql+psycopg2://user@host:port/db)") from None
+    try:
+        url.get_dialect()
+    except Exception:
+        raise UserError(f"unsupported storage URL {storage!r}: no SQLAlchemy dialect {url.drivername!r}") from None
+    return url
+
+
+def make_sampler(seed: int, n_trials: int) -> optuna.samplers.TPESampler:
+    """TPE whose random start-up is a quarter of the budget (2..10 trials), not a fixed 10."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, min(10, n_trials // 4)),
+                                          multivariate=True, group=True, constant_liar=True)
+
+
+def open_study(storage: str, study_name: str, sampler: optuna.samplers.BaseSampler | None = None,
+               pruner: optuna.pruners.BasePruner | None = None, create: bool = True,
+               heartbeat: int | None = None) -> optuna.Study:
+    """Create or load (``load_if_exists``) the study; one clear error for a bad storage.
+
+    With ``heartbeat`` (seconds), running trials beat; a trial whose process died (SIGKILL)
+    is marked FAIL when a worker next starts a trial, instead of staying RUNNING forever.
+    """
+    url = check_storage(storage)
     if url.drivername.startswith("sqlite") and url.database:
         Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-    sampler = optuna.samplers.TPESampler(seed=seed)
     try:
-        if heartbeat:
-            warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-            storage = optuna.storages.RDBStorage(storage, heartbeat_interval=heartbeat,
-                                                 grace_period=2 * heartbeat)
-        if create:
-            return optuna.create_study(storage=storage, study_name=study_name, direction="maximize",
-                                       sampler=sampler, pruner=make_pruner(pruner), load_if_exists=True)
-        return optuna.load_study(storage=storage, study_name=study_name, sampler=sampler,
-                                 pruner=make_pruner(pruner))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=heartbeat,
+                                             grace_period=2 * heartbeat if heartbeat else None)
+            if not create:
+                return optuna.load_study(storage=rdb, study_name=study_name, sampler=sampler, pruner=pruner)
+            study = optuna.create_study(storage=rdb, study_name=study_name, direction="maximize",
+                                        sampler=sampler, pruner=pruner, load_if_exists=True)
+            if study.metric_names != [METRIC]:
+                study.set_metric_names([METRIC])
+            return study
     except UserError:
         raise
     except KeyError:
@@ -75,59 +96,97 @@ def open_study(storage: str, study_name: str, seed: int = 0, pruner: str = "hype
                         f"{str(exc).splitlines()[0]}") from None
 
 
-def make_objective(data: PooledData, cache_id: str, max_epochs: int, seed: int):
-    from optuna_integration import KerasPruningCallback
+class OptunaEngine:
+    """Optuna over a phase objective. Options are checked here, before any data is read."""
 
-    def objective(trial: optuna.Trial) -> float:
-        params = space.suggest(trial)
-        start = time.perf_counter()
-        try:
-            result = fit_and_score(params, data, [KerasPruningCallback(trial, "val_accuracy")],
-                                   max_epochs=max_epochs, seed=seed + trial.number)
-        finally:
-            trial.set_user_attr("seconds", time.perf_counter() - start)
-            trial.set_user_attr("cache", cache_id)
-        trial.set_user_attr("val_accuracy", result["val_accuracy"])
-        trial.set_user_attr("epochs", result["epochs"])
-        return result["val_accuracy"]
+    def __init__(self, storage: str | None = None, pruner: str | None = None, heartbeat: int | None = None,
+                 seed: int = 0, worker_index: int = 0, progress: bool = True,
+                 results: str | Path = "results") -> None:
+        self.storage = storage or default_storage(results)
+        check_storage(self.storage)
+        self.pruner = pruner or "hyperband"
+        make_pruner(self.pruner, 1)
+        if heartbeat is not None and heartbeat < 1:
+            raise UserError(f"--heartbeat must be at least 1 second, got {heartbeat}")
+        self.heartbeat = 30 if heartbeat is None else heartbeat
+        self.seed, self.worker_index, self.progress, self.results = seed, worker_index, progress, results
 
-    return objective
+    def open(self, objective: Any, n_trials: int, study_name: str | None = None) -> optuna.Study:
+        """The study for ``objective`` (created if new), with its sampler and pruner."""
+        name = study_name or default_study_name(objective.phase, objective.cache_id)
+        # Parallel workers on one study draw differently from one --seed.
+        sampler = make_sampler(self.seed + 1000 * self.worker_index, n_trials)
+        return open_study(self.storage, name, sampler, make_pruner(self.pruner, objective.max_epochs),
+                          heartbeat=self.heartbeat)
+
+    def run(self, objective: Any, n_trials: int, study_name: str | None = None,
+            timeout: float | None = None) -> dict:
+        """Run ``n_trials`` more trials in this process; point ``results/searches/`` at the study."""
+        study = self.open(objective, n_trials, study_name)
+        write_pointer(self.results, objective.phase, objective.cache_id,
+                      {"engine": "optuna", "storage": self.storage, "study_name": study.study_name})
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study.optimize(self.objective_fn(objective), n_trials=n_trials, timeout=timeout, catch=(Exception,),
+                       show_progress_bar=self.progress, gc_after_trial=True)
+        return check_outcome(summarize(study))
+
+    def objective_fn(self, objective: Any):
+        from optuna_integration import KerasPruningCallback
+
+        def run_trial(trial: optuna.Trial) -> float:
+            params = space.suggest(objective.phase, trial)
+            start = time.perf_counter()
+            trial.set_user_attr("cache", objective.cache_id)
+            trial.set_user_attr("phase", objective.phase)
+            trial.set_user_attr("budget", objective.budget)
+            epochs = _EpochCount()
+            try:
+                model = objective.build(params, seed=self.seed + trial.number)
+                value = objective.fit(model, objective.max_epochs,
+                                      [KerasPruningCallback(trial, "val_accuracy"), epochs])
+            except optuna.TrialPruned:
+                raise
+            except Exception as exc:
+                trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+                raise
+            finally:
+                trial.set_user_attr("seconds", time.perf_counter() - start)
+                trial.set_user_attr("epochs", epochs.count)
+            return value
+
+        return run_trial
 
 
-def run(data: PooledData, cache_id: str, n_trials: int, storage: str | None = None,
-        study_name: str | None = None, pruner: str = "hyperband", seed: int = 0,
-        results: str | Path = "results", progress: bool = True, timeout: float | None = None,
-        max_epochs: int = space.MAX_EPOCHS, heartbeat: int = 30, worker_index: int = 0, **_: Any) -> dict:
-    """Run ``n_trials`` more trials in this process; record the study in ``latest_search.json``."""
-    storage = storage or default_storage(results)
-    study_name = study_name or f"heads-{cache_id}"
-    study = open_study(storage, study_name, seed, pruner, heartbeat=heartbeat)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    # Resumed runs and parallel workers sample differently even with one --seed.
-    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials) + 1000 * worker_index)
-    write_json(Path(results) / LATEST, {"engine": "optuna", "storage": storage, "study_name": study_name})
-    study.optimize(make_objective(data, cache_id, max_epochs, seed), n_trials=n_trials,
-                   timeout=timeout, catch=(Exception,), show_progress_bar=progress, gc_after_trial=True)
-    return summarize(study)
+class _EpochCount(keras.callbacks.Callback):
+    """Counts the epochs a trial finished (recorded as its ``epochs`` user attr)."""
+
+    count = 0
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.count += 1
 
 
 def summarize(study: optuna.Study) -> dict:
+    """Trial counts by state, the best trial, and the first failure's reason."""
     states = [t.state.name for t in study.trials]
-    out = {"study_name": study.study_name, "trials": len(states),
-           "complete": states.count("COMPLETE"), "pruned": states.count("PRUNED"),
-           "failed": states.count("FAIL")}
-    try:
-        best = study.best_trial
+    out: dict[str, Any] = {"study_name": study.study_name, "trials": len(states),
+                           "complete": states.count("COMPLETE"), "pruned": states.count("PRUNED"),
+                           "failed": states.count("FAIL"), "running": states.count("RUNNING")}
+    reasons = [t.user_attrs["fail_reason"] for t in study.trials if "fail_reason" in t.user_attrs]
+    if reasons:
+        out["fail_reason"] = reasons[0]
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    if complete:
+        best = max(complete, key=lambda t: t.value)
         out.update(best_value=best.value, best_params=best.params, best_number=best.number)
-    except ValueError:
-        out.update(best_value=None, best_params=None)
     return out
 
 
-def best_params(storage: str, study_name: str) -> tuple[dict, str]:
+def best_params(storage: str, study_name: str) -> tuple[dict, dict]:
     study = open_study(storage, study_name, create=False)
     try:
         best = study.best_trial
     except ValueError:
         raise UserError(f"study {study_name!r} has no completed trial yet") from None
-    return dict(best.params), f"optuna:{study_name}#{best.number} (val {best.value:.4f})"
+    return dict(best.params), {"engine": "optuna", "storage": storage, "study": study_name,
+                               "trial": best.number, "value": best.value}

@@ -1,0 +1,289 @@
+"""Training on the cache: one runner per phase, shared by the engines' trials and the final model.
+
+Entry points: :func:`train_head` (phase 1: the head on cached pooled features) and
+:func:`train_tail` (phase 2: the layers after the cut, with the head, on cached cut
+activations). Each is ``build`` + ``fit``; a trial calls the two halves separately (KerasTuner
+needs ``HyperModel.build`` and ``HyperModel.fit``), the final model calls the whole. Only the
+budget differs: a trial trains on a stratified subset of rows (:func:`stratified_rows`) for at
+most a few epochs, the final model on every training row.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+import numpy as np
+
+from search import heads, space
+from search.cache import Cache
+from search.data import Splits, one_hot
+
+EARLY_STOPPING_PATIENCE = 3
+VAL_BATCH = 256
+
+
+def stratified_rows(labels: np.ndarray, rows: np.ndarray, n: int | None, seed: int = 0) -> np.ndarray:
+    """``n`` of ``rows`` (indices into ``labels``), the same share per class, sorted; all if None."""
+    rows = np.asarray(rows)
+    if n is None or n >= len(rows):
+        return rows
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels[rows])
+    picked = []
+    for i, c in enumerate(classes):
+        members = rows[labels[rows] == c]
+        share = n // len(classes) + (1 if i < n % len(classes) else 0)
+        picked.append(rng.permutation(members)[:share])
+    return np.sort(np.concatenate(picked))
+
+
+@dataclass
+class PooledData:
+    """Pooled features held in memory once per process; every trial reads the same arrays.
+
+    ``x_train``: ``(n_train * views, features)`` float32 (mirrored images are extra rows, after
+    the originals); ``y_train``: ``(n_train * views, classes)`` float32 one-hot; ``x_val``,
+    ``y_val`` likewise for the validation rows (original view only).
+    """
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    views: int = 1
+
+    @classmethod
+    def from_cache(cls, cache: Cache, splits: Splits, mirrored: bool = True) -> PooledData:
+        views = cache.views if mirrored else ("orig",)
+        n_classes = cache.num_classes
+        x = np.concatenate([np.asarray(cache.array("train", "pool", v)[splits.train_idx]) for v in views])
+        y = one_hot(np.concatenate([splits.y_train[splits.train_idx]] * len(views)), n_classes)
+        x_val = np.asarray(cache.array("train", "pool", "orig")[splits.val_idx])
+        return cls(x, y, x_val, one_hot(splits.y_train[splits.val_idx], n_classes), len(views))
+
+    def subset(self, n: int | None, seed: int = 0, mirrored: bool = True) -> PooledData:
+        """``n`` stratified training rows (plus their mirrors when ``mirrored``); same val rows."""
+        n_orig = len(self.x_train) // self.views
+        labels = self.y_train[:n_orig].argmax(1)
+        rows = stratified_rows(labels, np.arange(n_orig), n, seed)
+        views = self.views if mirrored else 1
+        rows = np.concatenate([rows + v * n_orig for v in range(views)])
+        if len(rows) == len(self.x_train):
+            return self
+        return PooledData(self.x_train[rows], self.y_train[rows], self.x_val, self.y_val, views)
+
+
+# ---------------------------------------------------------------- phase 1: the head
+
+
+def build_head_model(params: dict[str, Any], n_features: int, n_classes: int) -> keras.Model:
+    """The compiled head for ``params`` (``search.heads.build_head``), on pooled features."""
+    params = space.with_defaults("head", params)
+    model = heads.build_head(params, (n_features,), num_classes=n_classes)
+    return heads.compile_for(model, params, steps_per_execution=32)
+
+
+def fit_head(model: keras.Model, data: PooledData, epochs: int, callbacks: list | None = None,
+             initial_epoch: int = 0, verbose: int = 0) -> dict[str, list[float]]:
+    """Fit with early stopping on validation accuracy, best epoch restored; the history dict."""
+    stop = keras.callbacks.EarlyStopping("val_accuracy", patience=EARLY_STOPPING_PATIENCE, mode="max",
+                                         restore_best_weights=True)
+    history = model.fit(data.x_train, data.y_train, batch_size=space.HEAD_BATCH_SIZE, epochs=epochs,
+                        initial_epoch=initial_epoch, validation_data=(data.x_val, data.y_val),
+                        validation_batch_size=4096, callbacks=[stop, *(callbacks or [])], verbose=verbose)
+    return {k: [float(v) for v in vs] for k, vs in history.history.items()}
+
+
+def train_head(data: PooledData, params: dict[str, Any], epochs: int, callbacks: list | None = None,
+               seed: int = 0, verbose: int = 0) -> tuple[keras.Model, dict[str, list[float]]]:
+    """Phase 1 in one call: build and fit a head; returns it (best epoch) and its history."""
+    keras.utils.set_random_seed(seed)
+    model = build_head_model(params, data.x_train.shape[1], data.y_train.shape[1])
+    return model, fit_head(model, data, epochs, callbacks, verbose=verbose)
+
+
+# ---------------------------------------------------------------- phase 2: the tail
+
+
+class CachedMaps(keras.utils.PyDataset):
+    """Batches of cached cut activations for ``rows`` of a split, with reproducible augmentation.
+
+    Yields ``(x, y)``: ``x`` ``(b, h, w, c)`` float16 activations as cached (the model casts to
+    float32 in its graph), ``y`` ``(b, classes)`` float32 one-hot. With ``augment``, the rows are
+    reshuffled every epoch, each image is the cached mirror image with probability 1/2 (when the
+    cache has mirrors) and is shifted by up to ``shift`` cells (zero fill). Every random draw
+    comes from a generator seeded by ``(seed, epoch, batch index)``, so batches are the same
+    whichever worker thread builds them and in whatever order.
+    """
+
+    def __init__(self, cache: Cache, split: str, rows: np.ndarray, batch_size: int, augment: bool = False,
+                 shift: int = 0, view: str = "orig", seed: int = 0, workers: int = 1) -> None:
+        super().__init__(workers=workers, use_multiprocessing=False)
+        self.orig = cache.array(split, "cut", view)
+        self.flip = cache.array(split, "cut", "flip") if augment and cache.key["flip"] else None
+        self.labels = cache.labels[split]
+        self.num_classes = cache.num_classes
+        self.rows, self.batch_size = np.asarray(rows), int(batch_size)
+        self.augment, self.shift, self.seed = augment, int(shift) if augment else 0, seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.rows) / self.batch_size)
+
+    def on_epoch_end(self) -> None:
+        self.epoch += 1
+
+    def _order(self) -> np.ndarray:
+        if not self.augment:
+            return self.rows
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        idx = np.sort(self._order()[i * self.batch_size:(i + 1) * self.batch_size])
+        x = np.asarray(self.orig[idx])
+        if self.augment:
+            rng = np.random.default_rng([self.seed, self.epoch, i])
+            if self.flip is not None:
+                mirrored = rng.random(len(idx)) < 0.5
+                if mirrored.any():
+                    x[mirrored] = self.flip[idx[mirrored]]
+            if self.shift:
+                x = shift_maps(x, self.shift, rng)
+        return x, one_hot(self.labels[idx], self.num_classes)
+
+
+def shift_maps(x: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
+    """Shift each ``(h, w, c)`` map of ``x`` by ``-s..s`` cells in each direction, zero fill (vectorized)."""
+    b, h, w, _ = x.shape
+    padded = np.pad(x, ((0, 0), (s, s), (s, s), (0, 0)))
+    dy, dx = rng.integers(0, 2 * s + 1, size=(2, b))
+    ys = dy[:, None] + np.arange(h)[None, :]
+    xs = dx[:, None] + np.arange(w)[None, :]
+    return padded[np.arange(b)[:, None, None], ys[:, :, None], xs[:, None, :]]
+
+
+class TwoRateModel(keras.Model):
+    """A functional model trained with two AdamW optimizers: one for the tail, one for the head.
+
+    ``compile(optimizer=...)`` sets the tail's; ``head_optimizer`` (given at construction) steps
+    the variables of ``head``. Otherwise Keras's own ``train_step`` (TensorFlow backend).
+    """
+
+    def __init__(self, inputs: Any, outputs: Any, head: keras.Model, head_optimizer: keras.optimizers.Optimizer,
+                 **kwargs: Any) -> None:
+        super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+        self._head_ids = {id(v) for v in head.trainable_variables}
+        self.head_optimizer = head_optimizer
+
+    def train_step(self, data: Any) -> dict:
+        import tensorflow as tf
+
+        x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
+        with tf.GradientTape() as tape:
+            y_pred = self(x, training=True)
+            loss = self._compute_loss(x=x, y=y, y_pred=y_pred, training=True)
+        self._loss_tracker.update_state(loss, sample_weight=tf.shape(x)[0])
+        variables = self.trainable_variables
+        grads = tape.gradient(loss, variables)
+        pairs = list(zip(grads, variables, strict=True))
+        self.optimizer.apply_gradients([(g, v) for g, v in pairs if id(v) not in self._head_ids])
+        self.head_optimizer.apply_gradients([(g, v) for g, v in pairs if id(v) in self._head_ids])
+        return self.compute_metrics(x, y, y_pred)
+
+
+@dataclass
+class TailParts:
+    """The trainable part after the cut, with its pretrained weights kept to reset each trial.
+
+    ``tail``: ``(b, h, w, c)`` cut activations -> ``(b, features)`` pooled, sharing its layers
+    (and so its weights) with the backbone it was cut from (``backbones.split_at_cut``).
+    """
+
+    tail: keras.Model
+    initial_weights: list[np.ndarray]
+
+    @classmethod
+    def from_backbone(cls, backbone: keras.Model, cut_layer: str) -> TailParts:
+        from search import backbones
+
+        tail = backbones.split_at_cut(backbone, cut_layer)
+        return cls(tail, [np.array(w) for w in tail.get_weights()])
+
+    def reset(self) -> None:
+        self.tail.set_weights(self.initial_weights)
+
+
+def _schedule(peak: float, steps: int, warmup_fraction: float) -> keras.optimizers.schedules.LearningRateSchedule:
+    warmup = int(round(warmup_fraction * steps))
+    if warmup <= 0:
+        return keras.optimizers.schedules.CosineDecay(peak, max(1, steps))
+    return keras.optimizers.schedules.CosineDecay(0.0, max(1, steps - warmup), warmup_target=peak,
+                                                  warmup_steps=warmup)
+
+
+def build_tail_trainer(parts: TailParts, head: keras.Model, head_weights: list[np.ndarray],
+                       params: dict[str, Any], steps_per_epoch: int, epochs: int) -> TwoRateModel:
+    """Reset tail and head to their starting weights and compile cut maps -> head for ``params``.
+
+    The learning-rate schedules (linear warm-up, then cosine decay to 0) span ``epochs`` x
+    ``steps_per_epoch`` steps: a trial stopped after fewer epochs has run a prefix of them.
+    BatchNormalization: ``bn_mode="batch"`` trains with batch statistics and moving averages of
+    momentum ``bn_momentum``; ``"frozen"`` keeps the pretrained statistics (inference mode).
+    """
+    params = space.with_defaults("tail", params)
+    parts.reset()
+    head.set_weights(head_weights)
+    for layer in parts.tail.layers:
+        layer.trainable = True
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = params["bn_mode"] == "batch"
+            layer.momentum = float(params["bn_momentum"])
+    steps = steps_per_epoch * epochs
+    lr, wd = float(params["tail_learning_rate"]), float(params["weight_decay"])
+    tail_opt = keras.optimizers.AdamW(_schedule(lr, steps, params["warmup_fraction"]), weight_decay=wd)
+    head_opt = keras.optimizers.AdamW(_schedule(lr * float(params["head_lr_multiplier"]), steps,
+                                                params["warmup_fraction"]), weight_decay=wd)
+    cut_input = keras.Input(parts.tail.input.shape[1:], name="cached_maps")
+    trainer = TwoRateModel(cut_input, head(parts.tail(cut_input)), head=head, head_optimizer=head_opt,
+                           name="tail_and_head")
+    head_opt.build([v for v in trainer.trainable_variables if id(v) in trainer._head_ids])
+    trainer.compile(optimizer=tail_opt,
+                    loss=keras.losses.CategoricalCrossentropy(label_smoothing=float(params["label_smoothing"])),
+                    metrics=["accuracy"])
+    return trainer
+
+
+def tail_batches(cache: Cache, splits: Splits, params: dict[str, Any], rows: np.ndarray | None = None,
+                 batch_size: int = 128, seed: int = 0) -> tuple[CachedMaps, CachedMaps]:
+    """(augmented training batches over ``rows`` (default all training rows), validation batches)."""
+    params = space.with_defaults("tail", params)
+    rows = splits.train_idx if rows is None else rows
+    train = CachedMaps(cache, "train", rows, batch_size, augment=True, shift=params["shift"], seed=seed, workers=2)
+    val = CachedMaps(cache, "train", splits.val_idx, VAL_BATCH)
+    return train, val
+
+
+def fit_tail(trainer: keras.Model, train: CachedMaps, val: CachedMaps, epochs: int,
+             callbacks: list | None = None, initial_epoch: int = 0, verbose: int = 0) -> dict[str, list[float]]:
+    """Fit; the epoch with the best validation accuracy is restored at the end."""
+    train.epoch = initial_epoch
+    best = keras.callbacks.EarlyStopping("val_accuracy", patience=epochs + 1, mode="max", restore_best_weights=True)
+    history = trainer.fit(train, epochs=epochs, initial_epoch=initial_epoch, validation_data=val,
+                          callbacks=[best, *(callbacks or [])], verbose=verbose)
+    return {k: [float(v) for v in vs] for k, vs in history.history.items()}
+
+
+def train_tail(cache: Cache, splits: Splits, parts: TailParts, head: keras.Model, params: dict[str, Any],
+               epochs: int, rows: np.ndarray | None = None, callbacks: list | None = None, seed: int = 0,
+               batch_size: int = 128, verbose: int = 0) -> tuple[keras.Model, dict[str, list[float]]]:
+    """Phase 2 in one call: the tail and ``head`` (from its current weights) fine-tuned on cut maps.
+
+    Returns the trained ``cut maps -> probabilities`` model (best epoch) and its history.
+    """
+    keras.utils.set_random_seed(seed)
+    train, val = tail_batches(cache, splits, params, rows, batch_size, seed)
+    trainer = build_tail_trainer(parts, head, head.get_weights(), params, len(train), epochs)
+    return trainer, fit_tail(trainer, train, val, epochs, callbacks, verbose=verbose)
