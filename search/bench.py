@@ -79,6 +79,21 @@ def _probe_subprocess(allocator: str, args: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def import_seconds() -> dict:
+    """Seconds to import ``tensorflow`` and then ``0-transfer`` on top of it, in a fresh process
+    (the course's script imports both; importing ``0-transfer`` must stay light)."""
+    root = Path(__file__).resolve().parent.parent
+    code = ("import time, sys; t = time.perf_counter(); import tensorflow; t_tf = time.perf_counter() - t;"
+            f"sys.path.insert(0, {str(root)!r}); t = time.perf_counter(); __import__('0-transfer');"
+            "print(t_tf, time.perf_counter() - t)")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = subprocess.run([sys.executable, "-c", code], cwd=tmp, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"import probe failed: {out.stderr.strip().splitlines()[-1:]}")
+    t_tf, t_module = (float(v) for v in out.stdout.strip().splitlines()[-1].split())
+    return {"tensorflow_seconds": t_tf, "0-transfer_beyond_tensorflow_seconds": t_module}
+
+
 def bench_cache(spec: backbones.BackboneSpec, splits: Splits, cut: str | None, resolution: int | None,
                 weights: str | None, images: int, results: Path, argv: list[str] | None = None,
                 tail_steps: int = 10) -> dict:
@@ -113,7 +128,7 @@ def bench_cache(spec: backbones.BackboneSpec, splits: Splits, cut: str | None, r
            "extraction_system_cpu_seconds": s2 - s1, "ratio": extraction / raw,
            "in_loop_predict_images_per_second": in_loop_predict,
            "share_of_extraction_time_in_predict": extraction / in_loop_predict,
-           "allocator_comparison": allocators,
+           "allocator_comparison": allocators, "import": import_seconds(),
            "frozen_pass_speedup_bfc_over_glibc": allocators["bfc"]["images_per_second"]
            / allocators["glibc"]["images_per_second"],
            "tail_step_speedup_bfc_over_glibc": allocators["glibc"]["tail_step_seconds"]
@@ -167,7 +182,8 @@ def bench_search(cache: Cache, splits: Splits, spec: backbones.BackboneSpec, mod
     budget = space.BUDGETS["head"]
     engine = OptunaEngine(storage="sqlite:///:memory:", progress=False)
     data = train.PooledData.from_cache(cache, splits)
-    head_obj = HeadObjective(data, cache.path.name, rows=budget.rows, max_epochs=budget.max_epochs)
+    head_obj = HeadObjective(data, cache.path.name, rows=budget.rows, max_epochs=budget.max_epochs,
+                             mirrored=budget.mirrored)
     study = optuna.create_study(direction="maximize", sampler=make_sampler(0, trials),
                                 pruner=make_pruner("hyperband", budget.max_epochs))
     rss: list[int] = []
@@ -176,7 +192,7 @@ def bench_search(cache: Cache, splits: Splits, spec: backbones.BackboneSpec, mod
     head_seconds = _study_seconds(study)
 
     # fidelity: the same random configurations at the trial budget and trained in full
-    full_obj = HeadObjective(data, cache.path.name, rows=None, max_epochs=30)
+    full_obj = HeadObjective(data, cache.path.name, rows=None, max_epochs=30, mirrored=True)  # as the final head
     sampler = optuna.samplers.RandomSampler(seed=1)
     ranking = []
     for i in range(rank_configs):

@@ -102,8 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat", type=int, default=None,
                    help="Optuna trial heartbeat in seconds: trials of a killed worker are marked FAIL "
                         "after 2x this (default 30)")
-    p.add_argument("--no-flip-rows", dest="use_flips", action="store_false",
-                   help="phase 1 trains on original images only (mirrors not added as rows)")
+    p.add_argument("--mirrored-rows", dest="use_flips", action="store_true",
+                   help="phase-1 trials also train on the cached mirror images as extra rows (default: originals "
+                        "only, half the cost; the final head always uses them)")
 
     p = sub.add_parser("final", help="train head + tail on the cache, save cifar10.h5 and results/final.json")
     _add_data_args(p)

@@ -51,11 +51,13 @@ DEFAULTS: dict[str, dict[str, Any]] = {"head": DEFAULT_HEAD, "tail": DEFAULT_TAI
 
 @dataclass(frozen=True)
 class Budget:
-    """A phase's default budget: trials per search, stratified rows and epochs per trial."""
+    """A phase's default budget: trials per search, stratified rows and epochs per trial, and
+    whether the rows' cached mirror images are added as extra rows (phase 1)."""
 
     trials: int
     rows: int | None
     max_epochs: int
+    mirrored: bool = False
 
 
 # Defaults of `make search` (see README: sized so both phases fit in about 30 minutes here).

@@ -33,7 +33,7 @@ class HeadObjective:
     cache_id: str
     rows: int | None = None
     max_epochs: int = 10
-    mirrored: bool = True
+    mirrored: bool = False
     phase: str = "head"
     _fit_data: train.PooledData | None = field(default=None, repr=False)
 
@@ -99,7 +99,7 @@ Objective = HeadObjective | TailObjective
 
 def make_objective(phase: str, cache: Cache, splits: Splits, rows: int | None, max_epochs: int,
                    backbone: keras.Model | None = None, results: str = "results", seed: int = 0,
-                   mirrored: bool = True) -> Objective:
+                   mirrored: bool = False) -> Objective:
     """The ``phase`` objective on ``cache`` with a budget of ``rows`` x ``max_epochs``.
 
     The tail objective starts from the head of the best phase-1 trial on this cache key (or the
@@ -109,7 +109,7 @@ def make_objective(phase: str, cache: Cache, splits: Splits, rows: int | None, m
     from search import engines, space
 
     space.check_phase(phase)
-    data = train.PooledData.from_cache(cache, splits, mirrored=mirrored)
+    data = train.PooledData.from_cache(cache, splits)
     if phase == "head":
         return HeadObjective(data, cache.path.name, rows=rows, max_epochs=max_epochs, mirrored=mirrored)
     params, provenance = engines.resolve_params("auto", results, cache.path.name, phases=("head",))
