@@ -1,0 +1,120 @@
+"""The trial runners: stratified budgets, reproducible augmented batches, vectorized shifts, the
+two learning rates of the tail trainer, and BatchNormalization modes."""
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import TINY_RES
+from search import train
+from search.cache import Cache
+
+
+@pytest.fixture(scope="module")
+def maps_cache(tmp_path_factory, tiny_splits):
+    """A cache of random non-zero cut maps (the random-weight tiny backbone's are ~0 in float16)."""
+    path = tmp_path_factory.mktemp("maps")
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", len(tiny_splits.y_train)), ("test", len(tiny_splits.y_test))):
+        for view in ("orig", "flip"):
+            name = f"{split}_{view}_cut"
+            np.save(path / f"{name}.npy", rng.uniform(0, 6, (n, 2, 2, 512)).astype(np.float16))
+            arrays[name] = {}
+    manifest = {"key": {"flip": True, "cut_layer": "conv_pw_11_relu"}, "arrays": arrays, "num_classes": 10,
+                "labels": {"train": tiny_splits.y_train.tolist(), "test": tiny_splits.y_test.tolist()}}
+    return Cache(path, manifest)
+
+
+def test_stratified_rows_keep_class_shares():
+    labels = np.repeat(np.arange(10), 30)
+    rows = train.stratified_rows(labels, np.arange(300), 50, seed=1)
+    assert len(rows) == 50 and len(set(rows)) == 50
+    assert np.all(np.bincount(labels[rows], minlength=10) == 5)
+    assert np.array_equal(train.stratified_rows(labels, np.arange(300), None), np.arange(300))
+
+
+def test_pooled_subset_takes_mirrors_of_the_same_rows(tiny_cache, tiny_splits):
+    data = train.PooledData.from_cache(tiny_cache, tiny_splits)
+    n = len(tiny_splits.train_idx)
+    assert data.views == 2 and len(data.x_train) == 2 * n
+    sub = data.subset(30, mirrored=True)
+    assert len(sub.x_train) == 60 and sub.views == 2
+    np.testing.assert_array_equal(sub.y_train[:30], sub.y_train[30:])
+    plain = data.subset(30, mirrored=False)
+    np.testing.assert_array_equal(plain.x_train, sub.x_train[:30])
+
+
+def test_shift_maps_moves_content_and_fills_zeros():
+    x = np.arange(2 * 4 * 4 * 1, dtype=np.float32).reshape(2, 4, 4, 1) + 1
+
+    class Fixed:
+        def integers(self, low, high, size):
+            return np.array([[0, 2], [2, 1]])  # dy for both images, then dx for both
+
+    out = train.shift_maps(x, 1, Fixed())
+    # image 0: dy=0, dx=2 -> content moves down 1 and left 1
+    np.testing.assert_array_equal(out[0, 1:, :3, 0], x[0, :3, 1:, 0])
+    assert np.all(out[0, 0] == 0) and np.all(out[0, :, 3] == 0)
+    # image 1: dy=2, dx=1 -> up 1, no horizontal move
+    np.testing.assert_array_equal(out[1, :3, :, 0], x[1, 1:, :, 0])
+
+
+def test_augmented_batches_do_not_depend_on_the_order_they_are_built(maps_cache, tiny_splits):
+    rows = tiny_splits.train_idx
+    a = train.CachedMaps(maps_cache, "train", rows, 16, augment=True, shift=1, seed=3)
+    b = train.CachedMaps(maps_cache, "train", rows, 16, augment=True, shift=1, seed=3)
+    forward = [a[i][0] for i in range(len(a))]
+    backward = [b[i][0] for i in reversed(range(len(b)))][::-1]
+    for x, y in zip(forward, backward, strict=True):
+        np.testing.assert_array_equal(x, y)
+    a.on_epoch_end()
+    assert not np.array_equal(a[0][0], forward[0]), "a new epoch draws a new order and augmentation"
+    assert a[0][0].dtype == np.float16, "cast to float32 happens in the graph"
+
+
+@pytest.fixture(scope="module")
+def parts(spec):
+    keras.utils.set_random_seed(0)
+    backbone = spec.build(weights=None, size=TINY_RES)
+    return train.TailParts.from_backbone(backbone, spec.cut_layer())
+
+
+def _head(parts):
+    features = parts.tail.output.shape[-1]
+    return train.build_head_model({}, features, 10)
+
+
+def test_head_rate_multiplier_and_frozen_bn(maps_cache, tiny_splits, parts):
+    head = _head(parts)
+    head_weights = head.get_weights()
+    params = {"head_lr_multiplier": 1e-9, "bn_mode": "frozen", "warmup_fraction": 0.0, "weight_decay": 1e-3}
+    train_data, val = train.tail_batches(maps_cache, tiny_splits, params, batch_size=32)
+    trainer = train.build_tail_trainer(parts, head, head_weights, params, len(train_data), 1)
+    bn = [la for la in parts.tail.layers if isinstance(la, keras.layers.BatchNormalization)]
+    moving = [np.array(la.moving_mean) for la in bn]
+    tail_before = [np.array(w) for w in parts.tail.trainable_weights]
+    train.fit_tail(trainer, train_data, val, 1)
+    # the head's rate is ~0: its weights barely move; the tail's moved
+    assert max(np.abs(a - b).max() for a, b in zip(head.get_weights(), head_weights, strict=True)) < 1e-5
+    assert any(np.abs(np.array(w) - b).max() > 1e-6 for w, b in zip(parts.tail.trainable_weights, tail_before,
+                                                                      strict=True))
+    # frozen BN: moving statistics unchanged
+    for la, m in zip(bn, moving, strict=True):
+        np.testing.assert_array_equal(np.array(la.moving_mean), m)
+    # the next trial starts from the pretrained tail again
+    parts.reset()
+    for w, b in zip(parts.tail.get_weights(), parts.initial_weights, strict=True):
+        np.testing.assert_array_equal(w, b)
+
+
+def test_batch_bn_mode_updates_statistics_with_its_momentum(maps_cache, tiny_splits, parts):
+    head = _head(parts)
+    params = {"bn_mode": "batch", "bn_momentum": 0.9}
+    train_data, val = train.tail_batches(maps_cache, tiny_splits, params, batch_size=32)
+    trainer = train.build_tail_trainer(parts, head, head.get_weights(), params, len(train_data), 1)
+    bn = [la for la in parts.tail.layers if isinstance(la, keras.layers.BatchNormalization)]
+    assert bn and all(la.trainable and la.momentum == 0.9 for la in bn)
+    before = np.array(bn[0].moving_mean)
+    train.fit_tail(trainer, train_data, val, 1)
+    assert not np.array_equal(np.array(bn[0].moving_mean), before)
