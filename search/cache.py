@@ -12,18 +12,20 @@ What makes a cache stale: any field of :class:`CacheKey` (backbone, weights fing
 resolution, cut layer, data fingerprint, flip). A cache whose manifest, file sizes or sampled
 checksums do not match is rebuilt (or refused with ``build=False``), never used. Extraction
 writes in chunks into ``*.partial`` memmaps and records finished chunks in ``progress.json``;
-a killed extraction resumes from the last finished chunk.
+a killed extraction resumes from the last finished chunk. One process builds a given cache at
+a time (:func:`build_lock`); the others wait for it and then reuse it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -197,16 +199,51 @@ def ensure_cache(
     path = Path(root) / key.id
     problem = verify(path, key)
     if problem is None:
-        log.info("cache hit: %s (the frozen part does not run again)", path)
-        return Cache(path, read_json(path / "manifest.json"), {"chunks_computed": 0, "hit": True})
+        return _hit(path)
     if not build:
         raise UserError(f"no usable cache at {path}: {problem} (run without --no-build to build it)")
-    if (path / "manifest.json").exists():
-        log.warning("rebuilding cache %s: %s", path, problem)
-        shutil.rmtree(path)
-    if extractor is None:
-        extractor = build_extractor(model, spec, cut_layer, resolution)
-    return _extract(spec, extractor, key, path, splits, chunk_size, batch_size, progress, on_chunk)
+    with build_lock(path):
+        problem = verify(path, key)  # another process may have built it while we waited
+        if problem is None:
+            return _hit(path)
+        if (path / "manifest.json").exists():
+            log.warning("rebuilding cache %s: %s", path, problem)
+            shutil.rmtree(path)
+        if extractor is None:
+            extractor = build_extractor(model, spec, cut_layer, resolution)
+        return _extract(spec, extractor, key, path, splits, chunk_size, batch_size, progress, on_chunk)
+
+
+def _hit(path: Path) -> Cache:
+    log.info("cache hit: %s (the frozen part does not run again)", path)
+    return Cache(path, read_json(path / "manifest.json"), {"chunks_computed": 0, "hit": True})
+
+
+@contextlib.contextmanager
+def build_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``<path>.lock`` while one process builds the cache at ``path``.
+
+    Other processes wanting the same cache wait (saying so), then find it built. The kernel
+    releases the lock when its holder exits, however it dies (SIGKILL included), so a stale
+    lock never blocks; a killed build is resumed by the next holder from ``progress.json``.
+    """
+    import fcntl
+
+    lock_file = path.parent / f"{path.name}.lock"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise UserError(f"cannot create cache lock {lock_file}: {exc.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("another process is building cache %s; waiting for it (lock %s)", path.name, lock_file)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _extract(spec, extractor, key, path, splits, chunk_size, batch_size, progress, on_chunk) -> Cache:

@@ -111,3 +111,32 @@ def test_final_into_unwritable_output_leaves_nothing(tmp_path, tiny_splits):
         build_final(config, tiny_splits)
     assert blocker.read_text() == "not a folder"
     assert not (tmp_path / "results" / "final.json").exists()
+
+
+def test_two_processes_one_cache_build_it_once(tiny_npz, tmp_path):
+    """Two `extract` runs started together on a cold cache: one builds, the other waits and reuses."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = _extract_cmd(tiny_npz, tmp_path)
+    procs = [subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e[-1000:] for _, e in outs]
+    said = sorted(o.strip().splitlines()[-1].split(":")[0] for o, _ in outs)
+    assert said == ["cache built", "cache reused"], outs
+    manifest = json.loads(next(tmp_path.glob("*/manifest.json")).read_text())
+    assert manifest["extraction"]["images"] == 320, "every image went through the frozen part exactly once"
+
+
+def test_a_lock_left_by_a_killed_process_does_not_block(tmp_path):
+    """flock is released by the kernel when its holder dies: a SIGKILLed holder blocks nobody."""
+    from search.cache import build_lock
+
+    code = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); from pathlib import Path\n"
+            "from search.cache import build_lock\n"
+            f"with build_lock(Path({str(tmp_path / 'c')!r})):\n    print('held', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    with build_lock(tmp_path / "c"):  # returns at once; would block forever if the lock were stale
+        pass
