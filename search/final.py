@@ -8,7 +8,8 @@ part runs over the data once, in :func:`stage_cache`, and never again):
 2. :func:`stage_head`: the head alone on the cached pooled features (``train.train_head``,
    the phase-1 trial runner) = the frozen-feature accuracy;
 3. :func:`stage_tail`: the tail (layers after the cut) and the head together on the cached cut
-   activations (``train.train_tail``, the phase-2 trial runner), best epoch restored;
+   activations (``train.train_tail``, the phase-2 trial runner), best epoch restored; a killed
+   run resumes from its last finished epoch on rerun (``cache/checkpoints/``);
 4. :func:`stage_bn`: the tail's BatchNormalization statistics re-estimated over the training
    split, *kept only if validation accuracy does not drop* (else the trained ones are restored);
 5. :func:`stage_tta`: mirror averaging (test-time augmentation) kept only if it does not lower
@@ -230,7 +231,8 @@ def stage_tail(run: Run) -> None:
 
     run.trainer, _ = train.train_tail(run.cache, run.splits, run.parts, run.head, run.params["tail"],
                                       c.tail_epochs, callbacks=[EpochLog()], seed=c.seed,
-                                      batch_size=c.tail_batch_size, verbose=2 if c.progress else 0)
+                                      batch_size=c.tail_batch_size, verbose=2 if c.progress else 0,
+                                      backup_root=str(Path(c.cache_root) / "checkpoints"))
     best = max(run.epochs, key=lambda e: e["val_accuracy"])
     run.row("tail fine-tuned", val_accuracy=run.val_accuracy(run.trainer), epochs=c.tail_epochs,
             best_epoch=best["epoch"], tail=run.params["tail"])

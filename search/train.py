@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import keras
@@ -116,7 +117,8 @@ class CachedMaps(keras.utils.PyDataset):
     reshuffled every epoch, each image is the cached mirror image with probability 1/2 (when the
     cache has mirrors) and is shifted by up to ``shift`` cells (zero fill). Every random draw
     comes from a generator seeded by ``(seed, epoch, batch index)``, so batches are the same
-    whichever worker thread builds them and in whatever order.
+    whichever worker thread builds them and in whatever order. ``epoch`` is set by the trainer
+    (:func:`fit_tail`) at the start of each epoch, also after a resume.
     """
 
     def __init__(self, cache: Cache, split: str, rows: np.ndarray, batch_size: int, augment: bool = False,
@@ -132,9 +134,6 @@ class CachedMaps(keras.utils.PyDataset):
 
     def __len__(self) -> int:
         return math.ceil(len(self.rows) / self.batch_size)
-
-    def on_epoch_end(self) -> None:
-        self.epoch += 1
 
     def _order(self) -> np.ndarray:
         if not self.augment:
@@ -249,7 +248,9 @@ def build_tail_trainer(parts: TailParts, head: keras.Model, head_weights: list[n
     cut_input = keras.Input(parts.tail.input.shape[1:], name="cached_maps")
     trainer = TwoRateModel(cut_input, head(parts.tail(cut_input)), head=head, head_optimizer=head_opt,
                            name="tail_and_head")
+    # each optimizer built on its own variables (also what BackupAndRestore saves and restores)
     head_opt.build([v for v in trainer.trainable_variables if id(v) in trainer._head_ids])
+    tail_opt.build([v for v in trainer.trainable_variables if id(v) not in trainer._head_ids])
     trainer.compile(optimizer=tail_opt,
                     loss=keras.losses.CategoricalCrossentropy(label_smoothing=float(params["label_smoothing"])),
                     metrics=["accuracy"])
@@ -266,24 +267,66 @@ def tail_batches(cache: Cache, splits: Splits, params: dict[str, Any], rows: np.
     return train, val
 
 
+class _EpochSeed(keras.callbacks.Callback):
+    """Sets the batches' epoch number at the start of every epoch, so a resumed run draws the
+    same shuffles and augmentation for epoch k as an uninterrupted one."""
+
+    def __init__(self, data: CachedMaps) -> None:
+        super().__init__()
+        self.data = data
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.data.epoch = epoch
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.data.epoch = epoch + 1  # before the next epoch's batches are prefetched
+
+
 def fit_tail(trainer: keras.Model, train: CachedMaps, val: CachedMaps, epochs: int,
-             callbacks: list | None = None, initial_epoch: int = 0, verbose: int = 0) -> dict[str, list[float]]:
-    """Fit; the epoch with the best validation accuracy is restored at the end."""
+             callbacks: list | None = None, initial_epoch: int = 0, verbose: int = 0,
+             backup_dir: str | None = None) -> dict[str, list[float]]:
+    """Fit; the epoch with the best validation accuracy is restored at the end.
+
+    With ``backup_dir``, Keras's ``BackupAndRestore`` saves weights and optimizer state after
+    every epoch and a rerun after a kill resumes from the last finished epoch (the backup is
+    deleted when training completes). After a resume, "best epoch" is chosen among the epochs
+    run since the resume.
+    """
     train.epoch = initial_epoch
+    metadata = Path(backup_dir, "training_metadata.json") if backup_dir else None
+    if metadata is not None and metadata.exists():  # resuming: batches prefetched before on_epoch_begin
+        import json                                 # must already be the resumed epoch's
+
+        train.epoch = int(json.loads(metadata.read_text())["epoch"])
     best = keras.callbacks.EarlyStopping("val_accuracy", patience=epochs + 1, mode="max", restore_best_weights=True)
+    resume = [keras.callbacks.BackupAndRestore(backup_dir)] if backup_dir else []
     history = trainer.fit(train, epochs=epochs, initial_epoch=initial_epoch, validation_data=val,
-                          callbacks=[best, *(callbacks or [])], verbose=verbose)
+                          callbacks=[*resume, _EpochSeed(train), best, *(callbacks or [])], verbose=verbose)
     return {k: [float(v) for v in vs] for k, vs in history.history.items()}
 
 
 def train_tail(cache: Cache, splits: Splits, parts: TailParts, head: keras.Model, params: dict[str, Any],
                epochs: int, rows: np.ndarray | None = None, callbacks: list | None = None, seed: int = 0,
-               batch_size: int = 128, verbose: int = 0) -> tuple[keras.Model, dict[str, list[float]]]:
+               batch_size: int = 128, verbose: int = 0,
+               backup_root: str | None = None) -> tuple[keras.Model, dict[str, list[float]]]:
     """Phase 2 in one call: the tail and ``head`` (from its current weights) fine-tuned on cut maps.
 
-    Returns the trained ``cut maps -> probabilities`` model (best epoch) and its history.
+    With ``backup_root``, a killed run resumes at epoch granularity on rerun; the backup folder
+    is keyed by the cache, parameters, epochs, rows, batch size and seed, so a changed recipe
+    starts fresh. Returns the trained ``cut maps -> probabilities`` model (best epoch) and its
+    history.
     """
     keras.utils.set_random_seed(seed)
     train, val = tail_batches(cache, splits, params, rows, batch_size, seed)
     trainer = build_tail_trainer(parts, head, head.get_weights(), params, len(train), epochs)
-    return trainer, fit_tail(trainer, train, val, epochs, callbacks, verbose=verbose)
+    backup_dir = None
+    if backup_root is not None:
+        import hashlib
+        import json
+
+        recipe = {"cache": cache.path.name, "params": space.with_defaults("tail", params), "epochs": epochs,
+                  "rows": hashlib.sha1(np.asarray(train.rows).tobytes()).hexdigest(), "batch": batch_size,
+                  "seed": seed}
+        digest = hashlib.sha1(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        backup_dir = str(Path(backup_root) / f"tail-{digest}")
+    return trainer, fit_tail(trainer, train, val, epochs, callbacks, verbose=verbose, backup_dir=backup_dir)

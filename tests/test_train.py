@@ -68,7 +68,7 @@ def test_augmented_batches_do_not_depend_on_the_order_they_are_built(maps_cache,
     backward = [b[i][0] for i in reversed(range(len(b)))][::-1]
     for x, y in zip(forward, backward, strict=True):
         np.testing.assert_array_equal(x, y)
-    a.on_epoch_end()
+    a.epoch = 1
     assert not np.array_equal(a[0][0], forward[0]), "a new epoch draws a new order and augmentation"
     assert a[0][0].dtype == np.float16, "cast to float32 happens in the graph"
 
@@ -118,3 +118,40 @@ def test_batch_bn_mode_updates_statistics_with_its_momentum(maps_cache, tiny_spl
     before = np.array(bn[0].moving_mean)
     train.fit_tail(trainer, train_data, val, 1)
     assert not np.array_equal(np.array(bn[0].moving_mean), before)
+
+
+class _Killed(Exception):
+    pass
+
+
+class _KillAfterFirstEpoch(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 0:
+            raise _Killed  # after BackupAndRestore saved epoch 1: what a SIGKILL here would leave
+
+
+def test_killed_tail_training_resumes_from_its_last_epoch(maps_cache, tiny_splits, parts, tmp_path):
+    """The resumed epochs match the uninterrupted run's: training and validation loss of epochs 2-3
+    within 1 % (two uninterrupted runs here are bit-identical; a resumed one differed by 0.24 % in
+    the last measurement: some state is not restored exactly, cause not found yet). Weights are not compared: the
+    best-epoch restore chooses among the epochs a run saw, which differ after a resume. Dropout's
+    random state is not in the backup, so a head with dropout resumes with other masks."""
+    head = train.build_head_model({"dropout": 0.0}, parts.tail.output.shape[-1], 10)  # no unsaved RNG state
+    h0 = head.get_weights()
+    params = {"shift": 1, "bn_mode": "batch"}
+
+    def run(root, callbacks=()):
+        head.set_weights(h0)
+        return train.train_tail(maps_cache, tiny_splits, parts, head, params, 3, batch_size=32, seed=5,
+                                backup_root=str(root), callbacks=list(callbacks))
+
+    _, history = run(tmp_path / "clean")
+    assert len(history["loss"]) == 3
+    with pytest.raises(_Killed):
+        run(tmp_path / "killed", [_KillAfterFirstEpoch()])
+    assert any((tmp_path / "killed").iterdir()), "a backup was left for the rerun"
+    trainer, resumed = run(tmp_path / "killed")
+    assert len(resumed["loss"]) == 2, "the rerun trained only the two epochs left"
+    np.testing.assert_allclose(resumed["loss"], history["loss"][1:], rtol=1e-2)
+    np.testing.assert_allclose(resumed["val_loss"], history["val_loss"][1:], rtol=1e-2)
+    assert not any((tmp_path / "killed").iterdir()), "the backup is removed once training completes"
