@@ -10,6 +10,7 @@ most a few epochs, the final model on every training row.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -294,9 +295,8 @@ def fit_tail(trainer: keras.Model, train: CachedMaps, val: CachedMaps, epochs: i
     """
     train.epoch = initial_epoch
     metadata = Path(backup_dir, "training_metadata.json") if backup_dir else None
-    if metadata is not None and metadata.exists():  # resuming: batches prefetched before on_epoch_begin
-        import json                                 # must already be the resumed epoch's
-
+    if metadata is not None and metadata.exists():
+        # resuming: batches prefetched before on_epoch_begin must already be the resumed epoch's
         train.epoch = int(json.loads(metadata.read_text())["epoch"])
     best = keras.callbacks.EarlyStopping("val_accuracy", patience=epochs + 1, mode="max", restore_best_weights=True)
     resume = [keras.callbacks.BackupAndRestore(backup_dir)] if backup_dir else []
@@ -322,7 +322,6 @@ def train_tail(cache: Cache, splits: Splits, parts: TailParts, head: keras.Model
     backup_dir = None
     if backup_root is not None:
         import hashlib
-        import json
 
         recipe = {"cache": cache.path.name, "params": space.with_defaults("tail", params), "epochs": epochs,
                   "rows": hashlib.sha1(np.asarray(train.rows).tobytes()).hexdigest(), "batch": batch_size,
