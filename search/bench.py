@@ -165,9 +165,10 @@ def _study_seconds(study: Any) -> np.ndarray:
 
 def bench_search(cache: Cache, splits: Splits, spec: backbones.BackboneSpec, model: Any, trials: int,
                  rank_configs: int, tail_trials: int, epoch_images: int, results: Path,
-                 weights: str | None = "imagenet") -> dict:
+                 weights: str | None = "imagenet", full_max_epochs: int = 30) -> dict:
     """Phase-1 trial seconds (median, p90) at the default budget; Kendall tau between that
-    budget's score and full training (all rows and mirrors, up to 30 epochs, early stopping)
+    budget's score and full training (all rows and mirrors, as the final head: up to
+    ``full_max_epochs`` epochs, early stopping)
     for ``rank_configs`` random configurations; phase-2 trial seconds at its default budget;
     one end-to-end epoch with the backbone in the loop (timed on ``epoch_images`` images, scaled
     to the training split); resident memory after every phase-1 trial."""
@@ -192,7 +193,7 @@ def bench_search(cache: Cache, splits: Splits, spec: backbones.BackboneSpec, mod
     head_seconds = _study_seconds(study)
 
     # fidelity: the same random configurations at the trial budget and trained in full
-    full_obj = HeadObjective(data, cache.path.name, rows=None, max_epochs=30, mirrored=True)  # as the final head
+    full_obj = HeadObjective(data, cache.path.name, rows=None, max_epochs=full_max_epochs, mirrored=True)
     sampler = optuna.samplers.RandomSampler(seed=1)
     ranking = []
     for i in range(rank_configs):
