@@ -133,7 +133,7 @@ def bench_cache(spec: backbones.BackboneSpec, splits: Splits, cut: str | None, r
            / allocators["glibc"]["images_per_second"],
            "tail_step_speedup_bfc_over_glibc": allocators["glibc"]["tail_step_seconds"]
            / allocators["bfc"]["tail_step_seconds"],
-           "goal_ratio": 0.9, "command": "python -m search.cli bench-cache " + " ".join(argv or []),
+           "goal_ratio": 0.9, "command": "python -m search.cli " + " ".join(argv or ["bench-cache"]),
            "recorded": time.strftime("%Y-%m-%dT%H:%M:%S")}
     write_json(results / "bench_cache.json", out)
     return out
