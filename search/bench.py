@@ -96,7 +96,7 @@ def import_seconds() -> dict:
 
 def bench_cache(spec: backbones.BackboneSpec, splits: Splits, cut: str | None, resolution: int | None,
                 weights: str | None, images: int, results: Path, argv: list[str] | None = None,
-                tail_steps: int = 10) -> dict:
+                tail_steps: int = 10, compare_allocators: bool = True) -> dict:
     """Extraction throughput (chunked, resumable, written to disk) vs raw ``predict`` of the same
     frozen part on the same images, with user and system CPU seconds; then the frozen pass and a
     tail training step with TensorFlow's BFC allocator and with glibc's, each in a fresh process.
@@ -119,7 +119,8 @@ def bench_cache(spec: backbones.BackboneSpec, splits: Splits, cut: str | None, r
     raw = len(sub.x_train) / raw_wall
     probe_args = {"backbone": spec.name, "cut": cut, "resolution": resolution, "weights": weights,
                   "images": min(images, 600), "tail_steps": tail_steps}
-    allocators = {name: _probe_subprocess(value, probe_args) for name, value in (("bfc", "true"), ("glibc", "false"))}
+    allocators = {name: _probe_subprocess(value, probe_args) for name, value in (("bfc", "true"), ("glibc", "false"))
+                  if compare_allocators}
     out = {"backbone": spec.name, "cut_layer": cut_layer, "resolution": resolution, "weights": str(weights),
            "images": images, "allocator": os.environ.get(ALLOCATOR_ENV),
            "raw_predict_images_per_second": raw, "raw_predict_user_cpu_seconds": u1 - u0,
@@ -130,9 +131,9 @@ def bench_cache(spec: backbones.BackboneSpec, splits: Splits, cut: str | None, r
            "share_of_extraction_time_in_predict": extraction / in_loop_predict,
            "allocator_comparison": allocators, "import": import_seconds(),
            "frozen_pass_speedup_bfc_over_glibc": allocators["bfc"]["images_per_second"]
-           / allocators["glibc"]["images_per_second"],
+           / allocators["glibc"]["images_per_second"] if allocators else None,
            "tail_step_speedup_bfc_over_glibc": allocators["glibc"]["tail_step_seconds"]
-           / allocators["bfc"]["tail_step_seconds"],
+           / allocators["bfc"]["tail_step_seconds"] if allocators else None,
            "goal_ratio": 0.9, "command": "python -m search.cli " + " ".join(argv or ["bench-cache"]),
            "recorded": time.strftime("%Y-%m-%dT%H:%M:%S")}
     write_json(results / "bench_cache.json", out)

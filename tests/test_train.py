@@ -155,3 +155,13 @@ def test_killed_tail_training_resumes_from_its_last_epoch(maps_cache, tiny_split
     np.testing.assert_allclose(resumed["loss"], history["loss"][1:], rtol=1e-2)
     np.testing.assert_allclose(resumed["val_loss"], history["val_loss"][1:], rtol=1e-2)
     assert not any((tmp_path / "killed").iterdir()), "the backup is removed once training completes"
+
+
+def test_allocator_probe_reports_cpu_seconds_and_the_allocator(monkeypatch):
+    """The probe bench-cache runs once per allocator in a fresh process (here in-process, tiny)."""
+    from search import bench
+
+    monkeypatch.setenv("TF_CPU_ALLOCATOR_USE_BFC", "true")
+    out = bench.allocator_probe("MobileNet", None, TINY_RES, None, images=20, tail_steps=1)
+    assert out["allocator"] == "BFC" and out["images_per_second"] > 0 and out["tail_step_seconds"] > 0
+    assert out["frozen_pass_user_cpu_seconds"] > 0 and out["frozen_pass_system_cpu_seconds"] >= 0
