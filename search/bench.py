@@ -209,12 +209,14 @@ def bench_search(cache: Cache, splits: Splits, spec: backbones.BackboneSpec, mod
     tau = kendall_tau([r["fast"] for r in ranking], [r["full"] for r in ranking])
 
     tail_budget = space.BUDGETS["tail"]
-    tail_obj = make_objective("tail", cache, splits, tail_budget.rows, tail_budget.max_epochs, backbone=model,
-                              results=str(results))
-    tail_study = optuna.create_study(direction="maximize", sampler=make_sampler(0, tail_trials),
-                                     pruner=make_pruner("hyperband", tail_budget.max_epochs))
-    tail_study.optimize(engine.objective_fn(tail_obj), n_trials=tail_trials, catch=(Exception,))
-    tail_seconds = _study_seconds(tail_study)
+    tail_obj, tail_study, tail_seconds = None, None, np.array([])
+    if tail_trials:
+        tail_obj = make_objective("tail", cache, splits, tail_budget.rows, tail_budget.max_epochs, backbone=model,
+                                  results=str(results))
+        tail_study = optuna.create_study(direction="maximize", sampler=make_sampler(0, tail_trials),
+                                         pruner=make_pruner("hyperband", tail_budget.max_epochs))
+        tail_study.optimize(engine.objective_fn(tail_obj), n_trials=tail_trials, catch=(Exception,))
+        tail_seconds = _study_seconds(tail_study)
 
     keras.backend.clear_session()
     key = cache.key
@@ -246,12 +248,12 @@ def bench_search(cache: Cache, splits: Splits, spec: backbones.BackboneSpec, mod
                      "fast_seconds_median": float(np.median([r["fast_seconds"] for r in ranking])),
                      "full_seconds_median": float(np.median([r["full_seconds"] for r in ranking])),
                      "rows": ranking},
-        "phase2": {"trials": len(tail_seconds), "budget": tail_obj.budget,
+        "phase2": {"trials": len(tail_seconds), "budget": tail_obj.budget if tail_obj else None,
                    "trial_seconds_median": float(np.median(tail_seconds)) if len(tail_seconds) else None,
                    "trial_seconds": tail_seconds.tolist(),
                    "rungs_epochs": [1, tail_budget.max_epochs] if tail_budget.max_epochs > 1 else [1],
                    "states": {s: sum(t.state.name == s for t in tail_study.trials)
-                              for s in ("COMPLETE", "PRUNED", "FAIL")}},
+                              for s in ("COMPLETE", "PRUNED", "FAIL")} if tail_study else None},
         "end_to_end_epoch_seconds": epoch, "end_to_end_epoch_timed_images": n,
         "train_images": len(splits.train_idx), "ratio_epoch_to_median_phase1_trial": epoch / median,
         "rss_mb_after_trial": [round(r / 2**20, 1) for r in rss],

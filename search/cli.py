@@ -153,7 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, default=20, help="phase-1 trials to time (default 20)")
     p.add_argument("--rank-configs", type=int, default=20,
                    help="configurations trained at the fast fidelity and in full for Kendall tau (default 20)")
-    p.add_argument("--tail-trials", type=int, default=3, help="phase-2 trials to time (default 3)")
+    p.add_argument("--full-epochs", type=int, default=30,
+                   help="epoch cap of the full training the fast fidelity is ranked against (default 30, as the "
+                        "final head; early stopping)")
+    p.add_argument("--tail-trials", type=int, default=3, help="phase-2 trials to time (default 3; 0: skip phase 2)")
     p.add_argument("--epoch-images", type=int, default=1000,
                    help="images timed through the full backbone to estimate one end-to-end epoch")
     return parser
@@ -330,7 +333,8 @@ def cmd_bench_search(args: argparse.Namespace, argv: list[str]) -> int:
     model = spec.build(weights=_weights(args), size=resolution)
     cache = _cache(args, splits, spec, model=model)
     out = bench.bench_search(cache, splits, spec, model, args.trials, args.rank_configs, args.tail_trials,
-                             args.epoch_images, Path(args.results), weights=_weights(args))
+                             args.epoch_images, Path(args.results), weights=_weights(args),
+                             full_max_epochs=args.full_epochs)
     print(json.dumps(out, indent=2))
     return 0
 

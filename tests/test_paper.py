@@ -35,7 +35,7 @@ def tiny_results(tmp_path_factory, tiny_splits, tiny_npz, tiny_cache, spec):
 
     keras.utils.set_random_seed(0)
     model = spec.build(weights=None, size=TINY_RES)
-    bench.bench_search(tiny_cache, tiny_splits, spec, model, 3, 3, 1, 20, results, weights=None, full_max_epochs=2)
+    bench.bench_search(tiny_cache, tiny_splits, spec, model, 3, 2, 0, 20, results, weights=None, full_max_epochs=2)
     out = run_cli("evaluate", "--model", str(tmp / "cifar10.h5"), "--data", str(tiny_npz), "--results", str(results))
     assert out.returncode == 0, out.stderr[-2000:]
     docs = tmp / "docs"
