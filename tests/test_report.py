@@ -21,8 +21,8 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 @pytest.fixture(scope="module")
 def optuna_results(tmp_path_factory, tiny_cache, tiny_splits):
     results = tmp_path_factory.mktemp("results")
-    objective = HeadObjective(PooledData.from_cache(tiny_cache, tiny_splits), "tiny", max_epochs=4)
-    engines.make_engine("optuna", pruner="median", progress=False, results=results).run(objective, 6)
+    objective = HeadObjective(PooledData.from_cache(tiny_cache, tiny_splits), "tiny", max_epochs=3)
+    engines.make_engine("optuna", pruner="median", progress=False, results=results).run(objective, 5)
     final = {"val_accuracy": 0.5, "test_accuracy": 0.25, "tta": True, "class_names": [str(i) for i in range(10)],
              "test_confusion_matrix": [[1 if i == j else 0 for j in range(10)] for i in range(10)],
              "test_per_class_accuracy": {str(i): 1.0 for i in range(10)}, "cache": {"key": {"backbone": "x"}}}
