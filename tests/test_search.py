@@ -56,7 +56,7 @@ def test_both_engines_run_both_phases_through_the_same_objective(engine_name, ti
                                                                  tmp_path):
     engine = engines.make_engine(engine_name, progress=False, results=tmp_path)
     for phase in space.PHASES:
-        objective = make_objective(phase, tiny_cache, tiny_splits, rows=60, max_epochs=2, backbone=backbone,
+        objective = make_objective(phase, tiny_cache, tiny_splits, rows=60, max_epochs=1, backbone=backbone,
                                    results=str(tmp_path))
         assert isinstance(objective, HeadObjective if phase == "head" else TailObjective)
         spy = Spy(objective)
@@ -83,8 +83,8 @@ def test_both_engines_run_both_phases_through_the_same_objective(engine_name, ti
 def test_optuna_records_trials_and_opens_in_optuna_cli(pooled, tmp_path):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     engine = engines.make_engine("optuna", storage=storage, pruner="median", progress=False, results=tmp_path)
-    summary = engine.run(HeadObjective(pooled, "tiny", max_epochs=3), 4)
-    assert summary["trials"] == 4 and summary["complete"] + summary["pruned"] + summary["failed"] == 4
+    summary = engine.run(HeadObjective(pooled, "tiny", max_epochs=3), 3)
+    assert summary["trials"] == 3 and summary["complete"] + summary["pruned"] + summary["failed"] == 3
     study = optuna.load_study(study_name=summary["study_name"], storage=storage)
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert done and all({"epochs", "seconds", "cache", "phase", "budget"} <= set(t.user_attrs) for t in done)
@@ -98,8 +98,8 @@ def test_optuna_records_trials_and_opens_in_optuna_cli(pooled, tmp_path):
                            "-f", "json"], capture_output=True, text=True)
     assert best.returncode == 0, best.stderr
     assert json.loads(best.stdout)["number"] == study.best_trial.number
-    again = engine.run(HeadObjective(pooled, "tiny", max_epochs=3), 2)  # load_if_exists continues it
-    assert again["trials"] == 6
+    again = engine.run(HeadObjective(pooled, "tiny", max_epochs=3), 1)  # load_if_exists continues it
+    assert again["trials"] == 4
 
 
 def test_hyperband_pruner_follows_the_epoch_budget():
@@ -234,7 +234,7 @@ def test_sigkill_midway_then_resume_keeps_completed_trials(tiny_npz, tmp_path):
 def test_postgres_four_workers_no_lost_or_duplicated_trials(tiny_npz, tmp_path):
     url = os.environ["OPTUNA_TEST_PG_URL"]
     study = f"workers-{uuid.uuid4().hex[:8]}"
-    per_worker = 3
+    per_worker = 2
     cmd = _search_cmd(tiny_npz, tmp_path, url, per_worker, study)
     # build the cache once so the four workers do not race to build it
     subprocess.run([*cmd[:3], "extract", *cmd[4:14]], env={**os.environ, "PYTHONPATH": str(ROOT)},
