@@ -226,7 +226,7 @@ def bench_search(cache: Cache, splits: Splits, spec: backbones.BackboneSpec, mod
     head = train.build_head_model({}, e2e_backbone.outputs[0].shape[-1], cache.num_classes)
     from search import heads
 
-    e2e = heads.compile_for(stitch(spec, e2e_backbone, head, key["cut_layer"], key["resolution"], tta=False),
+    e2e = heads.compile_for(stitch(spec, e2e_backbone, head, key["cut_layer"], key["resolution"]),
                             space.DEFAULT_HEAD)
     n = min(epoch_images, len(splits.train_idx))
     x = splits.x_train[splits.train_idx[:n]].astype(np.float32)

@@ -43,8 +43,10 @@ def _add_cache_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cut", default=None, help="cut point: last1, last2, ... (default per backbone)")
     p.add_argument("--resolution", type=int, default=None,
                    help="input side the 32x32 images are upsampled to, 32..1024 (default: the backbone's native size)")
-    p.add_argument("--no-flip", dest="flip", action="store_false",
-                   help="do not cache mirrored images (no flip augmentation / test-time averaging)")
+    p.add_argument("--mirror", default="maps", choices=("images", "maps", "none"),
+                   help="mirroring for augmentation and test-time averaging: 'maps' (default) mirrors the cached "
+                        "activation maps; 'images' also caches the mirrored images (the frozen pass runs over "
+                        "twice the images); 'none' never mirrors. The cache of 'images' is a different cache key")
     p.add_argument("--cache-dir", default="cache", help="folder of feature caches (default cache/)")
     p.add_argument("--no-build", dest="build", action="store_false",
                    help="fail instead of building a missing or stale cache")
@@ -115,9 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "\"tail\": {...}}")
     p.add_argument("--tail-epochs", type=int, default=6, help="epochs of tail fine-tuning (0: head only; default 6)")
     p.add_argument("--head-epochs", type=int, default=30, help="max epochs of the head on pooled features")
-    p.add_argument("--bn-passes", type=int, default=2,
+    p.add_argument("--bn-passes", type=int, default=0,
                    help="passes re-estimating the tail's BN statistics after training; the new statistics "
-                        "are kept only if validation accuracy does not drop (default 2; 0: skip)")
+                        "are kept only if validation accuracy does not drop (default 0: skipped, it lowered "
+                        "validation in the recorded run)")
     p.add_argument("--no-tta", dest="tta", action="store_false",
                    help="never average the mirrored image's prediction in the saved model")
     p.add_argument("--output", default="cifar10.h5", help="where to save the model (default ./cifar10.h5)")
@@ -190,7 +193,7 @@ def _weights(args: argparse.Namespace) -> str | None:
 def _cache(args: argparse.Namespace, splits, spec, chunk_size: int = 2000, model=None):
     from search.cache import ensure_cache
 
-    return ensure_cache(spec, splits, cut=args.cut, resolution=args.resolution, flip=args.flip,
+    return ensure_cache(spec, splits, cut=args.cut, resolution=args.resolution, flip=args.mirror == "images",
                         weights=_weights(args), root=args.cache_dir, build=args.build,
                         chunk_size=chunk_size, progress=not args.quiet, model=model)
 
@@ -280,7 +283,7 @@ def cmd_final(args: argparse.Namespace, argv: list[str]) -> int:
 
     config = FinalConfig(
         backbone=args.backbone, weights=_weights(args), cut=args.cut, resolution=args.resolution,
-        flip=args.flip, data=args.data, val_size=args.val_size, seed=args.seed, params=_params(args.params),
+        mirror=args.mirror, data=args.data, val_size=args.val_size, seed=args.seed, params=_params(args.params),
         head_epochs=args.head_epochs, tail_epochs=args.tail_epochs, bn_passes=args.bn_passes, tta=args.tta,
         output=args.output, results=args.results, cache_root=args.cache_dir, build_cache=args.build,
         progress=not args.quiet)

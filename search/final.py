@@ -12,13 +12,14 @@ part runs over the data once, in :func:`stage_cache`, and never again):
    run resumes from its last finished epoch on rerun (``cache/checkpoints/``);
 4. :func:`stage_bn`: the tail's BatchNormalization statistics re-estimated over the training
    split, *kept only if validation accuracy does not drop* (else the trained ones are restored);
-5. :func:`stage_tta`: mirror averaging (test-time augmentation) kept only if it does not lower
-   validation accuracy;
+5. :func:`stage_tta`: mirror averaging (test-time augmentation: the mirrored image's cached
+   activations with ``mirror="images"``, the mirrored activation map with ``"maps"``) kept only
+   if it does not lower validation accuracy;
 6. :func:`stage_test`: the test set, scored once, with what was chosen above;
 7. :func:`stage_save`: one Keras model stitched: ``Input(32, 32, 3)`` -> Lambda(upsample) ->
-   Lambda(preprocess) -> the backbone (its tail layers the ones just trained) -> head (and,
-   with mirror averaging, the same on the mirrored image, averaged); compiled; checked against
-   the cached path; saved atomically.
+   Lambda(preprocess) -> the frozen part -> the tail (just trained) -> head (and, with mirror
+   averaging, the same on the mirrored image or map, averaged); compiled; checked against the
+   cached path; saved atomically.
 
 Every choice is made on the validation split. ``results/final.json`` records each stage, the
 parameters of each phase and where they came from (study, trial, value).
@@ -53,13 +54,19 @@ class FinalConfig:
     ``params``: ``"auto"`` (each phase's best trial on this cache key if a search exists, else
     its default), ``"default"``, ``"study"`` (error if a phase has no search), or a dict
     ``{"head": {...}, "tail": {...}}`` (missing keys take the defaults).
+
+    ``mirror``: how images are mirrored for augmentation and test-time averaging
+    (``train.MIRRORS`` less ``"auto"``). ``"maps"`` (default) mirrors the cached activation maps:
+    the frozen pass runs over 60,000 images instead of 120,000 (``"images"``: also the mirrored
+    images, cached). ``bn_passes`` defaults to 0: re-estimating the tail's BN statistics lowered
+    validation accuracy in the run recorded in ``results/ablation.json`` and costs minutes.
     """
 
     backbone: str = "MobileNet"
     weights: str | None = "imagenet"
     cut: str | None = None
     resolution: int | None = None
-    flip: bool = True
+    mirror: str = "maps"
     data: str | None = None
     val_size: int = 5000
     seed: int = 0
@@ -67,7 +74,7 @@ class FinalConfig:
     head_epochs: int = 30
     tail_epochs: int = 6
     tail_batch_size: int = 128
-    bn_passes: int = 2
+    bn_passes: int = 0
     tta: bool = True
     output: str = "cifar10.h5"
     results: str = "results"
@@ -81,6 +88,8 @@ class FinalConfig:
             raise UserError(f"params must be one of {list(PARAM_MODES)} or a dict, got {self.params!r}")
         if isinstance(self.params, dict) and set(self.params) - set(space.PHASES):
             raise UserError(f"params takes the phases {list(space.PHASES)}, got {sorted(self.params)}")
+        if self.mirror not in ("images", "maps", "none"):
+            raise UserError(f"mirror must be 'images', 'maps' or 'none', got {self.mirror!r}")
         for name in ("head_epochs", "tail_epochs", "bn_passes"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -94,10 +103,13 @@ def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.argmax(probs, axis=1) == labels))
 
 
-def cached_probs(model: keras.Model, cache: Cache, split: str, rows: np.ndarray, tta: bool,
+def cached_probs(model: keras.Model, cache: Cache, split: str, rows: np.ndarray, tta: str = "none",
                  kind: str = "cut") -> np.ndarray:
-    """Class probabilities of ``model`` on cached ``kind`` arrays; mirrored views averaged."""
-    views = cache.views if tta else ("orig",)
+    """Class probabilities of ``model`` on cached ``kind`` arrays; with ``tta`` (``"images"``
+    or ``"maps"``) averaged with those of the mirrored image or activation map."""
+    views = {"none": ("orig",), "images": ("orig", "flip"), "maps": ("orig", "flipped_maps")}[tta]
+    if kind == "pool" and tta == "maps":
+        raise ValueError("pooled features have no mirrored maps")
     total = 0
     for view in views:
         if kind == "cut":
@@ -119,20 +131,30 @@ def reestimate_bn(tail: keras.Model, data: keras.utils.PyDataset, passes: int) -
 
 
 def stitch(spec: backbones.BackboneSpec, backbone: keras.Model, head: keras.Model, cut_layer: str,
-           resolution: int, tta: bool) -> keras.Model:
+           resolution: int, tta: str = "none") -> keras.Model:
     """``(b, 32, 32, 3)`` 0-255 pixels -> ``(b, classes)`` probabilities, one Keras model.
 
-    The first layer is the Lambda that upsamples to ``resolution``; layers up to ``cut_layer``
-    are frozen (``trainable=False``), the tail stays trainable.
+    The first layer is the Lambda that upsamples to ``resolution``; then the frozen part (layers
+    up to ``cut_layer``, ``trainable=False``), the tail (trainable) and the head. ``tta``:
+    ``"images"`` averages with the prediction on the mirrored image (the frozen part runs twice),
+    ``"maps"`` with the prediction on the mirrored cut activations (the frozen part runs once),
+    exactly as :func:`cached_probs` scored them on the cache.
     """
     for layer in backbones.frozen_layers(backbone, cut_layer):
         layer.trainable = False
+    frozen = keras.Model(backbone.inputs, backbones.cut_layer_of(backbone, cut_layer).output,
+                         name=f"{backbone.name}_frozen")
+    tail = backbones.split_at_cut(backbone, cut_layer)
     pixels = keras.Input((32, 32, 3), name="pixels")
     x = backbones.input_stack(pixels, spec, resolution)
-    probs = head(backbone(x))
-    if tta:
+    maps = frozen(x)
+    probs = head(tail(maps))
+    if tta == "images":
         mirrored = keras.layers.Lambda(backbones.flip_left_right, name="mirror")(x)
-        probs = keras.layers.Average(name="tta_average")([probs, head(backbone(mirrored))])
+        probs = keras.layers.Average(name="tta_average")([probs, head(tail(frozen(mirrored)))])
+    elif tta == "maps":
+        mirrored = keras.layers.Lambda(backbones.flip_left_right, name="mirror_maps")(maps)
+        probs = keras.layers.Average(name="tta_average")([probs, head(tail(mirrored))])
     return keras.Model(pixels, probs, name=f"cifar10_{spec.name.lower()}")
 
 
@@ -163,7 +185,7 @@ class Run:
     head: keras.Model | None = None
     parts: train.TailParts | None = None
     trainer: keras.Model | None = None
-    tta: bool = False
+    tta: str = "none"
 
     def __post_init__(self) -> None:
         self.timings: dict[str, float] = {}
@@ -175,18 +197,18 @@ class Run:
     def val_labels(self) -> np.ndarray:
         return self.splits.y_train[self.splits.val_idx]
 
-    def val_accuracy(self, model: keras.Model, tta: bool = False, kind: str = "cut") -> float:
+    def val_accuracy(self, model: keras.Model, tta: str = "none", kind: str = "cut") -> float:
         return accuracy(cached_probs(model, self.cache, "train", self.splits.val_idx, tta, kind), self.val_labels)
 
     def row(self, stage: str, **fields: Any) -> None:
         self.rows.append({"backbone": self.spec.name, "cut": self.cut_layer, "resolution": self.resolution,
-                          "flip": self.config.flip, "train_images": len(self.splits.train_idx),
+                          "mirror": self.config.mirror, "train_images": len(self.splits.train_idx),
                           "seed": self.config.seed, "stage": stage, **fields})
 
 
 def stage_cache(run: Run) -> None:
     c = run.config
-    run.cache = ensure_cache(run.spec, run.splits, cut=c.cut, resolution=run.resolution, flip=c.flip,
+    run.cache = ensure_cache(run.spec, run.splits, cut=c.cut, resolution=run.resolution, flip=c.mirror == "images",
                              weights=c.weights, root=c.cache_root, build=c.build_cache, progress=c.progress,
                              model=run.backbone)
     log.info("cache %s (%s)", run.cache.path, "reused: the frozen part did not run" if run.cache.stats["hit"]
@@ -203,15 +225,15 @@ def stage_params(run: Run) -> None:
 
 def stage_head(run: Run) -> None:
     c = run.config
-    data = train.PooledData.from_cache(run.cache, run.splits)
+    data = train.PooledData.from_cache(run.cache, run.splits, mirrored=c.mirror == "images")
     run.head, history = train.train_head(data, run.params["head"], c.head_epochs, seed=c.seed,
                                          verbose=2 if c.progress else 0)
     run.extra["head_history"] = history
-    frozen = run.val_accuracy(run.head, False, "pool")
-    frozen_tta = run.val_accuracy(run.head, True, "pool")
+    frozen = run.val_accuracy(run.head, "none", "pool")
+    frozen_tta = run.val_accuracy(run.head, "images", "pool") if c.mirror == "images" else None
     run.extra.update(frozen_val_accuracy=frozen, frozen_val_accuracy_tta=frozen_tta)
     run.row("frozen features + head", val_accuracy=frozen, val_accuracy_tta=frozen_tta, head=run.params["head"])
-    log.info("frozen features + head: val %.4f (mirror-averaged %.4f)", frozen, frozen_tta)
+    log.info("frozen features + head: val %.4f", frozen)
 
 
 def stage_tail(run: Run) -> None:
@@ -232,7 +254,7 @@ def stage_tail(run: Run) -> None:
     run.trainer, _ = train.train_tail(run.cache, run.splits, run.parts, run.head, run.params["tail"],
                                       c.tail_epochs, callbacks=[EpochLog()], seed=c.seed,
                                       batch_size=c.tail_batch_size, verbose=2 if c.progress else 0,
-                                      backup_root=str(Path(c.cache_root) / "checkpoints"))
+                                      backup_root=str(Path(c.cache_root) / "checkpoints"), mirror=c.mirror)
     best = max(run.epochs, key=lambda e: e["val_accuracy"])
     run.row("tail fine-tuned", val_accuracy=run.val_accuracy(run.trainer), epochs=c.tail_epochs,
             best_epoch=best["epoch"], tail=run.params["tail"])
@@ -256,12 +278,18 @@ def stage_bn(run: Run) -> None:
 
 
 def stage_tta(run: Run) -> None:
-    plain, mirrored = run.val_accuracy(run.trainer, False), run.val_accuracy(run.trainer, True)
-    run.tta = bool(run.config.tta and run.config.flip and mirrored >= plain)
+    mode = run.config.mirror if run.config.tta else "none"
+    plain = run.val_accuracy(run.trainer)
+    if mode == "none":
+        run.extra.update(val_accuracy_plain=plain, val_accuracy_tta=None, val_accuracy=plain, tta_mode="none")
+        run.row("final, plain", val_accuracy=plain, chosen=True)
+        return
+    mirrored = run.val_accuracy(run.trainer, mode)
+    run.tta = mode if mirrored >= plain else "none"
     run.extra.update(val_accuracy_plain=plain, val_accuracy_tta=mirrored,
-                     val_accuracy=mirrored if run.tta else plain)
-    run.row("final, mirror-averaged (TTA)", val_accuracy=mirrored, chosen=run.tta)
-    run.row("final, plain", val_accuracy=plain, chosen=not run.tta)
+                     val_accuracy=mirrored if run.tta != "none" else plain, tta_mode=mode)
+    run.row(f"final, mirror-averaged (TTA, mirrored {mode})", val_accuracy=mirrored, chosen=run.tta != "none")
+    run.row("final, plain", val_accuracy=plain, chosen=run.tta == "none")
 
 
 def stage_test(run: Run) -> None:
@@ -346,7 +374,7 @@ def write_summary(run: Run, saved: Path) -> dict:
                   "extraction": run.cache.manifest.get("extraction")},
         "data": {"source": run.splits.source, "train": len(run.splits.train_idx), "val": len(run.splits.val_idx),
                  "test": len(run.splits.y_test), "fingerprint": run.splits.fingerprint},
-        "tta": run.tta, **extra, "epochs": run.epochs, "timings_seconds": run.timings,
+        "tta": run.tta != "none", "tta_chosen": run.tta, **extra, "epochs": run.epochs, "timings_seconds": run.timings,
         "model_path": str(saved.resolve()), "stages": run.rows, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     write_json(results / "final.json", summary)

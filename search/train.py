@@ -22,6 +22,7 @@ import numpy as np
 from search import heads, space
 from search.cache import Cache
 from search.data import Splits, one_hot
+from search.errors import UserError
 
 EARLY_STOPPING_PATIENCE = 3
 VAL_BATCH = 256
@@ -115,18 +116,26 @@ class CachedMaps(keras.utils.PyDataset):
 
     Yields ``(x, y)``: ``x`` ``(b, h, w, c)`` float16 activations as cached (the model casts to
     float32 in its graph), ``y`` ``(b, classes)`` float32 one-hot. With ``augment``, the rows are
-    reshuffled every epoch, each image is the cached mirror image with probability 1/2 (when the
-    cache has mirrors) and is shifted by up to ``shift`` cells (zero fill). Every random draw
+    reshuffled every epoch, each image is mirrored with probability 1/2 and shifted by up to
+    ``shift`` cells (zero fill). ``mirror`` says how (:data:`MIRRORS`): ``"images"`` takes the
+    cached activations of the mirrored image (a cache built with ``flip=True``), ``"maps"``
+    mirrors the cached activation map itself (no extra extraction), ``"none"`` never mirrors;
+    ``"auto"`` is ``"images"`` when the cache has them, else ``"maps"``. ``view="flipped_maps"``
+    yields every map mirrored (test-time averaging without cached mirror images). Every random draw
     comes from a generator seeded by ``(seed, epoch, batch index)``, so batches are the same
     whichever worker thread builds them and in whatever order. ``epoch`` is set by the trainer
     (:func:`fit_tail`) at the start of each epoch, also after a resume.
     """
 
     def __init__(self, cache: Cache, split: str, rows: np.ndarray, batch_size: int, augment: bool = False,
-                 shift: int = 0, view: str = "orig", seed: int = 0, workers: int = 1) -> None:
+                 shift: int = 0, view: str = "orig", seed: int = 0, workers: int = 1,
+                 mirror: str = "auto") -> None:
         super().__init__(workers=workers, use_multiprocessing=False)
-        self.orig = cache.array(split, "cut", view)
-        self.flip = cache.array(split, "cut", "flip") if augment and cache.key["flip"] else None
+        mirror = resolve_mirror(mirror, cache)
+        self.flip_all = view == "flipped_maps"
+        self.orig = cache.array(split, "cut", "orig" if self.flip_all else view)
+        self.mirror = mirror if augment else "none"
+        self.flip = cache.array(split, "cut", "flip") if self.mirror == "images" else None
         self.labels = cache.labels[split]
         self.num_classes = cache.num_classes
         self.rows, self.batch_size = np.asarray(rows), int(batch_size)
@@ -144,15 +153,32 @@ class CachedMaps(keras.utils.PyDataset):
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         idx = np.sort(self._order()[i * self.batch_size:(i + 1) * self.batch_size])
         x = np.asarray(self.orig[idx])
+        if self.flip_all:
+            x = np.ascontiguousarray(x[:, :, ::-1])
         if self.augment:
             rng = np.random.default_rng([self.seed, self.epoch, i])
-            if self.flip is not None:
+            if self.mirror != "none":
                 mirrored = rng.random(len(idx)) < 0.5
                 if mirrored.any():
-                    x[mirrored] = self.flip[idx[mirrored]]
+                    x[mirrored] = self.flip[idx[mirrored]] if self.flip is not None else x[mirrored, :, ::-1]
             if self.shift:
                 x = shift_maps(x, self.shift, rng)
         return x, one_hot(self.labels[idx], self.num_classes)
+
+
+MIRRORS = ("auto", "images", "maps", "none")
+
+
+def resolve_mirror(mirror: str, cache: Cache) -> str:
+    """``mirror`` (one of :data:`MIRRORS`) made concrete for ``cache``: images, maps or none."""
+    if mirror not in MIRRORS:
+        raise UserError(f"mirror must be one of {list(MIRRORS)}, got {mirror!r}")
+    if mirror == "auto":
+        return "images" if cache.key["flip"] else "maps"
+    if mirror == "images" and not cache.key["flip"]:
+        raise UserError(f"mirror='images' needs a cache of mirrored images; {cache.path.name} has none "
+                        "(extract with mirrored images, or mirror the maps)")
+    return mirror
 
 
 def shift_maps(x: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
@@ -259,11 +285,12 @@ def build_tail_trainer(parts: TailParts, head: keras.Model, head_weights: list[n
 
 
 def tail_batches(cache: Cache, splits: Splits, params: dict[str, Any], rows: np.ndarray | None = None,
-                 batch_size: int = 128, seed: int = 0) -> tuple[CachedMaps, CachedMaps]:
+                 batch_size: int = 128, seed: int = 0, mirror: str = "auto") -> tuple[CachedMaps, CachedMaps]:
     """(augmented training batches over ``rows`` (default all training rows), validation batches)."""
     params = space.with_defaults("tail", params)
     rows = splits.train_idx if rows is None else rows
-    train = CachedMaps(cache, "train", rows, batch_size, augment=True, shift=params["shift"], seed=seed, workers=2)
+    train = CachedMaps(cache, "train", rows, batch_size, augment=True, shift=params["shift"], seed=seed, workers=2,
+                       mirror=mirror)
     val = CachedMaps(cache, "train", splits.val_idx, VAL_BATCH)
     return train, val
 
@@ -307,8 +334,8 @@ def fit_tail(trainer: keras.Model, train: CachedMaps, val: CachedMaps, epochs: i
 
 def train_tail(cache: Cache, splits: Splits, parts: TailParts, head: keras.Model, params: dict[str, Any],
                epochs: int, rows: np.ndarray | None = None, callbacks: list | None = None, seed: int = 0,
-               batch_size: int = 128, verbose: int = 0,
-               backup_root: str | None = None) -> tuple[keras.Model, dict[str, list[float]]]:
+               batch_size: int = 128, verbose: int = 0, backup_root: str | None = None,
+               mirror: str = "auto") -> tuple[keras.Model, dict[str, list[float]]]:
     """Phase 2 in one call: the tail and ``head`` (from its current weights) fine-tuned on cut maps.
 
     With ``backup_root``, a killed run resumes at epoch granularity on rerun; the backup folder
@@ -317,7 +344,7 @@ def train_tail(cache: Cache, splits: Splits, parts: TailParts, head: keras.Model
     history.
     """
     keras.utils.set_random_seed(seed)
-    train, val = tail_batches(cache, splits, params, rows, batch_size, seed)
+    train, val = tail_batches(cache, splits, params, rows, batch_size, seed, mirror)
     trainer = build_tail_trainer(parts, head, head.get_weights(), params, len(train), epochs)
     backup_dir = None
     if backup_root is not None:
@@ -325,7 +352,7 @@ def train_tail(cache: Cache, splits: Splits, parts: TailParts, head: keras.Model
 
         recipe = {"cache": cache.path.name, "params": space.with_defaults("tail", params), "epochs": epochs,
                   "rows": hashlib.sha1(np.asarray(train.rows).tobytes()).hexdigest(), "batch": batch_size,
-                  "seed": seed}
+                  "seed": seed, "mirror": train.mirror}
         digest = hashlib.sha1(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:16]
         backup_dir = str(Path(backup_root) / f"tail-{digest}")
     return trainer, fit_tail(trainer, train, val, epochs, callbacks, verbose=verbose, backup_dir=backup_dir)

@@ -109,7 +109,7 @@ def make_objective(phase: str, cache: Cache, splits: Splits, rows: int | None, m
     from search import engines, space
 
     space.check_phase(phase)
-    data = train.PooledData.from_cache(cache, splits)
+    data = train.PooledData.from_cache(cache, splits, mirrored=mirrored and phase == "head")
     if phase == "head":
         return HeadObjective(data, cache.path.name, rows=rows, max_epochs=max_epochs, mirrored=mirrored)
     params, provenance = engines.resolve_params("auto", results, cache.path.name, phases=("head",))
