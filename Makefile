@@ -25,6 +25,10 @@ ORACLE ?=
 STORAGE ?=
 STUDY ?=
 ARGS ?=
+# your own images: DATA=path/to/folder (DIR/<class>/*.jpg or DIR/train|test/<class>/), IMAGE_SIZE=stored side
+DATA ?=
+IMAGE_SIZE ?=
+DATA_ARGS := $(if $(DATA),--data $(DATA),) $(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE),)
 # only what is set is passed: an engine refuses options it cannot honour (e.g. PRUNER with kerastuner)
 SEARCH_ARGS := $(if $(TRIALS),--trials $(TRIALS),) $(if $(TAIL_TRIALS),--tail-trials $(TAIL_TRIALS),) \
   $(if $(PRUNER),--pruner $(PRUNER),) $(if $(ORACLE),--oracle $(ORACLE),) \
@@ -51,10 +55,10 @@ offline: $(VENV)/.installed  ## build cache/cifar10.npz and seed ImageNet weight
 	  test -f $(KERAS_MODELS)/$$(basename $$f) || cp $$f $(KERAS_MODELS)/; done
 
 final: setup  ## train both phases' best parameters (this cache key's searches) on the cache, save ./cifar10.h5
-	$(PY) -m search.cli final $(ARGS)
+	$(PY) -m search.cli final $(DATA_ARGS) $(ARGS)
 
 search: setup  ## both phases on the cache (PHASE=head|tail|both, ENGINE, TRIALS, TAIL_TRIALS, WORKERS, STORAGE, PRUNER, ORACLE)
-	$(PY) -m search.cli search --engine $(ENGINE) --phase $(PHASE) --workers $(WORKERS) $(SEARCH_ARGS) $(ARGS)
+	$(PY) -m search.cli search $(DATA_ARGS) --engine $(ENGINE) --phase $(PHASE) --workers $(WORKERS) $(SEARCH_ARGS) $(ARGS)
 
 report: setup  ## HTML report of the latest phase-1 study (+ final model) -> results/report/ (PHASE=tail for phase 2)
 	$(PY) -m search.cli report $(if $(filter tail,$(PHASE)),--phase tail --out results/report-tail,)
@@ -77,7 +81,7 @@ test: setup  ## the test suite (tiny data, tiny backbones; < 10 min)
 	$(PY) -m pytest -q
 
 RELIABILITY_TESTS := tests/test_reliability.py tests/test_cache.py tests/test_cli.py tests/test_preprocess.py \
-  tests/test_search.py tests/test_final.py
+  tests/test_search.py tests/test_final.py tests/test_train.py tests/test_images.py
 
 reliability: setup  ## fault-injection and bad-input suite -> results/reliability.json
 	mkdir -p results

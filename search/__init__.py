@@ -4,7 +4,7 @@ Stages (data flows one way; later modules import earlier ones, never the reverse
 
     data -> backbones -> cache -> heads/space -> train -> engines -> final -> report -> paper
 
-Each module has one entry point: ``load_cifar10``, ``get_backbone``, ``ensure_cache``,
+Each module has one entry point: ``load_data``, ``get_backbone``, ``ensure_cache``,
 ``build_head``/``suggest``, ``train_head``/``train_tail``, ``make_engine``, ``build_final``,
 ``write_report``, ``write_paper``, ``run_classic``.
 """

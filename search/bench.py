@@ -50,6 +50,9 @@ def allocator_probe(backbone: str, cut: str | None, resolution: int | None, weig
     extractor = build_extractor(model, spec, cut_layer, resolution)
     x = np.random.default_rng(0).integers(0, 256, (images, 32, 32, 3), dtype=np.uint8)
     extractor.predict(x[:100], batch_size=100, verbose=0)  # trace once
+    t0 = time.perf_counter()
+    extractor.predict(x, batch_size=100, verbose=0)  # first full call: the allocator's pool grows
+    first = time.perf_counter() - t0
     (u0, s0), t0 = _cpu(), time.perf_counter()
     cut_maps, _ = extractor.predict(x, batch_size=100, verbose=0)
     wall, (u1, s1) = time.perf_counter() - t0, _cpu()
@@ -65,6 +68,7 @@ def allocator_probe(backbone: str, cut: str | None, resolution: int | None, weig
     step, (u3, s3) = (time.perf_counter() - t2) / tail_steps, _cpu()
     return {"allocator": "BFC" if os.environ.get(ALLOCATOR_ENV, "").lower() == "true" else "glibc malloc",
             ALLOCATOR_ENV: os.environ.get(ALLOCATOR_ENV), "images_per_second": images / wall,
+            "first_call_images_per_second": images / first,
             "frozen_pass_user_cpu_seconds": u1 - u0, "frozen_pass_system_cpu_seconds": s1 - s0,
             "tail_step_seconds": step, "tail_steps": tail_steps,
             "tail_user_cpu_seconds": u3 - u2, "tail_system_cpu_seconds": s3 - s2}
@@ -98,7 +102,8 @@ def bench_cache(spec: backbones.BackboneSpec, splits: Splits, cut: str | None, r
                 weights: str | None, images: int, results: Path, argv: list[str] | None = None,
                 tail_steps: int = 10, compare_allocators: bool = True) -> dict:
     """Extraction throughput (chunked, resumable, written to disk) vs raw ``predict`` of the same
-    frozen part on the same images, with user and system CPU seconds; then the frozen pass and a
+    frozen part on the same images (its second full call: the first also pays for the
+    allocator's pool growing, recorded apart), with user and system CPU seconds; then the frozen pass and a
     tail training step with TensorFlow's BFC allocator and with glibc's, each in a fresh process.
     Goal: extraction / raw predict >= 0.9."""
     cut_layer, resolution = spec.resolve(cut, resolution)
@@ -106,6 +111,9 @@ def bench_cache(spec: backbones.BackboneSpec, splits: Splits, cut: str | None, r
     sub = splits.subset(images, max(10, images // 10), max(1, images // 50))
     extractor = build_extractor(model, spec, cut_layer, resolution)
     extractor.predict(sub.x_train[:100], batch_size=100, verbose=0)  # warm-up: trace once
+    t = time.perf_counter()
+    extractor.predict(sub.x_train, batch_size=100, verbose=0)  # first full call: the allocator's pool grows
+    raw_first = len(sub.x_train) / (time.perf_counter() - t)
     (u0, s0), t = _cpu(), time.perf_counter()
     extractor.predict(sub.x_train, batch_size=100, verbose=0)
     raw_wall, (u1, s1) = time.perf_counter() - t, _cpu()
@@ -123,7 +131,8 @@ def bench_cache(spec: backbones.BackboneSpec, splits: Splits, cut: str | None, r
                   if compare_allocators}
     out = {"backbone": spec.name, "cut_layer": cut_layer, "resolution": resolution, "weights": str(weights),
            "images": images, "allocator": os.environ.get(ALLOCATOR_ENV),
-           "raw_predict_images_per_second": raw, "raw_predict_user_cpu_seconds": u1 - u0,
+           "raw_predict_images_per_second": raw, "raw_predict_first_call_images_per_second": raw_first,
+           "raw_predict_user_cpu_seconds": u1 - u0,
            "raw_predict_system_cpu_seconds": s1 - s0,
            "extraction_images_per_second": extraction, "extraction_user_cpu_seconds": u2 - u1,
            "extraction_system_cpu_seconds": s2 - s1, "ratio": extraction / raw,

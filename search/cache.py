@@ -33,7 +33,7 @@ import keras
 import numpy as np
 
 from search import backbones
-from search.data import NUM_CLASSES, Splits
+from search.data import CLASS_NAMES, IMAGE_SHAPE, NUM_CLASSES, Splits
 from search.errors import UserError
 from search.io import read_json, write_json
 
@@ -97,6 +97,10 @@ class Cache:
         return int(self.manifest.get("num_classes", NUM_CLASSES))
 
     @property
+    def class_names(self) -> tuple[str, ...]:
+        return tuple(self.manifest.get("class_names", CLASS_NAMES))
+
+    @property
     def labels(self) -> dict[str, np.ndarray]:
         return {s: np.asarray(self.manifest["labels"][s], dtype=np.int64) for s in SPLITS}
 
@@ -140,14 +144,15 @@ def verify(path: Path, key: CacheKey) -> str | None:
 
 
 def build_extractor(model: keras.Model, spec: backbones.BackboneSpec, cut_layer: str,
-                    resolution: int) -> keras.Model:
-    """``(b, 32, 32, 3)`` pixels -> [cut activations, pooled features]: the frozen pass.
+                    resolution: int, image_shape: tuple[int, ...] = IMAGE_SHAPE) -> keras.Model:
+    """``(b, *image_shape)`` pixels (CIFAR-10: 32 x 32 x 3) -> [cut activations, pooled
+    features]: the frozen pass.
 
     Starts with the same two Lambda layers as the saved model (``backbones.input_stack``).
     """
     cut = backbones.cut_layer_of(model, cut_layer)
     inner = keras.Model(model.inputs, [cut.output, model.outputs[0]])
-    pixels = keras.Input((32, 32, 3), name="pixels")
+    pixels = keras.Input(tuple(image_shape), name="pixels")
     return keras.Model(pixels, inner(backbones.input_stack(pixels, spec, resolution)), name="extractor")
 
 
@@ -210,7 +215,7 @@ def ensure_cache(
             log.warning("rebuilding cache %s: %s", path, problem)
             shutil.rmtree(path)
         if extractor is None:
-            extractor = build_extractor(model, spec, cut_layer, resolution)
+            extractor = build_extractor(model, spec, cut_layer, resolution, splits.image_shape)
         return _extract(spec, extractor, key, path, splits, chunk_size, batch_size, progress, on_chunk)
 
 
@@ -321,7 +326,7 @@ def _extract(spec, extractor, key, path, splits, chunk_size, batch_size, progres
     manifest = {
         "key": asdict(key), "arrays": arrays,
         "labels": {"train": splits.y_train.tolist(), "test": splits.y_test.tolist()},
-        "num_classes": NUM_CLASSES,
+        "num_classes": splits.num_classes, "class_names": list(splits.class_names),
         "data_source": splits.source,
         "extraction": {"seconds": elapsed, "predict_seconds": seconds,
                        "images": remaining, "chunks": computed,

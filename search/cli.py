@@ -25,10 +25,15 @@ log = logging.getLogger("search")
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None,
-                   help="CIFAR-10 .npz (keys x_train, y_train, x_test, y_test); default $CIFAR10_NPZ, "
-                        "else keras.datasets.cifar10.load_data() (downloads)")
-    p.add_argument("--val-size", type=int, default=5000,
-                   help="validation images carved from the 50k training images (default 5000)")
+                   help="your own images: a folder DIR/<class>/*.jpg|png|... (a test split is carved, 20%% per "
+                        "class, fixed seed) or DIR/train/<class>/ + DIR/test/<class>/; or a CIFAR-10 .npz (keys "
+                        "x_train, y_train, x_test, y_test). Default $CIFAR10_NPZ, else "
+                        "keras.datasets.cifar10.load_data() (downloads)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="with a folder: side the images are stored at after decoding (once), 8..1024; default "
+                        "their own size when all are one square size, else 128")
+    p.add_argument("--val-size", type=int, default=None,
+                   help="validation images carved from the training images (default 10%%: 5000 of CIFAR-10's 50k)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, sampler and training")
     p.add_argument("--limit", type=int, default=None,
                    help="use only the first N train and N/5 test images (quick runs, not results)")
@@ -43,10 +48,11 @@ def _add_cache_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cut", default=None, help="cut point: last1, last2, ... (default per backbone)")
     p.add_argument("--resolution", type=int, default=None,
                    help="input side the 32x32 images are upsampled to, 32..1024 (default: the backbone's native size)")
-    p.add_argument("--mirror", default="maps", choices=("images", "maps", "none"),
-                   help="mirroring for augmentation and test-time averaging: 'maps' (default) mirrors the cached "
-                        "activation maps; 'images' also caches the mirrored images (the frozen pass runs over "
-                        "twice the images); 'none' never mirrors. The cache of 'images' is a different cache key")
+    p.add_argument("--mirror", default="images", choices=("images", "maps", "none"),
+                   help="mirroring for augmentation and test-time averaging: 'images' (default) also caches the "
+                        "mirrored images (the frozen pass runs over twice the images); 'maps' mirrors the cached "
+                        "activation maps (half the extraction, lower test accuracy in the recorded run); 'none' "
+                        "never mirrors. 'images' is a different cache key from the other two")
     p.add_argument("--cache-dir", default="cache", help="folder of feature caches (default cache/)")
     p.add_argument("--no-build", dest="build", action="store_false",
                    help="fail instead of building a missing or stale cache")
@@ -143,6 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--docs", default="docs", help="folder with paper_template.md (default docs/)")
     p.add_argument("--data", default=None, help="CIFAR-10 .npz for the figure (default $CIFAR10_NPZ)")
 
+    p = sub.add_parser("compare", help="frontier, seeds and search effect of finished final runs -> results/",
+                       description="Reads copies of results/final.json (LABEL=PATH ...) and writes frontier.json "
+                                   "(+ .png), seeds.json (runs sharing the first run's recipe) and, with --default and "
+                                   "--searched, search_effect.json. Trains and scores nothing.")
+    p.add_argument("runs", nargs="+", metavar="LABEL=PATH", help="a final run's JSON and its label")
+    p.add_argument("--default", dest="default_run", default=None, help="label of the run with default parameters")
+    p.add_argument("--searched", dest="searched_run", default=None, help="label of the run with searched parameters")
+    p.add_argument("--results", default="results", help="where the JSON files go (default results/)")
+
     p = sub.add_parser("bench-cache",
                        help="extraction vs raw predict, CPU seconds, allocators -> results/bench_cache.json")
     _add_data_args(p)
@@ -172,12 +187,13 @@ def _setup(args: argparse.Namespace):
     spec = backbones.get_backbone(args.backbone)
     spec.resolve(args.cut, args.resolution)
     _weights(args)
-    splits = data.load_cifar10(args.data, val_size=args.val_size, seed=args.seed)
+    splits = data.load_data(args.data, val_size=args.val_size, seed=args.seed, image_size=args.image_size,
+                            cache_root=getattr(args, "cache_dir", "cache"), progress=not getattr(args, "quiet", False))
     import keras
 
     keras.utils.set_random_seed(args.seed)  # random-weight backbones (tests) build the same
     if getattr(args, "limit", None):
-        splits = splits.subset(args.limit, max(10, args.limit // 5), min(args.val_size, args.limit // 5),
+        splits = splits.subset(args.limit, max(10, args.limit // 5), min(args.val_size or 10**9, args.limit // 5),
                                args.seed)
     return splits, spec
 
@@ -283,7 +299,8 @@ def cmd_final(args: argparse.Namespace, argv: list[str]) -> int:
 
     config = FinalConfig(
         backbone=args.backbone, weights=_weights(args), cut=args.cut, resolution=args.resolution,
-        mirror=args.mirror, data=args.data, val_size=args.val_size, seed=args.seed, params=_params(args.params),
+        mirror=args.mirror, data=args.data, image_size=args.image_size, val_size=args.val_size, seed=args.seed,
+        params=_params(args.params),
         head_epochs=args.head_epochs, tail_epochs=args.tail_epochs, bn_passes=args.bn_passes, tta=args.tta,
         output=args.output, results=args.results, cache_root=args.cache_dir, build_cache=args.build,
         progress=not args.quiet)
@@ -318,6 +335,20 @@ def cmd_paper(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace, argv: list[str]) -> int:
+    from search.compare import compare_runs
+
+    runs = {}
+    for item in args.runs:
+        label, sep, path = item.partition("=")
+        if not sep or not label or not path:
+            raise UserError(f"runs are LABEL=PATH, got {item!r}")
+        runs[label] = path
+    out = compare_runs(runs, args.results, args.default_run, args.searched_run)
+    print(json.dumps({k: v for k, v in out.items() if k != "frontier"}, indent=2, default=str))
+    return 0
+
+
 def cmd_bench_cache(args: argparse.Namespace, argv: list[str]) -> int:
     from search import bench
 
@@ -343,7 +374,8 @@ def cmd_bench_search(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 COMMANDS = {"extract": cmd_extract, "search": cmd_search, "final": cmd_final, "evaluate": cmd_evaluate,
-            "report": cmd_report, "paper": cmd_paper, "bench-cache": cmd_bench_cache, "bench-search": cmd_bench_search}
+            "report": cmd_report, "paper": cmd_paper, "compare": cmd_compare, "bench-cache": cmd_bench_cache,
+            "bench-search": cmd_bench_search}
 
 
 def main(argv: list[str] | None = None) -> int:

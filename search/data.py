@@ -1,9 +1,11 @@
-"""CIFAR-10 loading, input validation and the stratified validation split.
+"""Data loading (CIFAR-10 or a folder of class folders), input validation, the validation split.
 
-Entry point: :func:`load_cifar10`. The data source is, in order of precedence, the ``path``
+Entry point: :func:`load_data`. The data source is, in order of precedence, the ``path``
 argument, the ``CIFAR10_NPZ`` environment variable, then ``keras.datasets.cifar10.load_data()``
-(which downloads on a machine with internet). An ``.npz`` must hold ``x_train``, ``y_train``,
-``x_test``, ``y_test`` with the shapes and dtypes of ``cifar10.load_data()``.
+(which downloads on a machine with internet). ``path`` is either an ``.npz`` holding
+``x_train``, ``y_train``, ``x_test``, ``y_test`` with the shapes and dtypes of
+``cifar10.load_data()``, or a folder of class folders (``search.images.read_folder``: any image
+size and mode, any number of classes, decoded once).
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ CLASS_NAMES = (
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 
-def validate_images(x: np.ndarray, name: str = "X") -> np.ndarray:
-    """Check ``x`` is a non-empty numeric ``(m, 32, 32, 3)`` array; return it as an ndarray.
+def validate_images(x: np.ndarray, name: str = "X", shape: tuple[int, ...] = IMAGE_SHAPE) -> np.ndarray:
+    """Check ``x`` is a non-empty numeric ``(m, *shape)`` array (default ``(m, 32, 32, 3)``).
 
     Raises:
         UserError (a ValueError): saying what was expected and what was given.
@@ -35,17 +37,19 @@ def validate_images(x: np.ndarray, name: str = "X") -> np.ndarray:
     x = np.asarray(x)
     if x.dtype == object or not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
         raise UserError(f"{name} must be numeric pixels (uint8 0-255), got dtype {x.dtype}")
+    expected = "(m, " + ", ".join(map(str, shape)) + ")"
     if x.ndim != 4:
-        raise UserError(f"{name} must have rank 4 (m, 32, 32, 3), got shape {x.shape}")
-    if x.shape[1:] != IMAGE_SHAPE:
-        raise UserError(f"{name} must have shape (m, 32, 32, 3), got {x.shape}")
+        raise UserError(f"{name} must have rank 4 {expected}, got shape {x.shape}")
+    if x.shape[1:] != tuple(shape):
+        raise UserError(f"{name} must have shape {expected}, got {x.shape}")
     if x.shape[0] == 0:
-        raise UserError(f"{name} is empty: expected at least one image of shape (32, 32, 3)")
+        raise UserError(f"{name} is empty: expected at least one image of shape {tuple(shape)}")
     return x
 
 
-def validate_labels(y: np.ndarray, m: int | None = None, name: str = "Y") -> np.ndarray:
-    """Return ``y`` as a flat int64 array of class ids in 0..9.
+def validate_labels(y: np.ndarray, m: int | None = None, name: str = "Y",
+                    num_classes: int = NUM_CLASSES) -> np.ndarray:
+    """Return ``y`` as a flat int64 array of class ids in ``0..num_classes - 1`` (default 0..9).
 
     Accepts shape ``(m,)`` or ``(m, 1)`` (as ``cifar10.load_data`` returns). When ``m`` is
     given, the length must equal it.
@@ -63,8 +67,8 @@ def validate_labels(y: np.ndarray, m: int | None = None, name: str = "Y") -> np.
         raise UserError(f"X has {m} images but {name} has {y.shape[0]} labels")
     if np.issubdtype(y.dtype, np.floating) and not np.all(np.mod(y, 1) == 0):
         raise UserError(f"{name} must hold whole numbers 0-9, got non-integer values")
-    if y.min() < 0 or y.max() >= NUM_CLASSES:
-        raise UserError(f"{name} labels must be in 0..9, got range {y.min()}..{y.max()}")
+    if y.min() < 0 or y.max() >= num_classes:
+        raise UserError(f"{name} labels must be in 0..{num_classes - 1}, got range {y.min()}..{y.max()}")
     return y.astype(np.int64)
 
 
@@ -75,17 +79,19 @@ def one_hot(y: np.ndarray, num_classes: int = NUM_CLASSES) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Splits:
-    """CIFAR-10 in memory, with the validation split as indices into the training set.
+    """The data in memory, with the validation split as indices into the training set.
 
-    Attributes:
+    Attributes (CIFAR-10's sizes; a folder of ``k`` classes stored at ``s`` px has its own):
         x_train: ``(50000, 32, 32, 3)`` uint8, all training images (the cache covers them all).
         y_train: ``(50000,)`` int64.
         x_test: ``(10000, 32, 32, 3)`` uint8, touched only for the final reported score.
         y_test: ``(10000,)`` int64.
         train_idx: int64 indices of ``x_train`` used for fitting.
         val_idx: int64 indices of ``x_train`` held out for every model choice.
-        fingerprint: sha1 of the four arrays' bytes (part of every cache key).
+        fingerprint: sha1 of the four arrays' bytes, and of the class names when they are not
+            CIFAR-10's (part of every cache key).
         source: where the data came from (a path or ``keras.datasets``).
+        class_names: one name per class id.
     """
 
     x_train: np.ndarray
@@ -96,13 +102,23 @@ class Splits:
     val_idx: np.ndarray
     fingerprint: str
     source: str
+    class_names: tuple[str, ...] = CLASS_NAMES
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(s, s, 3)``: what the saved model's first layer takes."""
+        return tuple(self.x_train.shape[1:])
 
     def subset(self, n_train: int, n_test: int, val_size: int, seed: int = 0) -> Splits:
         """A smaller copy (first ``n_train``/``n_test`` images), for tests and quick runs."""
         return make_splits(
             self.x_train[:n_train], self.y_train[:n_train],
             self.x_test[:n_test], self.y_test[:n_test],
-            val_size=val_size, seed=seed, source=f"{self.source}[:{n_train}]",
+            val_size=val_size, seed=seed, source=f"{self.source}[:{n_train}]", class_names=self.class_names,
         )
 
 
@@ -134,18 +150,29 @@ def fingerprint_arrays(*arrays: np.ndarray) -> str:
 
 def make_splits(
     x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
-    val_size: int = 5000, seed: int = 0, source: str = "arrays",
+    val_size: int | None = 5000, seed: int = 0, source: str = "arrays",
+    class_names: tuple[str, ...] = CLASS_NAMES,
 ) -> Splits:
-    """Validate raw arrays and build :class:`Splits` (uint8 images, int64 labels)."""
-    x_train = validate_images(x_train, "x_train").astype(np.uint8, copy=False)
-    x_test = validate_images(x_test, "x_test").astype(np.uint8, copy=False)
-    y_train = validate_labels(y_train, len(x_train), "y_train")
-    y_test = validate_labels(y_test, len(x_test), "y_test")
+    """Validate raw arrays and build :class:`Splits` (uint8 images, int64 labels).
+
+    Images are ``(m, s, s, 3)`` with one ``s`` for both splits (CIFAR-10: 32); labels in
+    ``0..len(class_names) - 1``. ``val_size`` None: 10 % of the training images (5000 of 50k).
+    """
+    class_names = tuple(class_names)
+    shape = np.shape(x_train)[1:]
+    if len(shape) != 3 or shape[0] != shape[1] or shape[2] != 3:
+        shape = IMAGE_SHAPE  # validate_images names what is wrong
+    x_train = validate_images(x_train, "x_train", shape).astype(np.uint8, copy=False)
+    x_test = validate_images(x_test, "x_test", shape).astype(np.uint8, copy=False)
+    y_train = validate_labels(y_train, len(x_train), "y_train", len(class_names))
+    y_test = validate_labels(y_test, len(x_test), "y_test", len(class_names))
+    if val_size is None:
+        val_size = max(len(class_names), int(round(0.1 * len(y_train))))
     train_idx, val_idx = stratified_split(y_train, val_size, seed)
-    return Splits(
-        x_train, y_train, x_test, y_test, train_idx, val_idx,
-        fingerprint_arrays(x_train, y_train, x_test, y_test), source,
-    )
+    fingerprint = fingerprint_arrays(x_train, y_train, x_test, y_test)
+    if class_names != CLASS_NAMES:
+        fingerprint = hashlib.sha1(f"{fingerprint}{list(class_names)}".encode()).hexdigest()[:16]
+    return Splits(x_train, y_train, x_test, y_test, train_idx, val_idx, fingerprint, source, class_names)
 
 
 def read_npz(path: str | os.PathLike) -> tuple[np.ndarray, ...]:
@@ -166,16 +193,30 @@ def read_npz(path: str | os.PathLike) -> tuple[np.ndarray, ...]:
         raise UserError(f"data file {path} is not a readable .npz: {exc}") from None
 
 
-def load_cifar10(path: str | os.PathLike | None = None, val_size: int = 5000, seed: int = 0) -> Splits:
-    """Load CIFAR-10 and carve a stratified validation split from the training images.
+def load_data(path: str | os.PathLike | None = None, val_size: int | None = None, seed: int = 0,
+              image_size: int | None = None, cache_root: str | os.PathLike = "cache",
+              progress: bool = True) -> Splits:
+    """Load the data and carve a stratified validation split from the training images.
 
     Args:
-        path: an ``.npz`` with the arrays of ``cifar10.load_data()``; default ``$CIFAR10_NPZ``,
-            else ``keras.datasets.cifar10.load_data()``.
-        val_size: validation images taken from the 50k training images (equal per class).
+        path: a folder of class folders (``search.images.read_folder``), or an ``.npz`` with the
+            arrays of ``cifar10.load_data()``; default ``$CIFAR10_NPZ``, else
+            ``keras.datasets.cifar10.load_data()``.
+        val_size: validation images taken from the training images (equal per class);
+            default 10 % of them (5000 for CIFAR-10).
         seed: seed of the split.
+        image_size: a folder's stored image side (see ``read_folder``); refused for an ``.npz``.
+        cache_root: where a folder's decoded arrays are kept.
     """
     path = path or os.environ.get("CIFAR10_NPZ") or None
+    if path is not None and Path(path).is_dir():
+        from search.images import read_folder
+
+        folder = read_folder(path, image_size=image_size, cache_root=cache_root, progress=progress)
+        return make_splits(folder.x_train, folder.y_train, folder.x_test, folder.y_test, val_size=val_size,
+                           seed=seed, source=folder.source, class_names=folder.class_names)
+    if image_size is not None:
+        raise UserError("--image-size applies to a folder of images (--data DIR), not to CIFAR-10 arrays")
     if path is not None:
         arrays, source = read_npz(path), str(path)
     else:
@@ -188,3 +229,8 @@ def load_cifar10(path: str | os.PathLike | None = None, val_size: int = 5000, se
                             "pass --data (see README: make offline)") from None
         arrays, source = (x_train, y_train, x_test, y_test), "keras.datasets.cifar10"
     return make_splits(*arrays, val_size=val_size, seed=seed, source=source)
+
+
+def load_cifar10(path: str | os.PathLike | None = None, val_size: int | None = 5000, seed: int = 0) -> Splits:
+    """CIFAR-10 (``path``: an ``.npz``; default ``$CIFAR10_NPZ``, else the Keras download)."""
+    return load_data(path, val_size=val_size, seed=seed)

@@ -16,10 +16,11 @@ part runs over the data once, in :func:`stage_cache`, and never again):
    activations with ``mirror="images"``, the mirrored activation map with ``"maps"``) kept only
    if it does not lower validation accuracy;
 6. :func:`stage_test`: the test set, scored once, with what was chosen above;
-7. :func:`stage_save`: one Keras model stitched: ``Input(32, 32, 3)`` -> Lambda(upsample) ->
+7. :func:`stage_save`: one Keras model stitched: ``Input(s, s, 3)`` (CIFAR-10: 32) -> Lambda(upsample) ->
    Lambda(preprocess) -> the frozen part -> the tail (just trained) -> head (and, with mirror
    averaging, the same on the mirrored image or map, averaged); compiled; checked against the
-   cached path; saved atomically.
+   cached path; saved atomically, with a sidecar ``<output stem>.json`` naming the classes
+   (``class_names[i]`` is output ``i``) and the input size.
 
 Every choice is made on the validation split. ``results/final.json`` records each stage, the
 parameters of each phase and where they came from (study, trial, value).
@@ -27,6 +28,7 @@ parameters of each phase and where they came from (study, trial, value).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -39,7 +41,7 @@ import numpy as np
 
 from search import backbones, heads, space, train
 from search.cache import Cache, ensure_cache
-from search.data import CLASS_NAMES, Splits, load_cifar10
+from search.data import IMAGE_SHAPE, Splits, load_data
 from search.errors import UserError
 from search.io import append_row, atomic_path, write_json
 
@@ -56,9 +58,11 @@ class FinalConfig:
     ``{"head": {...}, "tail": {...}}`` (missing keys take the defaults).
 
     ``mirror``: how images are mirrored for augmentation and test-time averaging
-    (``train.MIRRORS`` less ``"auto"``). ``"maps"`` (default) mirrors the cached activation maps:
-    the frozen pass runs over 60,000 images instead of 120,000 (``"images"``: also the mirrored
-    images, cached). ``bn_passes`` defaults to 0: re-estimating the tail's BN statistics lowered
+    (``train.MIRRORS`` less ``"auto"``). ``"images"`` (default) also caches the mirrored images'
+    activations (the frozen pass runs over 120,000 images); ``"maps"`` mirrors the cached
+    activation maps instead (60,000 images, half the extraction), which scored lower on the test
+    set in the run recorded in ``results/ablation.json`` and ``results/final_maps_seed0.json``.
+    ``bn_passes`` defaults to 0: re-estimating the tail's BN statistics lowered
     validation accuracy in the run recorded in ``results/ablation.json`` and costs minutes.
     """
 
@@ -66,9 +70,10 @@ class FinalConfig:
     weights: str | None = "imagenet"
     cut: str | None = None
     resolution: int | None = None
-    mirror: str = "maps"
+    mirror: str = "images"
     data: str | None = None
-    val_size: int = 5000
+    image_size: int | None = None
+    val_size: int | None = None
     seed: int = 0
     params: str | dict = "auto"
     head_epochs: int = 30
@@ -131,8 +136,9 @@ def reestimate_bn(tail: keras.Model, data: keras.utils.PyDataset, passes: int) -
 
 
 def stitch(spec: backbones.BackboneSpec, backbone: keras.Model, head: keras.Model, cut_layer: str,
-           resolution: int, tta: str = "none") -> keras.Model:
-    """``(b, 32, 32, 3)`` 0-255 pixels -> ``(b, classes)`` probabilities, one Keras model.
+           resolution: int, tta: str = "none", image_shape: tuple[int, ...] = IMAGE_SHAPE) -> keras.Model:
+    """``(b, *image_shape)`` 0-255 pixels (CIFAR-10: ``(b, 32, 32, 3)``) -> ``(b, classes)``
+    probabilities, one Keras model.
 
     The first layer is the Lambda that upsamples to ``resolution``; then the frozen part (layers
     up to ``cut_layer``, ``trainable=False``), the tail (trainable) and the head. ``tta``:
@@ -145,7 +151,7 @@ def stitch(spec: backbones.BackboneSpec, backbone: keras.Model, head: keras.Mode
     frozen = keras.Model(backbone.inputs, backbones.cut_layer_of(backbone, cut_layer).output,
                          name=f"{backbone.name}_frozen")
     tail = backbones.split_at_cut(backbone, cut_layer)
-    pixels = keras.Input((32, 32, 3), name="pixels")
+    pixels = keras.Input(tuple(image_shape), name="pixels")
     x = backbones.input_stack(pixels, spec, resolution)
     maps = frozen(x)
     probs = head(tail(maps))
@@ -300,7 +306,7 @@ def stage_test(run: Run) -> None:
     k = run.cache.num_classes
     confusion = np.zeros((k, k), dtype=np.int64)
     np.add.at(confusion, (y, pred), 1)
-    names = list(CLASS_NAMES)
+    names = list(run.splits.class_names)
     sample = np.sort(np.random.default_rng(run.config.seed).choice(len(y), size=min(48, len(y)), replace=False))
     run.extra.update(
         test_probs=probs, test_accuracy=accuracy(probs, y), test_confusion_matrix=confusion.tolist(),
@@ -313,7 +319,15 @@ def stage_test(run: Run) -> None:
 
 def stage_save(run: Run) -> Path:
     c = run.config
-    final = stitch(run.spec, run.backbone, run.head, run.cut_layer, run.resolution, run.tta)
+    final = stitch(run.spec, run.backbone, run.head, run.cut_layer, run.resolution, run.tta,
+                   run.splits.image_shape)
+    frozen = [la for la in backbones.frozen_layers(run.backbone, run.cut_layer) if la.weights]
+    tail = [la for la in run.parts.tail.layers if la.weights]
+    run.extra["backbone_layers"] = {
+        "frozen_with_weights": len(frozen), "tail_with_weights": len(tail), "tail": [la.name for la in tail],
+        "frozen_parameters": int(sum(np.prod(w.shape) for la in frozen for w in la.weights)),
+        "tail_parameters": int(sum(np.prod(w.shape) for la in tail for w in la.weights)),
+        "head_parameters": int(run.head.count_params())}
     heads.compile_for(final, {"optimizer": "adamw", "learning_rate": run.params["tail"]["tail_learning_rate"],
                               "weight_decay": run.params["tail"]["weight_decay"],
                               "label_smoothing": run.params["tail"]["label_smoothing"]})
@@ -326,7 +340,17 @@ def stage_save(run: Run) -> Path:
         "prediction_agreement": float(np.mean(stitched.argmax(1) == cached.argmax(1))),
         "max_abs_prob_diff": float(np.abs(stitched - cached).max()),
     }
-    return save_model(final, c.output)
+    saved = save_model(final, c.output)
+    write_json(sidecar_path(saved), {
+        "model": saved.name, "class_names": list(run.splits.class_names),
+        "input_shape": list(run.splits.image_shape), "input": "RGB pixels 0-255, float32",
+        "backbone": run.spec.name, "resolution": run.resolution, "data_source": run.splits.source})
+    return saved
+
+
+def sidecar_path(model_path: str | os.PathLike) -> Path:
+    """``cifar10.h5`` -> ``cifar10.json``: the class names (output ``i`` is ``class_names[i]``)."""
+    return Path(model_path).with_suffix(".json")
 
 
 def _timed(run: Run, name: str, stage: Any) -> Any:
@@ -346,7 +370,8 @@ def build_final(config: FinalConfig, splits: Splits | None = None, model: keras.
     spec = backbones.get_backbone(config.backbone)
     cut_layer, resolution = spec.resolve(config.cut, config.resolution)
     if splits is None:
-        splits = load_cifar10(config.data, val_size=config.val_size, seed=config.seed)
+        splits = load_data(config.data, val_size=config.val_size, seed=config.seed, image_size=config.image_size,
+                           cache_root=config.cache_root, progress=config.progress)
     if model is None:
         model = spec.build(weights=config.weights, size=resolution)
     run = Run(config, spec, splits, model, cut_layer, resolution)
@@ -362,6 +387,25 @@ def build_final(config: FinalConfig, splits: Splits | None = None, model: keras.
     return write_summary(run, saved)
 
 
+def machine() -> dict:
+    """What the run ran on: CPU count, memory, accelerators seen, and the library versions."""
+    import importlib.metadata as md
+    import platform
+
+    import tensorflow as tf
+
+    mem = None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        mem = int(Path("/proc/meminfo").read_text().split()[1]) * 1024
+    versions = {}
+    for pkg in ("tensorflow", "keras", "numpy", "optuna", "keras-tuner"):
+        with contextlib.suppress(md.PackageNotFoundError):
+            versions[pkg] = md.version(pkg)
+    return {"cpus": os.cpu_count(), "memory_bytes": mem, "gpus": len(tf.config.list_physical_devices("GPU")),
+            "python": platform.python_version(), "versions": versions,
+            "allocator": "BFC" if os.environ.get("TF_CPU_ALLOCATOR_USE_BFC", "").lower() == "true" else "default"}
+
+
 def write_summary(run: Run, saved: Path) -> dict:
     """``results/final.json`` (and the stage rows appended to ``results/ablation.json``)."""
     results = Path(run.config.results)
@@ -371,9 +415,15 @@ def write_summary(run: Run, saved: Path) -> dict:
     summary = {
         "config": asdict(run.config), "params": run.params, "params_provenance": run.provenance,
         "cache": {"path": str(run.cache.path), "key": run.cache.key, "reused": run.cache.stats["hit"],
-                  "extraction": run.cache.manifest.get("extraction")},
+                  "extraction": run.cache.manifest.get("extraction"),
+                  "arrays": {k: {"shape": v["shape"], "dtype": v["dtype"], "bytes": v["bytes"]}
+                             for k, v in run.cache.manifest["arrays"].items()},
+                  "bytes": sum(v["bytes"] for v in run.cache.manifest["arrays"].values())},
+        "machine": machine(),
         "data": {"source": run.splits.source, "train": len(run.splits.train_idx), "val": len(run.splits.val_idx),
-                 "test": len(run.splits.y_test), "fingerprint": run.splits.fingerprint},
+                 "test": len(run.splits.y_test), "fingerprint": run.splits.fingerprint,
+                 "classes": len(run.splits.class_names), "image_shape": list(run.splits.image_shape)},
+        "sidecar_path": str(sidecar_path(saved).resolve()),
         "tta": run.tta != "none", "tta_chosen": run.tta, **extra, "epochs": run.epochs, "timings_seconds": run.timings,
         "model_path": str(saved.resolve()), "stages": run.rows, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }

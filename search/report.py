@@ -145,12 +145,14 @@ def _pngs(study: optuna.Study, final: dict | None, out: Path) -> list[str]:
         names = final["class_names"]
         fig, ax = plt.subplots(figsize=(7, 6))
         im = ax.imshow(cm, cmap="Blues")
-        ax.set_xticks(range(10), names, rotation=45, ha="right")
-        ax.set_yticks(range(10), names)
+        k = len(names)
+        ax.set_xticks(range(k), names, rotation=45, ha="right")
+        ax.set_yticks(range(k), names)
+        ax.grid(False)  # a style's grid would cross the counts
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
-        for i in range(10):
-            for j in range(10):
+        for i in range(k):
+            for j in range(k):
                 ax.text(j, i, cm[i, j], ha="center", va="center", fontsize=7,
                         color="white" if cm[i, j] > cm.max() / 2 else "black")
         ax.set_title(f"Test confusion matrix (accuracy {final['test_accuracy']:.4f})")
@@ -176,6 +178,13 @@ def summarize(study: optuna.Study, final: dict | None) -> dict:
         summary["best_user_attrs"] = best.user_attrs if best is not None else {}
         summary["top"] = [{"number": t.number, "value": t.value, "params": t.params}
                           for t in sorted(complete, key=lambda t: -t.value)[:5]]
+    # every finished trial: its state, value (or last reported value when pruned) and parameters
+    summary["finished"] = [
+        {"number": t.number, "state": t.state.name, "params": t.params,
+         "value": t.value if t.value is not None else (t.intermediate_values[max(t.intermediate_values)]
+                                                       if t.intermediate_values else None),
+         "epochs": len(t.intermediate_values)}
+        for t in study.trials if t.state.is_finished()]
     if final:
         summary["final"] = {k: final.get(k) for k in ("val_accuracy", "test_accuracy", "frozen_val_accuracy", "tta")}
         summary["cache_key"] = final.get("cache", {}).get("key")
@@ -263,4 +272,5 @@ def write_report(out: str | Path = "results/report", results: str | Path = "resu
     from search.io import write_json
 
     write_json(out / "summary.json", summary)
+    write_json(Path(results) / f"study_{phase}.json", summary)  # small, committed: what the paper cites
     return summary

@@ -193,6 +193,42 @@ def suggest(phase: str, source: Any) -> dict[str, Any]:
     return SUGGEST[check_phase(phase)](_adapt(source))
 
 
+class _Recorder:
+    """A :class:`Source` that declares every parameter (all branches) and records its range."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, dict[str, str]] = {}
+
+    def _add(self, name: str, values: str) -> None:
+        self.rows.setdefault(name, {"name": name, "values": values, "condition": ""})
+
+    def int(self, name: str, low: int, high: int) -> int:
+        self._add(name, f"integer {low}–{high}")
+        return high
+
+    def float(self, name: str, low: float, high: float, log: bool = False) -> float:
+        self._add(name, f"{low:g}–{high:g}" + (", log scale" if log else ""))
+        return low
+
+    def choice(self, name: str, values: tuple) -> Any:
+        self._add(name, ", ".join(str(v) for v in values))
+        return values[-1]
+
+    def when(self, parent: str, value: Any, active: tuple, draw: Callable[[], Any]) -> Any:
+        before = set(self.rows)
+        out = draw()
+        for name in set(self.rows) - before:
+            self.rows[name]["condition"] = f"{parent} in {', '.join(str(a) for a in active)}"
+        return out
+
+
+def describe(phase: str) -> list[dict[str, str]]:
+    """Every parameter of ``phase`` with its range and condition (for the paper and ``--help``)."""
+    recorder = _Recorder()
+    SUGGEST[check_phase(phase)](recorder)
+    return list(recorder.rows.values())
+
+
 def check_phase(phase: str) -> str:
     from search.errors import UserError
 

@@ -76,3 +76,38 @@ def test_second_run_reuses_cache(final_run, tiny_splits):
     config.output = str(tmp / "again.h5")
     again = build_final(config, tiny_splits)
     assert again["cache"]["reused"] is True
+
+
+@pytest.fixture(scope="module")
+def lively(tmp_path_factory, tiny_splits, spec):
+    """A random backbone whose cut maps are not ~0 (frozen BN variances shrunk), and its cache."""
+    from search.cache import ensure_cache
+
+    keras.utils.set_random_seed(1)
+    backbone = spec.build(weights=None, size=TINY_RES)
+    for layer in backbone.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.moving_variance.assign(np.full(layer.moving_variance.shape, 0.01, np.float32))
+    cache = ensure_cache(spec, tiny_splits, resolution=TINY_RES, weights=None, root=tmp_path_factory.mktemp("lively"),
+                         flip=True, progress=False, model=backbone)
+    return backbone, cache, spec.cut_layer()
+
+
+@pytest.mark.parametrize("tta", ["none", "images", "maps"])
+def test_stitched_model_scores_as_the_cache_did(lively, tiny_splits, spec, tta):
+    from search import train
+    from search.final import cached_probs, stitch
+
+    backbone, cache, cut = lively
+    assert np.asarray(cache.array("test", "cut", "orig"), np.float32).std() > 0.01, "maps must not be ~0"
+    parts = train.TailParts.from_backbone(backbone, cut)
+    head = train.build_head_model({}, parts.tail.output.shape[-1], 10)
+    trainer = train.build_tail_trainer(parts, head, head.get_weights(), {}, 1, 1)
+    rows = np.arange(len(tiny_splits.y_test))
+    cached = cached_probs(trainer, cache, "test", rows, tta)
+    model = stitch(spec, backbone, head, cut, TINY_RES, tta)
+    stitched = model.predict(tiny_splits.x_test.astype(np.float32), verbose=0)
+    np.testing.assert_allclose(stitched, cached, atol=2e-3)
+    if tta != "none":
+        plain = cached_probs(trainer, cache, "test", rows, "none")
+        assert np.abs(plain - cached).max() > 1e-3, "averaging with the mirror changes the prediction"

@@ -8,6 +8,7 @@ import pytest
 
 from conftest import ROOT, TINY_RES, run_cli
 from search import bench, engines
+from search.compare import compare_runs
 from search.engines.objective import HeadObjective
 from search.errors import UserError
 from search.final import FinalConfig, build_final
@@ -24,9 +25,13 @@ def tiny_results(tmp_path_factory, tiny_splits, tiny_npz, tiny_cache, spec):
     """A whole tiny pipeline: final, search, report, benches (random weights, 32 px)."""
     tmp = tmp_path_factory.mktemp("pipeline")
     results = tmp / "results"
-    build_final(FinalConfig(weights=None, resolution=TINY_RES, cache_root=str(tmp / "cache"), results=str(results),
-                            output=str(tmp / "cifar10.h5"), head_epochs=2, tail_epochs=1, tail_batch_size=32,
-                            bn_passes=1, parity_images=10, progress=False), tiny_splits)
+    for seed in (1, 0):  # two seeds of one recipe; seed 0 last: the reported run and model
+        build_final(FinalConfig(weights=None, resolution=TINY_RES, cache_root=str(tmp / "cache"),
+                                results=str(results), output=str(tmp / "cifar10.h5"), head_epochs=2, tail_epochs=1,
+                                tail_batch_size=32, bn_passes=1, parity_images=10, progress=False, seed=seed),
+                    tiny_splits)
+        shutil.copy(results / "final.json", tmp / f"final_seed{seed}.json")
+    compare_runs({"seed0": tmp / "final_seed0.json", "seed1": tmp / "final_seed1.json"}, results)
     engines.make_engine("optuna", progress=False, results=results).run(
         HeadObjective(PooledData.from_cache(tiny_cache, tiny_splits), "tiny", max_epochs=2), 4)
     write_report(results / "report", results)
@@ -56,7 +61,7 @@ def test_paper_sections_picture_and_no_placeholders(tiny_results):
     final = json.loads((results / "final.json").read_text())
     assert f"{100 * final['test_accuracy']:.2f} %" in text
     page = (docs / "paper.html").read_text()
-    assert page.count("data:image/png;base64,") >= 5 and 'src="figures/' not in page
+    assert page.count("data:image/png;base64,") >= 6 and 'src="figures/' not in page
     assert re.search(r"<body><p><img", page), "the top element of the HTML is the picture"
 
 
@@ -70,3 +75,38 @@ def test_missing_number_fails(tiny_results):
             write_paper(results, docs, str(npz))
     finally:
         (results / "bench_search.json.bak").rename(results / "bench_search.json")
+
+
+ALLOWED = [  # names and numbering that contain digits, not numbers
+    r"CIFAR-10", r"cifar10", r"\.h5\b", r"MobileNetV2", r"\bv[12]\b", r"v1/v2", r"sha256", r"0-transfer",
+    r"[Pp]hase[- ][12]",
+    r"(?:Figure|Table|Listing)s? \d+(?: and \d+)?", r"(?:et al\.|[A-Z][a-z]+),\s*(?:19|20)\d{2}",
+]
+
+
+def test_template_types_no_numbers():
+    """Outside the reference list, every digit of the template belongs to a name or a numbering."""
+    text = (ROOT / "docs" / "paper_template.md").read_text()
+    body = text.split("## Literature Cited")[0] + text.split("## Appendices")[1]
+    body = re.sub(r"\{\{.*?\}\}", "", body, flags=re.S)
+    for pattern in ALLOWED:
+        body = re.sub(pattern, "", body)
+    assert not re.findall(r".{0,30}\d.{0,30}", body), "digits typed in the template"
+
+
+def test_captions_numbered_and_referenced_and_abstract_matches(tiny_results):
+    results, docs, npz = tiny_results
+    text = write_paper(results, docs, str(npz)).read_text()
+    for kind in ("Figure", "Table", "Listing"):
+        captions = re.findall(rf"^\*{kind} (\d+)\.", text, re.M)
+        assert captions == [str(i) for i in range(1, len(captions) + 1)], f"{kind}s numbered in order"
+        body = re.sub(rf"^\*{kind} \d+\..*$|!\[{kind} \d+\]", "", text, flags=re.M)
+        for n in captions:
+            assert re.search(rf"{kind}s? (?:\d+ and )?{n}\b", body), f"{kind} {n} is never referenced"
+    abstract = text.split("## Abstract")[1].split("## Introduction")[0]
+    final = json.loads((results / "final.json").read_text())
+    evaluate = json.loads((results / "evaluate.json").read_text())
+    seeds = json.loads((results / "seeds.json").read_text())
+    for value in (final["frozen_val_accuracy"], final["val_accuracy_plain"], evaluate["accuracy"],
+                  seeds["mean_test_accuracy"]):
+        assert f"{100 * value:.2f} %" in abstract

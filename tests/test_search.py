@@ -275,3 +275,38 @@ def test_postgres_worker_killed_midway_does_not_break_the_others(tiny_npz, tmp_p
     assert len({t.number for t in trials}) == len(trials)
     finished = [t for t in trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
     assert len(finished) >= 3 * 3
+
+
+@pytest.mark.postgres
+@pytest.mark.skipif(not (os.environ.get("OPTUNA_TEST_PG_URL") and os.environ.get("OPTUNA_TEST_PG_RESTART")),
+                    reason="needs $OPTUNA_TEST_PG_URL and $OPTUNA_TEST_PG_RESTART (a command; CI sets both)")
+def test_postgres_restarted_midway_workers_reconnect_and_a_rerun_completes(tiny_npz, tmp_path):
+    url = os.environ["OPTUNA_TEST_PG_URL"]
+    study = f"restart-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    per_worker = 3
+    cmd = _search_cmd(tiny_npz, tmp_path, url, per_worker, study)
+    subprocess.run([*cmd[:3], "extract", *cmd[4:14]], env=env, cwd=ROOT, check=True, capture_output=True,
+                   timeout=300)
+    from search.engines.optuna_engine import open_study
+
+    open_study(url, study)
+    workers = [subprocess.Popen([*cmd, "--worker-index", str(w)], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True) for w in range(4)]
+    deadline = time.time() + 240
+    while len(_finished(url, study)) < 2 and time.time() < deadline:
+        time.sleep(0.5)
+    assert len(_finished(url, study)) >= 2, "workers did not start"
+    subprocess.run(os.environ["OPTUNA_TEST_PG_RESTART"], shell=True, check=True, timeout=120,
+                   capture_output=True)
+    outcomes = [(p.wait(timeout=600), p.stderr.read()) for p in workers]
+    for code, err in outcomes:  # reconnected and finished, or stopped with one clear line
+        assert code == 0 or (code == 2 and "lost the study database" in err.strip().splitlines()[-1]), err[-1500:]
+    rerun = subprocess.run([*cmd, "--worker-index", "7", "--trials", "2"], env=env, cwd=ROOT, capture_output=True,
+                           text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-1500:]
+    trials = optuna.load_study(study_name=study, storage=url).trials
+    assert len({t.number for t in trials}) == len(trials), "no trial recorded twice"
+    assert optuna.trial.TrialState.RUNNING not in [t.state for t in trials], "a broken trial is marked FAIL"
+    finished = [t for t in trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+    assert len(finished) >= per_worker * sum(code == 0 for code, _ in outcomes) + 2

@@ -8,6 +8,7 @@ import pytest
 from conftest import TINY_RES
 from search import train
 from search.cache import Cache
+from search.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -165,3 +166,28 @@ def test_allocator_probe_reports_cpu_seconds_and_the_allocator(monkeypatch):
     out = bench.allocator_probe("MobileNet", None, TINY_RES, None, images=20, tail_steps=1)
     assert out["allocator"] == "BFC" and out["images_per_second"] > 0 and out["tail_step_seconds"] > 0
     assert out["frozen_pass_user_cpu_seconds"] > 0 and out["frozen_pass_system_cpu_seconds"] >= 0
+
+
+def test_mirrored_maps_augmentation_and_flipped_view(maps_cache, tiny_splits):
+    rows = tiny_splits.train_idx
+    orig = np.asarray(maps_cache.array("train", "cut", "orig"))
+    maps = train.CachedMaps(maps_cache, "train", rows, 64, augment=True, seed=5, mirror="maps")
+    none = train.CachedMaps(maps_cache, "train", rows, 64, augment=True, seed=5, mirror="none")
+    order = np.sort(np.random.default_rng([5, 0]).permutation(rows)[:64])
+    x_maps, x_none = maps[0][0], none[0][0]
+    np.testing.assert_array_equal(x_none, orig[order], "mirror='none', shift 0: the cached maps as they are")
+    mirrored = np.array([not np.array_equal(a, b) for a, b in zip(x_maps, orig[order], strict=True)])
+    assert 0 < mirrored.sum() < len(order), "about half the maps are mirrored"
+    np.testing.assert_array_equal(x_maps[mirrored], orig[order][mirrored][:, :, ::-1])
+    flipped = train.CachedMaps(maps_cache, "train", rows[:10], 10, view="flipped_maps")
+    np.testing.assert_array_equal(flipped[0][0], orig[np.sort(rows[:10])][:, :, ::-1])
+    assert train.resolve_mirror("auto", maps_cache) == "images"
+
+
+def test_mirror_images_needs_a_cache_of_mirrored_images(maps_cache, tiny_splits):
+    no_flip = Cache(maps_cache.path, {**maps_cache.manifest, "key": {**maps_cache.key, "flip": False}})
+    assert train.resolve_mirror("auto", no_flip) == "maps"
+    with pytest.raises(UserError, match="mirrored images"):
+        train.CachedMaps(no_flip, "train", tiny_splits.train_idx, 8, augment=True, mirror="images")
+    with pytest.raises(UserError, match="mirror must be one of"):
+        train.resolve_mirror("sideways", no_flip)

@@ -78,7 +78,9 @@ def open_study(storage: str, study_name: str, sampler: optuna.samplers.BaseSampl
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=heartbeat,
+            # a server restart leaves dead pooled connections: test each before use (not for SQLite)
+            engine_kwargs = {} if url.drivername.startswith("sqlite") else {"pool_pre_ping": True}
+            rdb = optuna.storages.RDBStorage(storage, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat,
                                              grace_period=2 * heartbeat if heartbeat else None)
             if not create:
                 return optuna.load_study(storage=rdb, study_name=study_name, sampler=sampler, pruner=pruner)
@@ -101,7 +103,7 @@ class OptunaEngine:
 
     def __init__(self, storage: str | None = None, pruner: str | None = None, heartbeat: int | None = None,
                  seed: int = 0, worker_index: int = 0, progress: bool = True,
-                 results: str | Path = "results") -> None:
+                 results: str | Path = "results", reconnect_seconds: float = 60.0) -> None:
         self.storage = storage or default_storage(results)
         check_storage(self.storage)
         self.pruner = pruner or "hyperband"
@@ -110,6 +112,7 @@ class OptunaEngine:
             raise UserError(f"--heartbeat must be at least 1 second, got {heartbeat}")
         self.heartbeat = 30 if heartbeat is None else heartbeat
         self.seed, self.worker_index, self.progress, self.results = seed, worker_index, progress, results
+        self.reconnect_seconds = reconnect_seconds
 
     def open(self, objective: Any, n_trials: int, study_name: str | None = None) -> optuna.Study:
         """The study for ``objective`` (created if new), with its sampler and pruner."""
@@ -121,13 +124,45 @@ class OptunaEngine:
 
     def run(self, objective: Any, n_trials: int, study_name: str | None = None,
             timeout: float | None = None) -> dict:
-        """Run ``n_trials`` more trials in this process; point ``results/searches/`` at the study."""
+        """Run ``n_trials`` more trials in this process; point ``results/searches/`` at the study.
+
+        If the study's database goes away (a PostgreSQL restart), the worker reconnects and
+        carries on with the trials it still owes; after ``reconnect_seconds`` without a
+        database it stops with one line (exit 2). The trial that was running when the
+        connection broke stays RUNNING until its heartbeat expires, then any worker marks it
+        FAIL; finished trials are never rerun or duplicated.
+        """
+        import sqlalchemy
+
         study = self.open(objective, n_trials, study_name)
         write_pointer(self.results, objective.phase, objective.cache_id,
                       {"engine": "optuna", "storage": self.storage, "study_name": study.study_name})
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study.optimize(self.objective_fn(objective), n_trials=n_trials, timeout=timeout, catch=(Exception,),
-                       show_progress_bar=self.progress, gc_after_trial=True)
+        state = {"done": 0, "lost_since": None}
+
+        def finished(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+            state["done"] += 1
+            state["lost_since"] = None
+
+        while state["done"] < n_trials:
+            try:
+                study.optimize(self.objective_fn(objective), n_trials=n_trials - state["done"], timeout=timeout,
+                               catch=(Exception,), show_progress_bar=self.progress, gc_after_trial=True,
+                               callbacks=[finished])
+                break
+            except (sqlalchemy.exc.DBAPIError, optuna.exceptions.StorageInternalError) as exc:
+                reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                state["lost_since"] = state["lost_since"] or time.monotonic()
+                if time.monotonic() - state["lost_since"] > self.reconnect_seconds:
+                    raise UserError(f"lost the study database for {self.reconnect_seconds:.0f} s ({reason}); "
+                                    f"{state['done']} trials finished here are kept: rerun the same command "
+                                    "to continue") from None
+                log.warning("study database unreachable (%s); reconnecting", reason)
+                time.sleep(2)
+                try:
+                    study = self.open(objective, n_trials, study.study_name)
+                except UserError:
+                    continue
         return check_outcome(summarize(study))
 
     def objective_fn(self, objective: Any):

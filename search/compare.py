@@ -1,0 +1,144 @@
+"""Comparisons of finished final runs (copies of ``results/final.json``), written under ``results/``.
+
+Entry point: :func:`compare_runs`, behind ``python -m search.cli compare``. It writes
+
+- ``frontier.json`` (+ ``frontier.png``): validation accuracy against cumulative wall seconds
+  for each run: the frozen pass (the cache's extraction time, counted even when the run reused
+  the cache), the head on pooled features, then each tail epoch; the test accuracy at the end
+  (the test set is scored once per run, so there is one test point per run);
+- ``seeds.json``: the runs of one recipe under different seeds: test accuracy of each with its
+  95 % interval (Wilson, binomial on the test images), their mean, and the bars of the
+  final-model issue (each >= 87.0 %, mean >= 87.5 %);
+- ``search_effect.json`` when given a run with default parameters and one with searched ones:
+  validation and test accuracy of each (the searched run should win on validation).
+
+Nothing here trains or scores a model: every figure is read from the runs' JSON files.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from search.errors import UserError
+from search.io import read_json, save_figure, write_json
+
+
+def wilson_interval(correct: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion ``correct / n``."""
+    if n <= 0:
+        raise ValueError("n must be positive")
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def _load(path: str | os.PathLike) -> dict:
+    try:
+        run = read_json(path)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read final run {path}: {exc}") from None
+    for key in ("val_accuracy", "test_accuracy", "timings_seconds", "epochs", "cache", "config"):
+        if key not in run:
+            raise UserError(f"{path} is not a final run's JSON (no {key!r})")
+    return run
+
+
+def curve(run: dict) -> dict[str, Any]:
+    """One run's (cumulative seconds, validation accuracy) points and its final test point."""
+    extraction = float((run["cache"].get("extraction") or {}).get("seconds") or 0.0)
+    head = float(run["timings_seconds"].get("head", 0.0))
+    points = [{"stage": "frozen features + head", "seconds": extraction + head,
+               "val_accuracy": run.get("frozen_val_accuracy")}]
+    for e in run["epochs"]:
+        points.append({"stage": f"tail epoch {e['epoch']}", "seconds": extraction + head + e["seconds"],
+                       "val_accuracy": e["val_accuracy"]})
+    total = float(run["timings_seconds"]["total"]) + (extraction if run["cache"]["reused"] else 0.0)
+    return {"points": points, "final": {"seconds": total, "val_accuracy": run["val_accuracy"],
+                                        "test_accuracy": run["test_accuracy"], "tta": run.get("tta_chosen")},
+            "extraction_seconds": extraction, "cache_reused": run["cache"]["reused"]}
+
+
+def recipe_of(run: dict) -> dict:
+    """What defines a recipe: the configuration less the seed and where things are written."""
+    skip = {"seed", "output", "results", "cache_root", "progress", "build_cache", "params"}
+    return {k: v for k, v in run["config"].items() if k not in skip} | {"params": run["params"]}
+
+
+def compare_runs(runs: dict[str, str | os.PathLike], results: str | os.PathLike = "results",
+                 default_run: str | None = None, searched_run: str | None = None) -> dict:
+    """Write ``frontier.json``/``.png``, ``seeds.json`` (runs sharing the first run's recipe) and,
+    with ``default_run`` and ``searched_run`` (labels of ``runs``), ``search_effect.json``.
+
+    Args:
+        runs: label -> path of a final run's JSON.
+    """
+    if not runs:
+        raise UserError("compare needs at least one final run (LABEL=PATH)")
+    loaded = {label: _load(path) for label, path in runs.items()}
+    results = Path(results)
+    frontier = {label: {"path": str(runs[label]), **curve(run)} for label, run in loaded.items()}
+    write_json(results / "frontier.json", {"runs": frontier, "note": "seconds are cumulative wall seconds on the "
+                                          "machine of each run; extraction counted even when the cache was reused"})
+    _plot_frontier(frontier, results / "frontier.png")
+    out = {"frontier": frontier}
+
+    first = next(iter(loaded.values()))
+    same = {label: run for label, run in loaded.items() if recipe_of(run) == recipe_of(first)}
+    if len(same) >= 2:
+        rows = []
+        for label, run in same.items():
+            n = int(run["data"]["test"])
+            lo, hi = wilson_interval(run["test_accuracy"] * n, n)
+            rows.append({"label": label, "seed": run["config"]["seed"], "val_accuracy": run["val_accuracy"],
+                         "test_accuracy": run["test_accuracy"], "test_images": n, "test_ci95": [lo, hi],
+                         "total_seconds": run["timings_seconds"]["total"], "cache_reused": run["cache"]["reused"]})
+        tests = [r["test_accuracy"] for r in rows]
+        seeds = {"recipe": recipe_of(first), "runs": rows, "mean_test_accuracy": float(np.mean(tests)),
+                 "min_test_accuracy": float(np.min(tests)), "bar_each": 0.87, "bar_mean": 0.875, "goal_mean": 0.89,
+                 "meets_bars": bool(min(tests) >= 0.87 and np.mean(tests) >= 0.875)}
+        write_json(results / "seeds.json", seeds)
+        out["seeds"] = seeds
+
+    if default_run or searched_run:
+        if default_run not in loaded or searched_run not in loaded:
+            raise UserError(f"search effect needs both runs among {sorted(loaded)}")
+        d, s = loaded[default_run], loaded[searched_run]
+        if d["config"]["seed"] != s["config"]["seed"] or d["cache"]["key"] != s["cache"]["key"]:
+            raise UserError("search effect compares runs of one seed on one cache key")
+        effect = {label: {"path": str(runs[label]), "params": run["params"],
+                          "params_provenance": run["params_provenance"], "val_accuracy": run["val_accuracy"],
+                          "test_accuracy": run["test_accuracy"]}
+                  for label, run in ((default_run, d), (searched_run, s))}
+        effect["searched_wins_on_validation"] = s["val_accuracy"] > d["val_accuracy"]
+        effect["val_difference"] = s["val_accuracy"] - d["val_accuracy"]
+        effect["test_difference"] = s["test_accuracy"] - d["test_accuracy"]
+        write_json(results / "search_effect.json", effect)
+        out["search_effect"] = effect
+    return out
+
+
+def _plot_frontier(frontier: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, run in frontier.items():
+        pts = [p for p in run["points"] if p["val_accuracy"] is not None]
+        line, = ax.plot([p["seconds"] / 60 for p in pts], [100 * p["val_accuracy"] for p in pts], "o-", label=label)
+        ax.plot(run["final"]["seconds"] / 60, 100 * run["final"]["test_accuracy"], "*", ms=12,
+                color=line.get_color())
+    ax.axhline(87, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("cumulative wall minutes (frozen pass, head, tail epochs)")
+    ax.set_ylabel("accuracy (%): validation (line), test (star)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)

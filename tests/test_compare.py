@@ -1,0 +1,60 @@
+"""Comparisons of final runs: frontier, seeds with binomial intervals, search effect."""
+
+import json
+
+import pytest
+
+from search.compare import compare_runs, wilson_interval
+from search.errors import UserError
+
+
+def _run(seed: int, test: float, val: float, params: dict | None = None, reused: bool = False) -> dict:
+    return {"config": {"seed": seed, "backbone": "MobileNet", "mirror": "maps", "tail_epochs": 2, "params": "auto",
+                       "output": f"m{seed}.h5"},
+            "params": params or {"head": {}, "tail": {}}, "params_provenance": {"head": {"source": "default"}},
+            "cache": {"key": {"id": "k"}, "reused": reused, "extraction": {"seconds": 600.0}},
+            "data": {"test": 10000}, "frozen_val_accuracy": 0.8, "val_accuracy": val, "test_accuracy": test,
+            "tta_chosen": "maps", "timings_seconds": {"head": 60.0, "total": 1000.0 if not reused else 400.0},
+            "epochs": [{"epoch": 1, "seconds": 100.0, "val_accuracy": 0.85},
+                       {"epoch": 2, "seconds": 200.0, "val_accuracy": val}]}
+
+
+def test_wilson_interval_contains_the_proportion_and_narrows_with_n():
+    lo, hi = wilson_interval(8800, 10000)
+    assert lo < 0.88 < hi and 0.005 < hi - lo < 0.015
+    lo2, hi2 = wilson_interval(880, 1000)
+    assert hi2 - lo2 > hi - lo
+
+
+def test_frontier_and_seeds_written(tmp_path):
+    paths = {}
+    for label, run in (("a", _run(0, 0.88, 0.879)), ("b", _run(1, 0.874, 0.87, reused=True))):
+        paths[label] = tmp_path / f"{label}.json"
+        paths[label].write_text(json.dumps(run))
+    out = compare_runs(paths, tmp_path / "results")
+    frontier = json.loads((tmp_path / "results" / "frontier.json").read_text())["runs"]
+    assert [p["seconds"] for p in frontier["a"]["points"]] == [660.0, 760.0, 860.0]
+    assert frontier["b"]["final"]["seconds"] == 1000.0, "a reused cache's extraction is counted"
+    assert (tmp_path / "results" / "frontier.png").stat().st_size > 0
+    seeds = out["seeds"]
+    assert [r["seed"] for r in seeds["runs"]] == [0, 1]
+    assert seeds["mean_test_accuracy"] == pytest.approx(0.877)
+    assert seeds["meets_bars"] is True
+    assert seeds["runs"][0]["test_ci95"][0] < 0.88 < seeds["runs"][0]["test_ci95"][1]
+
+
+def test_search_effect_needs_one_seed_and_cache(tmp_path):
+    searched = _run(0, 0.885, 0.884, params={"head": {"units": 1}, "tail": {}})
+    default = _run(0, 0.88, 0.879)
+    for label, run in (("default", default), ("searched", searched), ("other", _run(1, 0.8, 0.8))):
+        (tmp_path / f"{label}.json").write_text(json.dumps(run))
+    runs = {k: tmp_path / f"{k}.json" for k in ("default", "searched")}
+    out = compare_runs(runs, tmp_path / "r", default_run="default", searched_run="searched")
+    assert out["search_effect"]["searched_wins_on_validation"] is True
+    assert "seeds" not in out, "different parameters: not seeds of one recipe"
+    with pytest.raises(UserError, match="one seed"):
+        compare_runs({"default": runs["default"], "other": tmp_path / "other.json"}, tmp_path / "r",
+                     default_run="default", searched_run="other")
+    (tmp_path / "junk.json").write_text("{}")
+    with pytest.raises(UserError, match="not a final run"):
+        compare_runs({"x": tmp_path / "junk.json"}, tmp_path / "r")
