@@ -400,7 +400,7 @@ def machine() -> dict:
     versions = {}
     for pkg in ("tensorflow", "keras", "numpy", "optuna", "keras-tuner"):
         with contextlib.suppress(md.PackageNotFoundError):
-            versions[pkg] = md.version(pkg)
+            versions[pkg.replace("-", "_")] = md.version(pkg)
     return {"cpus": os.cpu_count(), "memory_bytes": mem, "gpus": len(tf.config.list_physical_devices("GPU")),
             "python": platform.python_version(), "versions": versions,
             "allocator": "BFC" if os.environ.get("TF_CPU_ALLOCATOR_USE_BFC", "").lower() == "true" else "default"}

@@ -127,15 +127,22 @@ def _pngs(study: optuna.Study, final: dict | None, out: Path) -> list[str]:
     import numpy as np
     from optuna.visualization import matplotlib as vis_mpl
 
+    from search.engines import METRIC
+
     written = []
-    for name, make in {"optimization_history": vis_mpl.plot_optimization_history,
-                       "param_importances": vis_mpl.plot_param_importances,
+    complete = sum(t.state.name == "COMPLETE" for t in study.trials)
+    titles = {"optimization_history": f"Optimization history ({len(study.trials)} trials)",
+              "param_importances": f"Parameter importances (fANOVA on {complete} complete trials)"}
+    for name, make in {"optimization_history": lambda s: vis_mpl.plot_optimization_history(s, target_name=METRIC),
+                       "param_importances": lambda s: vis_mpl.plot_param_importances(s, target_name=METRIC),
                        "intermediate_values": vis_mpl.plot_intermediate_values}.items():
         try:
             ax = make(study)
         except Exception as exc:
             log.info("PNG %s not drawn: %s", name, exc)
             continue
+        if name in titles and hasattr(ax, "set_title"):
+            ax.set_title(titles[name])
         fig = ax.figure if hasattr(ax, "figure") else np.ravel(ax)[0].figure
         fig.set_size_inches(8, 5)
         save_figure(fig, out / f"{name}.png", dpi=110)

@@ -69,12 +69,12 @@ def test_missing_number_fails(tiny_results):
     with pytest.raises(UserError, match="missing from results"):
         render("accuracy {{ final.test_accuracy | pct }}", {})
     results, docs, npz = tiny_results
-    (results / "bench_search.json").rename(results / "bench_search.json.bak")
+    (results / "seeds.json").rename(results / "seeds.json.bak")
     try:
-        with pytest.raises(UserError, match="bench_search"):
+        with pytest.raises(UserError, match="seeds"):
             write_paper(results, docs, str(npz))
     finally:
-        (results / "bench_search.json.bak").rename(results / "bench_search.json")
+        (results / "seeds.json.bak").rename(results / "seeds.json")
 
 
 ALLOWED = [  # names and numbering that contain digits, not numbers

@@ -188,11 +188,11 @@ def test_final_takes_both_phases_of_its_own_cache_key_only(spec, tiny_splits, tm
     assert not any(r["stage"].endswith("BN re-estimated") for r in summary["stages"]), "frozen BN: no re-estimation"
 
 
-def _search_cmd(npz, tmp_path, storage, trials, study="resume"):
+def _search_cmd(npz, tmp_path, storage, trials, study="resume", heartbeat=1):
     return [sys.executable, "-m", "search.cli", "search", "--data", str(npz), "--val-size", "20",
             "--weights", "none", "--resolution", "32", "--cache-dir", str(tmp_path / "cache"),
             "--results", str(tmp_path / "results"), "--storage", storage, "--study-name", study,
-            "--trials", str(trials), "--max-epochs", "4", "--heartbeat", "1", "--quiet", "--phase", "head",
+            "--trials", str(trials), "--max-epochs", "4", "--heartbeat", str(heartbeat), "--quiet", "--phase", "head",
             "--head-rows", "0"]
 
 
@@ -235,7 +235,7 @@ def test_postgres_four_workers_no_lost_or_duplicated_trials(tiny_npz, tmp_path):
     url = os.environ["OPTUNA_TEST_PG_URL"]
     study = f"workers-{uuid.uuid4().hex[:8]}"
     per_worker = 2
-    cmd = _search_cmd(tiny_npz, tmp_path, url, per_worker, study)
+    cmd = _search_cmd(tiny_npz, tmp_path, url, per_worker, study, heartbeat=5)
     # build the cache once so the four workers do not race to build it
     subprocess.run([*cmd[:3], "extract", *cmd[4:14]], env={**os.environ, "PYTHONPATH": str(ROOT)},
                    cwd=ROOT, check=True, capture_output=True, timeout=300)
@@ -254,7 +254,7 @@ def test_postgres_worker_killed_midway_does_not_break_the_others(tiny_npz, tmp_p
     url = os.environ["OPTUNA_TEST_PG_URL"]
     study = f"kill-{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = _search_cmd(tiny_npz, tmp_path, url, 3, study)
+    cmd = _search_cmd(tiny_npz, tmp_path, url, 3, study, heartbeat=5)
     subprocess.run([*cmd[:3], "extract", *cmd[4:14]], env=env, cwd=ROOT, check=True, capture_output=True,
                    timeout=300)
     from search.engines.optuna_engine import open_study
@@ -285,7 +285,7 @@ def test_postgres_restarted_midway_workers_reconnect_and_a_rerun_completes(tiny_
     study = f"restart-{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     per_worker = 3
-    cmd = _search_cmd(tiny_npz, tmp_path, url, per_worker, study)
+    cmd = _search_cmd(tiny_npz, tmp_path, url, per_worker, study, heartbeat=5)
     subprocess.run([*cmd[:3], "extract", *cmd[4:14]], env=env, cwd=ROOT, check=True, capture_output=True,
                    timeout=300)
     from search.engines.optuna_engine import open_study
@@ -308,5 +308,6 @@ def test_postgres_restarted_midway_workers_reconnect_and_a_rerun_completes(tiny_
     trials = optuna.load_study(study_name=study, storage=url).trials
     assert len({t.number for t in trials}) == len(trials), "no trial recorded twice"
     assert optuna.trial.TrialState.RUNNING not in [t.state for t in trials], "a broken trial is marked FAIL"
-    finished = [t for t in trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
-    assert len(finished) >= per_worker * sum(code == 0 for code, _ in outcomes) + 2
+    failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+    assert len(failed) <= len(workers), "at most the trial each worker was running when the server went away"
+    assert len(trials) >= per_worker * sum(code == 0 for code, _ in outcomes) + 2, "every worker owed trials ran"

@@ -150,8 +150,19 @@ class OptunaEngine:
                                catch=(Exception,), show_progress_bar=self.progress, gc_after_trial=True,
                                callbacks=[finished])
                 break
-            except (sqlalchemy.exc.DBAPIError, optuna.exceptions.StorageInternalError) as exc:
-                reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            except Exception as exc:
+                if _in_chain(exc, lambda e: isinstance(e, optuna.exceptions.UpdateFinishedTrialError)
+                             or (isinstance(e, ValueError) and str(e).startswith("Cannot tell a"))):
+                    # its heartbeat lapsed (a database outage, or a starved process) and another
+                    # worker marked it FAIL: that trial is over; carry on with the next
+                    log.warning("a trial was marked FAIL by another worker after its heartbeat lapsed; continuing")
+                    state["done"] += 1
+                    continue
+                lost = _in_chain(exc, lambda e: isinstance(e, (sqlalchemy.exc.DBAPIError,
+                                                               optuna.exceptions.StorageInternalError)))
+                if lost is None:
+                    raise
+                reason = f"{type(lost).__name__}: {str(lost).splitlines()[0][:200]}"
                 state["lost_since"] = state["lost_since"] or time.monotonic()
                 if time.monotonic() - state["lost_since"] > self.reconnect_seconds:
                     raise UserError(f"lost the study database for {self.reconnect_seconds:.0f} s ({reason}); "
@@ -190,6 +201,19 @@ class OptunaEngine:
             return value
 
         return run_trial
+
+
+def _in_chain(exc: BaseException, match: Any) -> BaseException | None:
+    """The exception in ``exc``'s cause/context chain for which ``match`` is true, if any: Optuna
+    may raise another exception while handling a database error (e.g. an ``UnboundLocalError``
+    from its trial bookkeeping), so the whole chain is walked."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if match(exc):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 class _EpochCount(keras.callbacks.Callback):
