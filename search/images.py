@@ -14,7 +14,8 @@ resized to one square ``image_size`` (bilinear, aspect ratio not kept, as Keras'
 Default size: the images' own side when they all share one square size (CIFAR-10's 32), else
 :data:`DEFAULT_SIZE`. Decoding happens once: the arrays are kept in
 ``<cache_root>/data/<folder>-<digest>.npz`` keyed by every file's path, size and modification
-time and by the options, written atomically, and reused by every later run.
+time and by the options, written atomically, and reused by every later run. Each split is
+shuffled with ``TEST_SEED`` (folders are read class by class), so any prefix mixes the classes.
 
 Bad input: a missing folder, no class folders, a single class, an empty class folder, or no
 image at all is refused with one line naming the folder. A file with an image extension that
@@ -42,7 +43,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 DEFAULT_SIZE = 128
 MIN_SIZE, MAX_SIZE = 8, 1024
 TEST_SEED = 0
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: images shuffled with TEST_SEED after decoding
 
 
 @dataclass
@@ -212,6 +213,11 @@ def read_folder(root: str | os.PathLike, image_size: int | None = None, cache_ro
     else:
         x_train, y_train = x, y
         x_test, y_test, _ = decoded["test"]
+    # folders are read class by class: shuffle (fixed seed) so that any prefix (``--limit``) mixes classes
+    rng = np.random.default_rng(TEST_SEED)
+    train_order, test_order = rng.permutation(len(y_train)), rng.permutation(len(y_test))
+    x_train, y_train = x_train[train_order], y_train[train_order]
+    x_test, y_test = x_test[test_order], y_test[test_order]
     source = f"{root.resolve()} ({'test split carved, ' if carved else 'own test split, '}{size}px)"
     meta = {"class_names": list(names), "source": source, "carved_test": carved, "skipped": skipped,
             "image_size": size, "test_seed": TEST_SEED if carved else None}

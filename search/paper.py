@@ -195,6 +195,8 @@ def build_context(results: Path) -> dict:
     if maps.exists():
         ctx["maps_run"] = read_json(maps)
     final = ctx.get("final")
+    if final and "machine" in final:  # runs before the key was written with "_" named it "keras-tuner"
+        final["machine"]["versions"] = {k.replace("-", "_"): v for k, v in final["machine"]["versions"].items()}
     ctx.update(listings())
     for phase in space.PHASES:
         ctx[f"{phase}_space_table"] = _table(["parameter", "values", "only when"],

@@ -58,6 +58,7 @@ def test_folder_decoded_once_to_one_size_with_corrupt_files_skipped(folder, tmp_
     n = len(data.y_train) + len(data.y_test)
     assert n == 3 * 14, "every decodable image kept once"
     assert data.carved_test and np.all(np.bincount(data.y_test, minlength=3) >= 2)
+    assert len(set(data.y_train[:6].tolist())) > 1, "shuffled: a prefix (--limit) mixes the classes"
     # colour encodes the class: decoding kept it (red channel mean rises with the class id)
     reds = [data.x_train[data.y_train == c][..., 0].mean() for c in range(3)]
     assert reds[0] < reds[1] < reds[2]
