@@ -34,7 +34,7 @@ SEARCH_ARGS := $(if $(TRIALS),--trials $(TRIALS),) $(if $(TAIL_TRIALS),--tail-tr
   $(if $(PRUNER),--pruner $(PRUNER),) $(if $(ORACLE),--oracle $(ORACLE),) \
   $(if $(STORAGE),--storage $(STORAGE),) $(if $(STUDY),--study-name $(STUDY),)
 
-.PHONY: help setup offline final search report paper evaluate test lint bench bench-cache bench-search reliability \
+.PHONY: help setup offline final search report paper evaluate test lint bench bench-cache bench-search bench-memory reliability \
   clean-cache dashboard
 
 help:  ## list the verbs
@@ -76,6 +76,9 @@ bench-cache: setup  ## extraction vs raw predict, CPU seconds, BFC vs glibc allo
 
 bench-search: setup  ## phase-1/phase-2 trial seconds, fidelity Kendall tau, end-to-end epoch -> results/bench_search.json
 	$(PY) -m search.cli bench-search $(ARGS)
+
+bench-memory: setup  ## resident memory over a 200-trial phase-1 search (and a baseline) -> results/bench_memory.json
+	$(PY) -m search.cli bench-memory $(ARGS)
 
 test: setup  ## the test suite (tiny data, tiny backbones; < 10 min)
 	$(PY) -m pytest -q

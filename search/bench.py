@@ -1,8 +1,9 @@
 """Benchmarks that write JSON under ``results/`` (speed goals live here, not in tests).
 
-Entry points: :func:`bench_cache` (``make bench-cache``) and :func:`bench_search`
-(``make bench-search``). Every ratio is measured against its baseline in the same run; the
-machine is shared, so absolute seconds are indicative only.
+Entry points: :func:`bench_cache` (``make bench-cache``), :func:`bench_search`
+(``make bench-search``) and :func:`bench_memory` (``make bench-memory``). Every ratio is
+measured against its baseline in the same run; the machine is shared, so absolute seconds are
+indicative only.
 """
 
 from __future__ import annotations
@@ -169,8 +170,70 @@ def kendall_tau(a: list[float], b: list[float]) -> float:
     return float((concordant - discordant) / denom) if denom else 0.0
 
 
+TRIAL_STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")  # the last two must be 0 after a search
+
+
 def _study_seconds(study: Any) -> np.ndarray:
     return np.array([t.user_attrs["seconds"] for t in study.trials if "seconds" in t.user_attrs])
+
+
+def _phase1_study(objective: Any, trials: int) -> tuple[Any, list[int]]:
+    """``trials`` phase-1 trials through the Optuna engine's trial runner (in-memory study, the
+    default sampler and pruner); resident bytes after every trial."""
+    import optuna
+
+    from search.engines.optuna_engine import OptunaEngine, make_pruner, make_sampler
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    engine = OptunaEngine(storage="sqlite:///:memory:", progress=False)
+    study = optuna.create_study(direction="maximize", sampler=make_sampler(0, trials),
+                                pruner=make_pruner("hyperband", objective.max_epochs))
+    rss: list[int] = []
+    study.optimize(engine.objective_fn(objective), n_trials=trials, catch=(Exception,), gc_after_trial=True,
+                   callbacks=[lambda study, trial: rss.append(_rss_bytes())])
+    return study, rss
+
+
+def _growth(rss: list[int], start: int = 10) -> dict:
+    """Resident memory after trial ``start`` and after the last, their difference in percent, MB/trial."""
+    if len(rss) <= start:
+        return {}
+    a, b = rss[start - 1], rss[-1]
+    return {f"rss_mb_after_trial_{start}": round(a / 2**20, 1), f"rss_mb_after_trial_{len(rss)}": round(b / 2**20, 1),
+            "growth_pct": round(100 * (b - a) / a, 2), "mb_per_trial": round((b - a) / 2**20 / (len(rss) - start), 2),
+            "rss_mb_max": round(max(rss[start - 1:]) / 2**20, 1)}
+
+
+def bench_memory(cache: Cache, splits: Splits, trials: int, baseline_trials: int, results: Path) -> dict:
+    """A ``trials``-trial phase-1 search at the default budget on the real cache, resident memory
+    after every trial (goal: after the last within 5 % of after trial 10), every trial finished;
+    then, as the baseline in the same process, ``baseline_trials`` more trials with the release of
+    TensorFlow's per-trial graphs turned off (:func:`search.train.release_custom_gradients`)."""
+    from search import train
+    from search.engines.objective import HeadObjective
+    from search.errors import UserError
+
+    if trials <= 10 or baseline_trials < 0:
+        raise UserError(f"--trials must be more than 10 (growth is measured from trial 10), got {trials}; "
+                        f"--baseline-trials at least 0, got {baseline_trials}")
+    budget = space.BUDGETS["head"]
+    data = train.PooledData.from_cache(cache, splits)
+    runs = {}
+    for name, n, release in (("released", trials, True), ("baseline_not_released", baseline_trials, False)):
+        if not n:
+            continue
+        objective = HeadObjective(data, cache.path.name, rows=budget.rows, max_epochs=budget.max_epochs,
+                                  mirrored=budget.mirrored, release_graphs=release)
+        study, rss = _phase1_study(objective, n)
+        runs[name] = {"trials": len(study.trials),
+                      "states": {s: sum(t.state.name == s for t in study.trials) for s in TRIAL_STATES},
+                      **_growth(rss), "rss_mb_after_trial": [round(r / 2**20, 1) for r in rss]}
+    out = {"cache": cache.path.name, "budget": {"rows": budget.rows, "max_epochs": budget.max_epochs},
+           "goal_growth_pct": 5.0, **runs,
+           "meets_goal": runs["released"]["growth_pct"] <= 5.0 and runs["released"]["states"]["RUNNING"] == 0,
+           "recorded": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    write_json(results / "bench_memory.json", out)
+    return out
 
 
 def bench_search(cache: Cache, splits: Splits, spec: backbones.BackboneSpec, model: Any, trials: int,
@@ -189,17 +252,12 @@ def bench_search(cache: Cache, splits: Splits, spec: backbones.BackboneSpec, mod
     from search.engines.objective import HeadObjective, make_objective
     from search.engines.optuna_engine import OptunaEngine, make_pruner, make_sampler
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     budget = space.BUDGETS["head"]
     engine = OptunaEngine(storage="sqlite:///:memory:", progress=False)
     data = train.PooledData.from_cache(cache, splits)
     head_obj = HeadObjective(data, cache.path.name, rows=budget.rows, max_epochs=budget.max_epochs,
                              mirrored=budget.mirrored)
-    study = optuna.create_study(direction="maximize", sampler=make_sampler(0, trials),
-                                pruner=make_pruner("hyperband", budget.max_epochs))
-    rss: list[int] = []
-    study.optimize(engine.objective_fn(head_obj), n_trials=trials, catch=(Exception,), gc_after_trial=True,
-                   callbacks=[lambda study, trial: rss.append(_rss_bytes())])
+    study, rss = _phase1_study(head_obj, trials)
     head_seconds = _study_seconds(study)
 
     # fidelity: the same random configurations at the trial budget and trained in full
@@ -249,7 +307,7 @@ def bench_search(cache: Cache, splits: Splits, spec: backbones.BackboneSpec, mod
         "cache": cache.path.name,
         "phase1": {"trials": len(head_seconds), "budget": head_obj.budget,
                    "trial_seconds_median": median, "trial_seconds_p90": float(np.percentile(head_seconds, 90)),
-                   "states": {s: sum(t.state.name == s for t in study.trials) for s in ("COMPLETE", "PRUNED", "FAIL")},
+                   "states": {s: sum(t.state.name == s for t in study.trials) for s in TRIAL_STATES},
                    "best_value": study.best_value if any(t.state.name == "COMPLETE" for t in study.trials) else None,
                    "goal_median_trial_seconds": 2.0, "stretch_goal_median_trial_seconds": 1.0},
         "fidelity": {"configs": len(ranking), "fast_budget": head_obj.budget, "full_budget": full_obj.budget,
@@ -262,7 +320,7 @@ def bench_search(cache: Cache, splits: Splits, spec: backbones.BackboneSpec, mod
                    "trial_seconds": tail_seconds.tolist(),
                    "rungs_epochs": [1, tail_budget.max_epochs] if tail_budget.max_epochs > 1 else [1],
                    "states": {s: sum(t.state.name == s for t in tail_study.trials)
-                              for s in ("COMPLETE", "PRUNED", "FAIL")} if tail_study else None},
+                              for s in TRIAL_STATES} if tail_study else None},
         "end_to_end_epoch_seconds": epoch, "end_to_end_epoch_timed_images": n,
         "train_images": len(splits.train_idx), "ratio_epoch_to_median_phase1_trial": epoch / median,
         "rss_mb_after_trial": [round(r / 2**20, 1) for r in rss],

@@ -2,8 +2,8 @@
 
 Verbs: ``extract`` (build the feature cache), ``search`` (both phases, Optuna or KerasTuner, on
 the cache), ``final`` (train, stitch, save ``cifar10.h5``), ``evaluate`` (the classic
-evaluation script), ``report``, ``paper``, ``bench-cache``, ``bench-search``. This module only
-parses and dispatches: every check lives where the thing it checks is made. Bad input exits
+evaluation script), ``report``, ``paper``, ``bench-cache``, ``bench-search``, ``bench-memory``.
+This module only parses and dispatches: every check lives where the thing it checks is made. Bad input exits
 with status 2 and one line ``error: ...`` (no traceback).
 """
 
@@ -177,6 +177,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tail-trials", type=int, default=3, help="phase-2 trials to time (default 3; 0: skip phase 2)")
     p.add_argument("--epoch-images", type=int, default=1000,
                    help="images timed through the full backbone to estimate one end-to-end epoch")
+
+    p = sub.add_parser("bench-memory",
+                       help="resident memory over a long phase-1 search -> results/bench_memory.json")
+    _add_data_args(p)
+    _add_cache_args(p)
+    p.add_argument("--trials", type=int, default=200, help="phase-1 trials at the default budget (default 200)")
+    p.add_argument("--baseline-trials", type=int, default=30,
+                   help="then this many trials without releasing TensorFlow's per-trial graphs, the baseline "
+                        "(default 30; 0: skip)")
     return parser
 
 
@@ -373,9 +382,20 @@ def cmd_bench_search(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def cmd_bench_memory(args: argparse.Namespace, argv: list[str]) -> int:
+    from search import bench
+
+    splits, spec = _setup(args)
+    cache = _cache(args, splits, spec)
+    out = bench.bench_memory(cache, splits, args.trials, args.baseline_trials, Path(args.results))
+    print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "rss_mb_after_trial"} if isinstance(v, dict) else v
+                      for k, v in out.items()}, indent=2))
+    return 0
+
+
 COMMANDS = {"extract": cmd_extract, "search": cmd_search, "final": cmd_final, "evaluate": cmd_evaluate,
             "report": cmd_report, "paper": cmd_paper, "compare": cmd_compare, "bench-cache": cmd_bench_cache,
-            "bench-search": cmd_bench_search}
+            "bench-search": cmd_bench_search, "bench-memory": cmd_bench_memory}
 
 
 def main(argv: list[str] | None = None) -> int:

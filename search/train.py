@@ -28,6 +28,32 @@ EARLY_STOPPING_PATIENCE = 3
 VAL_BATCH = 256
 
 
+def custom_gradients() -> frozenset[str]:
+    """Names of the custom gradients TensorFlow has registered so far in this process.
+
+    Every ``tf.custom_gradient`` traced in a graph (each new Keras model's train function traces
+    some) registers a uniquely named gradient in TensorFlow's global registry, which holds the
+    traced graph alive forever: a search that builds a model per trial grows by megabytes per
+    trial (upstream: keras-team/keras#17458, tensorflow/tensorflow#61791, both open).
+    :func:`release_custom_gradients` drops them once their models are done.
+    """
+    from tensorflow.python.framework import ops
+
+    return frozenset(ops._gradient_registry._registry)
+
+
+def release_custom_gradients(keep: frozenset[str]) -> int:
+    """Unregister every custom gradient not in ``keep`` (see :func:`custom_gradients`); returns
+    how many. Only call it when no model traced since ``keep`` was taken will train again."""
+    from tensorflow.python.framework import ops
+
+    registry = ops._gradient_registry._registry
+    stale = [name for name in registry if name not in keep and name.startswith("CustomGradient-")]
+    for name in stale:
+        del registry[name]
+    return len(stale)
+
+
 def stratified_rows(labels: np.ndarray, rows: np.ndarray, n: int | None, seed: int = 0) -> np.ndarray:
     """``n`` of ``rows`` (indices into ``labels``), the same share per class, sorted; all if None."""
     rows = np.asarray(rows)

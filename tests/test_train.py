@@ -191,3 +191,25 @@ def test_mirror_images_needs_a_cache_of_mirrored_images(maps_cache, tiny_splits)
         train.CachedMaps(no_flip, "train", tiny_splits.train_idx, 8, augment=True, mirror="images")
     with pytest.raises(UserError, match="mirror must be one of"):
         train.resolve_mirror("sideways", no_flip)
+
+
+@pytest.mark.parametrize("release", [True, False])
+def test_trials_release_the_graphs_tensorflow_keeps(tiny_cache, tiny_splits, release):
+    """Each new model's train function registers custom gradients (swish) in TensorFlow's global
+    registry, which keeps its graph alive: a long search leaked megabytes per trial. A trial's
+    build releases the previous trials'; without it the registry grows with every trial."""
+    from search import space
+    from search.engines.objective import HeadObjective
+
+    data = train.PooledData.from_cache(tiny_cache, tiny_splits)
+    objective = HeadObjective(data, "tiny", max_epochs=1, release_graphs=release)
+    params = {**space.DEFAULT_HEAD, "units_0": 16, "units_1": 16, "activation": "swish"}
+    sizes = []
+    for trial in range(3):
+        objective.fit(objective.build(params, seed=trial), 1)
+        sizes.append(len(train.custom_gradients()))
+    if release:
+        assert sizes[2] == sizes[1], sizes
+    else:
+        assert sizes[0] < sizes[1] < sizes[2], sizes
+    train.release_custom_gradients(objective._keep)

@@ -6,6 +6,10 @@ and ``objective.fit(model, epochs, callbacks, seed)``, and records the returned 
 accuracy. Optuna calls both from its objective function; KerasTuner from ``HyperModel.build`` and
 ``HyperModel.fit``. The halves are ``search.train``'s, the same the final model runs.
 
+Memory: a trial's ``build`` first releases what TensorFlow kept of the previous trials' traced
+train functions (:func:`search.train.release_custom_gradients`); without it a 200-trial search
+grew from 2.0 to 6.5 GB (``results/bench_search.json`` of 2026-11-30 03:21).
+
 Budget (multi-fidelity): a trial trains on ``rows`` stratified training rows for at most
 ``max_epochs`` epochs; engines' pruners stop it earlier from its per-epoch validation accuracy.
 """
@@ -34,17 +38,22 @@ class HeadObjective:
     rows: int | None = None
     max_epochs: int = 10
     mirrored: bool = False
+    release_graphs: bool = True  # False only to measure the leak it prevents (bench-memory)
     phase: str = "head"
     _fit_data: train.PooledData | None = field(default=None, repr=False)
+    _keep: frozenset = field(default=frozenset(), repr=False)
 
     def __post_init__(self) -> None:
         self._fit_data = self.data.subset(self.rows, mirrored=self.mirrored)
+        self._keep = train.custom_gradients()
 
     @property
     def budget(self) -> dict[str, Any]:
         return {"rows": len(self._fit_data.x_train), "max_epochs": self.max_epochs, "mirrored": self.mirrored}
 
     def build(self, params: dict[str, Any], seed: int = 0) -> keras.Model:
+        if self.release_graphs:
+            train.release_custom_gradients(self._keep)  # the previous trial's model is done
         keras.backend.clear_session()
         keras.utils.set_random_seed(seed)
         return train.build_head_model(params, self.data.x_train.shape[1], self.data.y_train.shape[1])
@@ -74,9 +83,11 @@ class TailObjective:
     head_provenance: dict = field(default_factory=dict)
     phase: str = "tail"
     _rows: np.ndarray | None = field(default=None, repr=False)
+    _keep: frozenset = field(default=frozenset(), repr=False)
 
     def __post_init__(self) -> None:
         self._rows = train.stratified_rows(self.splits.y_train, self.splits.train_idx, self.rows)
+        self._keep = train.custom_gradients()
 
     @property
     def budget(self) -> dict[str, Any]:
@@ -84,6 +95,7 @@ class TailObjective:
                 "head": self.head_provenance}
 
     def build(self, params: dict[str, Any], seed: int = 0) -> keras.Model:
+        train.release_custom_gradients(self._keep)  # the previous trial's trainer is done
         keras.utils.set_random_seed(seed)
         self._data = train.tail_batches(self.cache, self.splits, params, self._rows, self.batch_size, seed)
         return train.build_tail_trainer(self.parts, self.head, self.head_weights, params, len(self._data[0]),
