@@ -186,7 +186,7 @@ def build_context(results: Path) -> dict:
     from search.compare import wilson_interval
 
     ctx: dict[str, Any] = {}
-    for name in ("final", "bench_cache", "bench_search", "ablation", "evaluate", "seeds", "frontier",
+    for name in ("final", "bench_cache", "bench_search", "bench_memory", "ablation", "evaluate", "seeds", "frontier",
                  "search_effect", "study_head", "study_tail"):
         path = results / f"{name}.json"
         if path.exists():
@@ -245,6 +245,14 @@ def build_context(results: Path) -> dict:
                     f"and the fast fidelity ranked configurations with Kendall's tau "
                     f"{bench_search['fidelity']['kendall_tau']:.2f} against full training (goal at least "
                     f"{bench_search['fidelity']['goal_kendall_tau']:g})")
+    memory = ctx.get("bench_memory", {}).get("released")
+    if memory:
+        last = memory["trials"]
+        end = memory[f"rss_mb_after_trial_{last}"]
+        goal.append(f"over a {last}-trial phase-1 search resident memory went from "
+                    f"{memory['rss_mb_after_trial_10']:.0f} MB after trial 10 to {end:.0f} MB "
+                    f"({memory['growth_pct']:+.1f} %, goal within {ctx['bench_memory']['goal_growth_pct']:g} %: "
+                    f"{'met' if ctx['bench_memory']['meets_goal'] else 'not met'}; `results/bench_memory.json`)")
     if seeds:
         goal.append(f"{len(seeds['runs'])} seeds scored a mean test accuracy of {_pct(seeds['mean_test_accuracy'])} "
                     f"(bar: each at least {_pct(seeds['bar_each'])}, mean at least {_pct(seeds['bar_mean'])}: "
