@@ -10,7 +10,8 @@ Entry point: :func:`compare_runs`, behind ``python -m search.cli compare``. It w
   95 % interval (Wilson, binomial on the test images), their mean, and the bars of the
   final-model issue (each >= 87.0 %, mean >= 87.5 %);
 - ``search_effect.json`` when given a run with default parameters and one with searched ones:
-  validation and test accuracy of each (the searched run should win on validation).
+  under the keys ``default`` and ``searched`` (each with its run's label), validation and test
+  accuracy of each (the searched run should win on validation).
 
 Nothing here trains or scores a model: every figure is read from the runs' JSON files.
 """
@@ -111,10 +112,10 @@ def compare_runs(runs: dict[str, str | os.PathLike], results: str | os.PathLike 
         d, s = loaded[default_run], loaded[searched_run]
         if d["config"]["seed"] != s["config"]["seed"] or d["cache"]["key"] != s["cache"]["key"]:
             raise UserError("search effect compares runs of one seed on one cache key")
-        effect = {label: {"path": str(runs[label]), "params": run["params"],
-                          "params_provenance": run["params_provenance"], "val_accuracy": run["val_accuracy"],
-                          "test_accuracy": run["test_accuracy"]}
-                  for label, run in ((default_run, d), (searched_run, s))}
+        effect = {role: {"label": label, "path": str(runs[label]), "params": run["params"],
+                         "params_provenance": run["params_provenance"], "val_accuracy": run["val_accuracy"],
+                         "test_accuracy": run["test_accuracy"]}
+                  for role, label, run in (("default", default_run, d), ("searched", searched_run, s))}
         effect["searched_wins_on_validation"] = s["val_accuracy"] > d["val_accuracy"]
         effect["val_difference"] = s["val_accuracy"] - d["val_accuracy"]
         effect["test_difference"] = s["test_accuracy"] - d["test_accuracy"]

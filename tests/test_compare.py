@@ -49,8 +49,12 @@ def test_search_effect_needs_one_seed_and_cache(tmp_path):
     for label, run in (("default", default), ("searched", searched), ("other", _run(1, 0.8, 0.8))):
         (tmp_path / f"{label}.json").write_text(json.dumps(run))
     runs = {k: tmp_path / f"{k}.json" for k in ("default", "searched")}
-    out = compare_runs(runs, tmp_path / "r", default_run="default", searched_run="searched")
-    assert out["search_effect"]["searched_wins_on_validation"] is True
+    out = compare_runs({"d0": runs["default"], "s0": runs["searched"]}, tmp_path / "r", default_run="d0",
+                       searched_run="s0")
+    effect = out["search_effect"]
+    assert effect["searched_wins_on_validation"] is True
+    assert (effect["default"]["label"], effect["searched"]["label"]) == ("d0", "s0")  # roles, not labels, are keys
+    assert effect["searched"]["val_accuracy"] > effect["default"]["val_accuracy"]
     assert "seeds" not in out, "different parameters: not seeds of one recipe"
     with pytest.raises(UserError, match="one seed"):
         compare_runs({"default": runs["default"], "other": tmp_path / "other.json"}, tmp_path / "r",
