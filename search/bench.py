@@ -173,6 +173,11 @@ def kendall_tau(a: list[float], b: list[float]) -> float:
 TRIAL_STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")  # the last two must be 0 after a search
 
 
+def _states(study: Any) -> dict[str, int]:
+    """How many of ``study``'s trials are in each state of :data:`TRIAL_STATES`."""
+    return {s: sum(t.state.name == s for t in study.trials) for s in TRIAL_STATES}
+
+
 def _study_seconds(study: Any) -> np.ndarray:
     return np.array([t.user_attrs["seconds"] for t in study.trials if "seconds" in t.user_attrs])
 
@@ -226,7 +231,7 @@ def bench_memory(cache: Cache, splits: Splits, trials: int, baseline_trials: int
                                   mirrored=budget.mirrored, release_graphs=release)
         study, rss = _phase1_study(objective, n)
         runs[name] = {"trials": len(study.trials),
-                      "states": {s: sum(t.state.name == s for t in study.trials) for s in TRIAL_STATES},
+                      "states": _states(study),
                       **_growth(rss), "rss_mb_after_trial": [round(r / 2**20, 1) for r in rss]}
     out = {"cache": cache.path.name, "budget": {"rows": budget.rows, "max_epochs": budget.max_epochs},
            "goal_growth_pct": 5.0, **runs,
@@ -307,7 +312,7 @@ def bench_search(cache: Cache, splits: Splits, spec: backbones.BackboneSpec, mod
         "cache": cache.path.name,
         "phase1": {"trials": len(head_seconds), "budget": head_obj.budget,
                    "trial_seconds_median": median, "trial_seconds_p90": float(np.percentile(head_seconds, 90)),
-                   "states": {s: sum(t.state.name == s for t in study.trials) for s in TRIAL_STATES},
+                   "states": _states(study),
                    "best_value": study.best_value if any(t.state.name == "COMPLETE" for t in study.trials) else None,
                    "goal_median_trial_seconds": 2.0, "stretch_goal_median_trial_seconds": 1.0},
         "fidelity": {"configs": len(ranking), "fast_budget": head_obj.budget, "full_budget": full_obj.budget,
@@ -319,12 +324,11 @@ def bench_search(cache: Cache, splits: Splits, spec: backbones.BackboneSpec, mod
                    "trial_seconds_median": float(np.median(tail_seconds)) if len(tail_seconds) else None,
                    "trial_seconds": tail_seconds.tolist(),
                    "rungs_epochs": [1, tail_budget.max_epochs] if tail_budget.max_epochs > 1 else [1],
-                   "states": {s: sum(t.state.name == s for t in tail_study.trials)
-                              for s in TRIAL_STATES} if tail_study else None},
+                   "states": _states(tail_study) if tail_study else None},
         "end_to_end_epoch_seconds": epoch, "end_to_end_epoch_timed_images": n,
         "train_images": len(splits.train_idx), "ratio_epoch_to_median_phase1_trial": epoch / median,
         "rss_mb_after_trial": [round(r / 2**20, 1) for r in rss],
-        "rss_growth_after_10_trials_pct": (100 * (rss[-1] - rss[9]) / rss[9]) if len(rss) > 10 else None,
+        "memory": _growth(rss),
         "recorded": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     write_json(results / "bench_search.json", out)

@@ -41,6 +41,9 @@ def tiny_results(tmp_path_factory, tiny_splits, tiny_npz, tiny_cache, spec):
     keras.utils.set_random_seed(0)
     model = spec.build(weights=None, size=TINY_RES)
     bench.bench_search(tiny_cache, tiny_splits, spec, model, 3, 2, 0, 20, results, weights=None, full_max_epochs=2)
+    memory = bench.bench_memory(tiny_cache, tiny_splits, 11, 0, results)
+    assert memory["released"]["trials"] == 11 and memory["released"]["states"]["RUNNING"] == 0
+    assert "growth_pct" in memory["released"] and "baseline_not_released" not in memory
     out = run_cli("evaluate", "--model", str(tmp / "cifar10.h5"), "--data", str(tiny_npz), "--results", str(results))
     assert out.returncode == 0, out.stderr[-2000:]
     docs = tmp / "docs"
@@ -58,6 +61,7 @@ def test_paper_sections_picture_and_no_placeholders(tiny_results):
     headings = re.findall(r"^## (.+)$", text, re.M)
     assert headings == SECTIONS
     assert "{{" not in text and "}}" not in text
+    assert "`results/bench_memory.json`" in text  # the memory goal is reported from its file
     final = json.loads((results / "final.json").read_text())
     assert f"{100 * final['test_accuracy']:.2f} %" in text
     page = (docs / "paper.html").read_text()
