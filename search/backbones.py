@@ -189,6 +189,78 @@ def frozen_layers(model: keras.Model, layer_name: str) -> list[keras.layers.Laye
     return [op for op in before if isinstance(op, keras.layers.Layer)]
 
 
+_FOLDABLE = ("Conv2D", "DepthwiseConv2D")
+
+
+class _FoldedAway(keras.layers.Layer):
+    """Stands where a BatchNormalization was folded into the convolution before it: identity."""
+
+    def call(self, inputs: Any, training: bool | None = None, mask: Any = None) -> Any:
+        return inputs
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        return input_shape
+
+
+def _foldable_pairs(model: keras.Model) -> dict[str, keras.layers.Layer]:
+    """BatchNormalization layer name -> the convolution it can be folded into: a Conv2D or
+    DepthwiseConv2D with no activation whose output feeds only that BN (channels last)."""
+    pairs = {}
+    for layer in model.layers:
+        if not isinstance(layer, keras.layers.BatchNormalization) or layer.axis not in (-1, 3):
+            continue
+        nodes = layer._inbound_nodes
+        if len(nodes) != 1 or len(nodes[0].parent_nodes) != 1:
+            continue
+        conv = nodes[0].parent_nodes[0].operation
+        if (type(conv).__name__ in _FOLDABLE and len(conv._outbound_nodes) == 1
+                and conv.get_config().get("activation") in ("linear", None) and conv.dtype_policy.name == "float32"):
+            pairs[layer.name] = conv
+    return pairs
+
+
+def fold_batch_norm(model: keras.Model) -> keras.Model:
+    """An inference-only copy of ``model`` with every foldable BatchNormalization merged into the
+    convolution before it (same inputs and outputs, float32; equal up to float rounding).
+
+    BN in inference mode is the affine map ``y = gamma * (x - mean) / sqrt(var + eps) + beta``;
+    after a convolution it becomes part of the kernel and a bias, so the frozen pass skips one
+    read and write of every activation tensor (about 1.9x faster for MobileNet on a 2-core CPU,
+    ``results/bench_cache.json``). Layers that cannot fold (BN after an add, say) are copied as
+    they are. ``model`` itself is not changed: the saved model keeps the genuine application.
+    """
+    pairs = _foldable_pairs(model)
+    convs = {conv.name: bn for bn, conv in ((model.get_layer(n), c) for n, c in pairs.items())}
+
+    def clone(layer: keras.layers.Layer) -> keras.layers.Layer:
+        config = layer.get_config()
+        if layer.name in pairs:
+            return _FoldedAway(name=layer.name)
+        if layer.name in convs:
+            config["use_bias"] = True
+        return layer.__class__.from_config(config)
+
+    folded = keras.models.clone_model(model, clone_function=clone)
+    for layer in model.layers:
+        if layer.name in pairs or not layer.weights:
+            continue
+        new = folded.get_layer(layer.name)
+        weights = [np.asarray(w) for w in layer.get_weights()]
+        if layer.name in convs:
+            bn = convs[layer.name]
+            gamma = np.asarray(bn.gamma) if bn.scale else 1.0
+            beta = np.asarray(bn.beta) if bn.center else 0.0
+            scale = gamma / np.sqrt(np.asarray(bn.moving_variance) + bn.epsilon)
+            kernel, bias = weights[0], (weights[1] if len(weights) > 1 else 0.0)
+            if isinstance(layer, keras.layers.DepthwiseConv2D):
+                kernel = kernel * scale.reshape(1, 1, kernel.shape[2], kernel.shape[3])
+            else:
+                kernel = kernel * scale.reshape(1, 1, 1, -1)
+            weights = [kernel, (bias - np.asarray(bn.moving_mean)) * scale + beta]
+        new.set_weights(weights)
+    return folded
+
+
 def weights_fingerprint(model: keras.Model) -> str:
     """sha1 (16 hex chars) of every weight of ``model``, in order: the weights' identity."""
     h = hashlib.sha1()

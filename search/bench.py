@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from search import ALLOCATOR_ENV, backbones, space
+from search import ALLOCATOR_ENV, backbones, heads, space
 from search.cache import Cache, build_extractor, ensure_cache
 from search.data import Splits, one_hot
 from search.io import write_json
@@ -40,9 +40,8 @@ def _rss_bytes() -> int:
 def allocator_probe(backbone: str, cut: str | None, resolution: int | None, weights: str | None, images: int,
                     tail_steps: int) -> dict:
     """In this process (allocator as set at start-up): frozen-pass images/s with user/system CPU
-    seconds, and seconds per tail training step (batch 128), on random pixels (speed only)."""
-    import keras
-
+    seconds, and seconds per tail training step (batch 128, float32 and mixed_bfloat16), on random
+    pixels (speed only)."""
     from search import train
 
     spec = backbones.get_backbone(backbone)
@@ -58,21 +57,27 @@ def allocator_probe(backbone: str, cut: str | None, resolution: int | None, weig
     cut_maps, _ = extractor.predict(x, batch_size=100, verbose=0)
     wall, (u1, s1) = time.perf_counter() - t0, _cpu()
     parts = train.TailParts.from_backbone(model, cut_layer)
-    head = keras.Sequential([keras.Input(model.outputs[0].shape[1:]), keras.layers.Dense(10, activation="softmax")])
-    trainer = train.build_tail_trainer(parts, head, head.get_weights(), {}, tail_steps, 1)
+    head = heads.build_head(space.DEFAULTS["head"], tuple(model.outputs[0].shape[1:]))
     xb = np.resize(cut_maps.astype(np.float16), (128, *cut_maps.shape[1:]))
     yb = one_hot(np.arange(128) % 10)
-    trainer.train_on_batch(xb, yb)  # trace once
-    (u2, s2), t2 = _cpu(), time.perf_counter()
-    for _ in range(tail_steps):
-        trainer.train_on_batch(xb, yb)
-    step, (u3, s3) = (time.perf_counter() - t2) / tail_steps, _cpu()
+    steps = {}
+    for precision in ("float32", "mixed_bfloat16"):
+        trainer = train.build_tail_trainer(parts, head, head.get_weights(), {}, tail_steps, 1, precision)
+        trainer.train_on_batch(xb, yb)  # trace once
+        (u2, s2), t2 = _cpu(), time.perf_counter()
+        for _ in range(tail_steps):
+            trainer.train_on_batch(xb, yb)
+        steps[precision] = ((time.perf_counter() - t2) / tail_steps, *np.subtract(_cpu(), (u2, s2)))
+    train.set_precision(parts.tail, head, "float32")
     return {"allocator": "BFC" if os.environ.get(ALLOCATOR_ENV, "").lower() == "true" else "glibc malloc",
             ALLOCATOR_ENV: os.environ.get(ALLOCATOR_ENV), "images_per_second": images / wall,
             "first_call_images_per_second": images / first,
             "frozen_pass_user_cpu_seconds": u1 - u0, "frozen_pass_system_cpu_seconds": s1 - s0,
-            "tail_step_seconds": step, "tail_steps": tail_steps,
-            "tail_user_cpu_seconds": u3 - u2, "tail_system_cpu_seconds": s3 - s2}
+            "tail_step_seconds": steps["float32"][0], "tail_steps": tail_steps,
+            "tail_user_cpu_seconds": steps["float32"][1], "tail_system_cpu_seconds": steps["float32"][2],
+            "tail_step_seconds_mixed_bfloat16": steps["mixed_bfloat16"][0],
+            "tail_step": "batch 128, the default head; float32 and mixed_bfloat16 (train.resolve_precision)",
+            "tail_precision_auto": train.resolve_precision("auto")}
 
 
 def _probe_subprocess(allocator: str, args: dict) -> dict:
@@ -102,22 +107,27 @@ def import_seconds() -> dict:
 def bench_cache(spec: backbones.BackboneSpec, splits: Splits, cut: str | None, resolution: int | None,
                 weights: str | None, images: int, results: Path, argv: list[str] | None = None,
                 tail_steps: int = 10, compare_allocators: bool = True) -> dict:
-    """Extraction throughput (chunked, resumable, written to disk) vs raw ``predict`` of the same
-    frozen part on the same images (its second full call: the first also pays for the
-    allocator's pool growing, recorded apart), with user and system CPU seconds; then the frozen pass and a
-    tail training step with TensorFlow's BFC allocator and with glibc's, each in a fresh process.
-    Goal: extraction / raw predict >= 0.9."""
+    """Extraction throughput (chunked, resumable, written to disk, BN folded as the cache runs it)
+    vs raw ``predict`` of the same frozen part as Keras builds it, on the same images (its second
+    full call: the first also pays for the allocator's pool growing, recorded apart), with user
+    and system CPU seconds; then the frozen pass and a tail training step (float32 and
+    mixed_bfloat16) with TensorFlow's BFC allocator and with glibc's, each in a fresh process.
+    Goal: extraction / raw predict >= 0.9 (the raw pass is the machine's speed: wall times are
+    normalized with it)."""
     cut_layer, resolution = spec.resolve(cut, resolution)
     model = spec.build(weights=weights, size=resolution)
     sub = splits.subset(images, max(10, images // 10), max(1, images // 50))
-    extractor = build_extractor(model, spec, cut_layer, resolution)
-    extractor.predict(sub.x_train[:100], batch_size=100, verbose=0)  # warm-up: trace once
+    plain = build_extractor(model, spec, cut_layer, resolution, fold=False)  # the machine's speed
+    plain.predict(sub.x_train[:100], batch_size=100, verbose=0)  # warm-up: trace once
     t = time.perf_counter()
-    extractor.predict(sub.x_train, batch_size=100, verbose=0)  # first full call: the allocator's pool grows
+    plain.predict(sub.x_train, batch_size=100, verbose=0)  # first full call: the allocator's pool grows
     raw_first = len(sub.x_train) / (time.perf_counter() - t)
     (u0, s0), t = _cpu(), time.perf_counter()
-    extractor.predict(sub.x_train, batch_size=100, verbose=0)
+    plain.predict(sub.x_train, batch_size=100, verbose=0)
     raw_wall, (u1, s1) = time.perf_counter() - t, _cpu()
+    extractor = build_extractor(model, spec, cut_layer, resolution)  # what the cache runs: BN folded
+    extractor.predict(sub.x_train[:100], batch_size=100, verbose=0)  # trace once, as the raw pass
+    (u1, s1) = _cpu()
     with tempfile.TemporaryDirectory() as tmp:
         cache = ensure_cache(spec, sub, cut=cut, resolution=resolution, flip=False, weights=weights,
                              root=tmp, progress=False, model=model, extractor=extractor)
@@ -132,6 +142,9 @@ def bench_cache(spec: backbones.BackboneSpec, splits: Splits, cut: str | None, r
                   if compare_allocators}
     out = {"backbone": spec.name, "cut_layer": cut_layer, "resolution": resolution, "weights": str(weights),
            "images": images, "allocator": os.environ.get(ALLOCATOR_ENV),
+           "raw_predict": "Keras predict of the frozen part as the application builds it (BN not folded): "
+                          "the machine's speed; normalize wall times with it",
+           "extraction_folds_batch_norm": True,
            "raw_predict_images_per_second": raw, "raw_predict_first_call_images_per_second": raw_first,
            "raw_predict_user_cpu_seconds": u1 - u0,
            "raw_predict_system_cpu_seconds": s1 - s0,
@@ -144,6 +157,8 @@ def bench_cache(spec: backbones.BackboneSpec, splits: Splits, cut: str | None, r
            / allocators["glibc"]["images_per_second"] if allocators else None,
            "tail_step_speedup_bfc_over_glibc": allocators["glibc"]["tail_step_seconds"]
            / allocators["bfc"]["tail_step_seconds"] if allocators else None,
+           "tail_step_speedup_bf16_over_float32": allocators["bfc"]["tail_step_seconds"]
+           / allocators["bfc"]["tail_step_seconds_mixed_bfloat16"] if allocators else None,
            "goal_ratio": 0.9, "command": "python -m search.cli " + " ".join(argv or ["bench-cache"]),
            "recorded": time.strftime("%Y-%m-%dT%H:%M:%S")}
     write_json(results / "bench_cache.json", out)

@@ -48,11 +48,11 @@ def _add_cache_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cut", default=None, help="cut point: last1, last2, ... (default per backbone)")
     p.add_argument("--resolution", type=int, default=None,
                    help="input side the 32x32 images are upsampled to, 32..1024 (default: the backbone's native size)")
-    p.add_argument("--mirror", default="images", choices=("images", "maps", "none"),
-                   help="mirroring for augmentation and test-time averaging: 'images' (default) also caches the "
-                        "mirrored images (the frozen pass runs over twice the images); 'maps' mirrors the cached "
-                        "activation maps (half the extraction, lower test accuracy in the recorded run); 'none' "
-                        "never mirrors. 'images' is a different cache key from the other two")
+    p.add_argument("--mirror", default="maps", choices=("images", "maps", "none"),
+                   help="mirroring for augmentation: 'maps' (default) mirrors the cached activation maps (the "
+                        "frozen pass runs over the images once); 'images' also caches the mirrored images "
+                        "(twice the extraction and disk; a different cache key); 'none' never mirrors. "
+                        "make final chooses test-time mirror averaging on validation either way")
     p.add_argument("--cache-dir", default="cache", help="folder of feature caches (default cache/)")
     p.add_argument("--no-build", dest="build", action="store_false",
                    help="fail instead of building a missing or stale cache")
@@ -121,8 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'auto' (each phase's best trial of the search on this cache key, else the default), "
                         "'default', 'study' (error if a phase has no search) or JSON {\"head\": {...}, "
                         "\"tail\": {...}}")
-    p.add_argument("--tail-epochs", type=int, default=6, help="epochs of tail fine-tuning (0: head only; default 6)")
+    p.add_argument("--tail-epochs", type=int, default=7, help="epochs of tail fine-tuning (0: head only; default 7)")
     p.add_argument("--head-epochs", type=int, default=30, help="max epochs of the head on pooled features")
+    p.add_argument("--tail-precision", default="auto", choices=("auto", "float32", "mixed_bfloat16"),
+                   help="compute precision of the tail's training: 'auto' (default) is mixed_bfloat16 on a CPU "
+                        "with AMX bfloat16 and no GPU, else float32; the saved model is float32 either way")
     p.add_argument("--bn-passes", type=int, default=0,
                    help="passes re-estimating the tail's BN statistics after training; the new statistics "
                         "are kept only if validation accuracy does not drop (default 0: skipped, it lowered "
@@ -311,6 +314,7 @@ def cmd_final(args: argparse.Namespace, argv: list[str]) -> int:
         mirror=args.mirror, data=args.data, image_size=args.image_size, val_size=args.val_size, seed=args.seed,
         params=_params(args.params),
         head_epochs=args.head_epochs, tail_epochs=args.tail_epochs, bn_passes=args.bn_passes, tta=args.tta,
+        tail_precision=args.tail_precision,
         output=args.output, results=args.results, cache_root=args.cache_dir, build_cache=args.build,
         progress=not args.quiet)
     splits, _ = _setup(args)

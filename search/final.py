@@ -40,7 +40,7 @@ import keras
 import numpy as np
 
 from search import backbones, heads, space, train
-from search.cache import Cache, ensure_cache
+from search.cache import Cache, build_extractor, ensure_cache, frozen_pass
 from search.data import IMAGE_SHAPE, Splits, load_data
 from search.errors import UserError
 from search.io import append_row, atomic_path, write_json
@@ -57,11 +57,14 @@ class FinalConfig:
     its default), ``"default"``, ``"study"`` (error if a phase has no search), or a dict
     ``{"head": {...}, "tail": {...}}`` (missing keys take the defaults).
 
-    ``mirror``: how images are mirrored for augmentation and test-time averaging
-    (``train.MIRRORS`` less ``"auto"``). ``"images"`` (default) also caches the mirrored images'
-    activations (the frozen pass runs over 120,000 images); ``"maps"`` mirrors the cached
-    activation maps instead (60,000 images, half the extraction), which scored lower on the test
-    set in the run recorded in ``results/ablation.json`` and ``results/final_maps_seed0.json``.
+    ``mirror``: how images are mirrored for augmentation (``train.MIRRORS`` less ``"auto"``).
+    ``"maps"`` (default) mirrors the cached activation maps (the frozen pass runs over the 60,000
+    images once); ``"images"`` also caches the mirrored images' activations (120,000 images,
+    twice the extraction and the disk). Test-time averaging (``tta``) is chosen on validation
+    among :func:`tta_candidates`; without cached mirror images, the mirrored images' activations
+    are computed at test time for the validation and test splits only.
+    ``tail_precision``: ``train.PRECISIONS``; ``"auto"`` trains the tail in mixed bfloat16 on
+    CPUs with AMX (``train.resolve_precision``).
     ``bn_passes`` defaults to 0: re-estimating the tail's BN statistics lowered
     validation accuracy in the run recorded in ``results/ablation.json`` and costs minutes.
     """
@@ -70,15 +73,16 @@ class FinalConfig:
     weights: str | None = "imagenet"
     cut: str | None = None
     resolution: int | None = None
-    mirror: str = "images"
+    mirror: str = "maps"
     data: str | None = None
     image_size: int | None = None
     val_size: int | None = None
     seed: int = 0
     params: str | dict = "auto"
     head_epochs: int = 30
-    tail_epochs: int = 6
+    tail_epochs: int = 7
     tail_batch_size: int = 128
+    tail_precision: str = "auto"
     bn_passes: int = 0
     tta: bool = True
     output: str = "cifar10.h5"
@@ -95,6 +99,8 @@ class FinalConfig:
             raise UserError(f"params takes the phases {list(space.PHASES)}, got {sorted(self.params)}")
         if self.mirror not in ("images", "maps", "none"):
             raise UserError(f"mirror must be 'images', 'maps' or 'none', got {self.mirror!r}")
+        if self.tail_precision not in train.PRECISIONS:
+            raise UserError(f"tail_precision must be one of {list(train.PRECISIONS)}, got {self.tail_precision!r}")
         for name in ("head_epochs", "tail_epochs", "bn_passes"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -122,6 +128,18 @@ def cached_probs(model: keras.Model, cache: Cache, split: str, rows: np.ndarray,
         else:
             total = total + _predict(model, np.asarray(cache.array(split, "pool", view)[rows]))
     return total / len(views)
+
+
+def mirrored_image_probs(model: keras.Model, extractor: keras.Model, pixels: np.ndarray, kind: str = "cut",
+                         chunk: int = 1000) -> np.ndarray:
+    """Probabilities of ``model`` on the mirrored ``pixels`` ``(n, h, w, 3)``: the frozen pass
+    (``extractor``, ``cache.build_extractor``) runs now, ``chunk`` images at a time, its cut
+    activations rounded to float16 as the cache stores them; nothing is written."""
+    out = []
+    for start in range(0, len(pixels), chunk):
+        cut, pool = frozen_pass(extractor, np.ascontiguousarray(pixels[start:start + chunk, :, ::-1]))
+        out.append(_predict(model, cut if kind == "cut" else pool))
+    return np.concatenate(out)
 
 
 def reestimate_bn(tail: keras.Model, data: keras.utils.PyDataset, passes: int) -> None:
@@ -186,12 +204,14 @@ class Run:
     cut_layer: str
     resolution: int
     cache: Cache | None = None
+    extractor: keras.Model | None = None
     params: dict | None = None
     provenance: dict | None = None
     head: keras.Model | None = None
     parts: train.TailParts | None = None
     trainer: keras.Model | None = None
     tta: str = "none"
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
         self.timings: dict[str, float] = {}
@@ -203,8 +223,19 @@ class Run:
     def val_labels(self) -> np.ndarray:
         return self.splits.y_train[self.splits.val_idx]
 
+    def probs(self, model: keras.Model, split: str, rows: np.ndarray, tta: str = "none",
+              kind: str = "cut") -> np.ndarray:
+        """:func:`cached_probs`; with ``tta="images"`` on a cache without mirrored images, the
+        mirrored images' activations are computed here by the frozen part (``extractor``), as
+        the saved model computes them, instead of being read from the cache."""
+        if tta != "images" or self.cache.key["flip"]:
+            return cached_probs(model, self.cache, split, rows, tta, kind)
+        pixels = (self.splits.x_train if split == "train" else self.splits.x_test)[rows]
+        return (cached_probs(model, self.cache, split, rows, "none", kind)
+                + mirrored_image_probs(model, self.extractor, pixels, kind)) / 2
+
     def val_accuracy(self, model: keras.Model, tta: str = "none", kind: str = "cut") -> float:
-        return accuracy(cached_probs(model, self.cache, "train", self.splits.val_idx, tta, kind), self.val_labels)
+        return accuracy(self.probs(model, "train", self.splits.val_idx, tta, kind), self.val_labels)
 
     def row(self, stage: str, **fields: Any) -> None:
         self.rows.append({"backbone": self.spec.name, "cut": self.cut_layer, "resolution": self.resolution,
@@ -214,9 +245,10 @@ class Run:
 
 def stage_cache(run: Run) -> None:
     c = run.config
+    run.extractor = build_extractor(run.backbone, run.spec, run.cut_layer, run.resolution, run.splits.image_shape)
     run.cache = ensure_cache(run.spec, run.splits, cut=c.cut, resolution=run.resolution, flip=c.mirror == "images",
                              weights=c.weights, root=c.cache_root, build=c.build_cache, progress=c.progress,
-                             model=run.backbone)
+                             model=run.backbone, extractor=run.extractor)
     log.info("cache %s (%s)", run.cache.path, "reused: the frozen part did not run" if run.cache.stats["hit"]
              else f"built: {run.cache.stats['chunks_computed']} chunks")
 
@@ -260,7 +292,8 @@ def stage_tail(run: Run) -> None:
     run.trainer, _ = train.train_tail(run.cache, run.splits, run.parts, run.head, run.params["tail"],
                                       c.tail_epochs, callbacks=[EpochLog()], seed=c.seed,
                                       batch_size=c.tail_batch_size, verbose=2 if c.progress else 0,
-                                      backup_root=str(Path(c.cache_root) / "checkpoints"), mirror=c.mirror)
+                                      backup_root=str(Path(c.cache_root) / "checkpoints"), mirror=c.mirror,
+                                      precision=run.precision)
     best = max(run.epochs, key=lambda e: e["val_accuracy"])
     run.row("tail fine-tuned", val_accuracy=run.val_accuracy(run.trainer), epochs=c.tail_epochs,
             best_epoch=best["epoch"], tail=run.params["tail"])
@@ -283,25 +316,33 @@ def stage_bn(run: Run) -> None:
     log.info("BN re-estimation: val %.4f vs %.4f without: %s", after_val, before_val, "kept" if kept else "reverted")
 
 
+def tta_candidates(config: FinalConfig, cache: Cache) -> tuple[str, ...]:
+    """The test-time mirror averages tried on validation: the cached mirrored images' activations
+    when the cache has them; else the mirrored maps (free) and the mirrored images (their frozen
+    pass runs at test time: 15,000 images for CIFAR-10's validation and test splits)."""
+    if not config.tta:
+        return ()
+    return ("images",) if cache.key["flip"] else ("maps", "images")
+
+
 def stage_tta(run: Run) -> None:
-    mode = run.config.mirror if run.config.tta else "none"
+    """Choose on validation among no averaging and :func:`tta_candidates` (ties keep the plain model)."""
     plain = run.val_accuracy(run.trainer)
-    if mode == "none":
-        run.extra.update(val_accuracy_plain=plain, val_accuracy_tta=None, val_accuracy=plain, tta_mode="none")
-        run.row("final, plain", val_accuracy=plain, chosen=True)
-        return
-    mirrored = run.val_accuracy(run.trainer, mode)
-    run.tta = mode if mirrored >= plain else "none"
-    run.extra.update(val_accuracy_plain=plain, val_accuracy_tta=mirrored,
-                     val_accuracy=mirrored if run.tta != "none" else plain, tta_mode=mode)
-    run.row(f"final, mirror-averaged (TTA, mirrored {mode})", val_accuracy=mirrored, chosen=run.tta != "none")
+    scores = {mode: run.val_accuracy(run.trainer, mode) for mode in tta_candidates(run.config, run.cache)}
+    best = max(scores, key=lambda m: scores[m], default=None)
+    run.tta = best if best is not None and scores[best] > plain else "none"
+    run.extra.update(val_accuracy_plain=plain, val_accuracy_tta_candidates=scores,
+                     val_accuracy_tta=scores[best] if best else None,
+                     val_accuracy=scores[run.tta] if run.tta != "none" else plain, tta_mode=best or "none")
+    for mode, score in scores.items():
+        run.row(f"final, mirror-averaged (TTA, mirrored {mode})", val_accuracy=score, chosen=run.tta == mode)
     run.row("final, plain", val_accuracy=plain, chosen=run.tta == "none")
 
 
 def stage_test(run: Run) -> None:
     """The test set, scored once, with the configuration chosen on validation."""
     y = run.splits.y_test
-    probs = cached_probs(run.trainer, run.cache, "test", np.arange(len(y)), run.tta)
+    probs = run.probs(run.trainer, "test", np.arange(len(y)), run.tta)
     pred = probs.argmax(1)
     k = run.cache.num_classes
     confusion = np.zeros((k, k), dtype=np.int64)
@@ -374,7 +415,9 @@ def build_final(config: FinalConfig, splits: Splits | None = None, model: keras.
                            cache_root=config.cache_root, progress=config.progress)
     if model is None:
         model = spec.build(weights=config.weights, size=resolution)
-    run = Run(config, spec, splits, model, cut_layer, resolution)
+    run = Run(config, spec, splits, model, cut_layer, resolution,
+              precision=train.resolve_precision(config.tail_precision))
+    run.extra["tail_precision_resolved"] = run.precision
     _timed(run, "cache", stage_cache)
     stage_params(run)
     _timed(run, "head", stage_head)
@@ -406,6 +449,24 @@ def machine() -> dict:
             "allocator": "BFC" if os.environ.get("TF_CPU_ALLOCATOR_USE_BFC", "").lower() == "true" else "default"}
 
 
+REFERENCE_IMAGES_PER_SECOND = 60.0
+
+
+def normalized_time(seconds: float, bench_cache: Path) -> dict | None:
+    """Wall time normalized to a machine whose raw frozen pass (Keras ``predict`` of the frozen
+    part as the application builds it) runs at 60 images/s: ``minutes x measured / 60``, with the
+    speed ``bench-cache`` measured (run it on the same machine right before); None without it."""
+    if not bench_cache.exists():
+        return None
+    from search.io import read_json
+
+    bench = read_json(bench_cache)
+    speed = float(bench["raw_predict_images_per_second"])
+    return {"wall_minutes": seconds / 60, "raw_predict_images_per_second": speed,
+            "bench_cache_recorded": bench.get("recorded"), "reference_images_per_second": REFERENCE_IMAGES_PER_SECOND,
+            "normalized_minutes": seconds / 60 * speed / REFERENCE_IMAGES_PER_SECOND}
+
+
 def write_summary(run: Run, saved: Path) -> dict:
     """``results/final.json`` (and the stage rows appended to ``results/ablation.json``)."""
     results = Path(run.config.results)
@@ -427,6 +488,7 @@ def write_summary(run: Run, saved: Path) -> dict:
         "tta": run.tta != "none", "tta_chosen": run.tta, **extra, "epochs": run.epochs, "timings_seconds": run.timings,
         "model_path": str(saved.resolve()), "stages": run.rows, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    summary["normalized_time"] = normalized_time(run.timings["total"], results / "bench_cache.json")
     write_json(results / "final.json", summary)
     log.info("val %.4f, test %.4f (cached path); stitched %.4f vs cached %.4f on %d test images; saved %s",
              summary["val_accuracy"], summary["test_accuracy"], summary["parity"]["stitched_accuracy"],

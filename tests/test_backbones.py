@@ -36,3 +36,33 @@ def test_unknown_backbone_and_cut():
 
 def test_lookup_is_case_insensitive():
     assert backbones.get_backbone("mobilenetv2").name == "MobileNetV2"
+
+
+@pytest.mark.parametrize("name", ["MobileNet", "MobileNetV2", "ResNet50"])
+def test_folded_extractor_computes_the_same_function(name):
+    """The extraction copy with BN folded into the convolutions gives the unfolded model's cut
+    and pooled outputs, folds most BN layers, and leaves the original model as it was."""
+    from search.cache import build_extractor
+
+    spec = backbones.get_backbone(name)
+    model = spec.build(weights=None, size=32)
+    rng = np.random.default_rng(0)
+    for layer in model.layers:  # non-trivial statistics, so that a wrong fold would show
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.moving_mean.assign(rng.normal(0, 0.1, layer.moving_mean.shape))
+            layer.moving_variance.assign(rng.uniform(0.5, 2.0, layer.moving_variance.shape))
+            layer.gamma.assign(rng.uniform(0.5, 1.5, layer.gamma.shape))
+    before = backbones.weights_fingerprint(model)
+    n_bn = sum(isinstance(la, keras.layers.BatchNormalization) for la in model.layers)
+    assert len(backbones._foldable_pairs(model)) >= n_bn // 2
+    cut, _ = spec.resolve(None, 32)
+    x = rng.integers(0, 256, (4, 32, 32, 3)).astype("uint8")
+    plain = build_extractor(model, spec, cut, 32, fold=False)(x)
+    folded_extractor = build_extractor(model, spec, cut, 32)
+    folded = folded_extractor(x)
+    assert not any(isinstance(la, keras.layers.BatchNormalization) and la.name in backbones._foldable_pairs(model)
+                   for la in folded_extractor.layers[-1].layers)
+    for a, b in zip(plain, folded, strict=True):
+        a, b = np.asarray(a), np.asarray(b)
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * float(np.abs(a).max()))
+    assert backbones.weights_fingerprint(model) == before

@@ -111,3 +111,42 @@ def test_stitched_model_scores_as_the_cache_did(lively, tiny_splits, spec, tta):
     if tta != "none":
         plain = cached_probs(trainer, cache, "test", rows, "none")
         assert np.abs(plain - cached).max() > 1e-3, "averaging with the mirror changes the prediction"
+
+
+def test_mirrored_images_computed_at_test_time_score_as_the_stitched_model(lively, tiny_splits, spec):
+    """A cache without mirrored images: ``Run.probs(tta="images")`` runs the frozen part on the
+    mirrored images (BN folded, float16 like the cache) and averages; the saved model with
+    ``tta="images"`` computes the same."""
+    from search import train
+    from search.cache import build_extractor, ensure_cache
+    from search.final import FinalConfig, Run, stitch
+
+    backbone, _, cut = lively
+    cache = ensure_cache(spec, tiny_splits, resolution=TINY_RES, weights=None, flip=False, progress=False,
+                         model=backbone, root=lively_root(lively))
+    assert not cache.key["flip"]
+    parts = train.TailParts.from_backbone(backbone, cut)
+    head = train.build_head_model({}, parts.tail.output.shape[-1], 10)
+    trainer = train.build_tail_trainer(parts, head, head.get_weights(), {}, 1, 1)
+    run = Run(FinalConfig(mirror="maps"), spec, tiny_splits, backbone, cut, TINY_RES, cache=cache,
+              extractor=build_extractor(backbone, spec, cut, TINY_RES))
+    rows = np.arange(len(tiny_splits.y_test))
+    mirrored = run.probs(trainer, "test", rows, "images")
+    stitched = stitch(spec, backbone, head, cut, TINY_RES, "images").predict(
+        tiny_splits.x_test.astype(np.float32), verbose=0)
+    np.testing.assert_allclose(mirrored, stitched, atol=2e-3)
+    assert np.abs(mirrored - run.probs(trainer, "test", rows, "none")).max() > 1e-3
+
+
+def lively_root(lively):
+    return lively[1].path.parent
+
+
+def test_normalized_time_scales_wall_time_by_the_measured_raw_speed(tmp_path):
+    from search.final import normalized_time
+    from search.io import write_json
+
+    assert normalized_time(600.0, tmp_path / "bench_cache.json") is None
+    write_json(tmp_path / "bench_cache.json", {"raw_predict_images_per_second": 90.0, "recorded": "t"})
+    out = normalized_time(600.0, tmp_path / "bench_cache.json")
+    assert out["wall_minutes"] == 10.0 and out["normalized_minutes"] == 15.0 and out["bench_cache_recorded"] == "t"

@@ -213,3 +213,28 @@ def test_trials_release_the_graphs_tensorflow_keeps(tiny_cache, tiny_splits, rel
     else:
         assert sizes[0] < sizes[1] < sizes[2], sizes
     train.release_custom_gradients(objective._keep)
+
+
+def test_tail_trains_in_bfloat16_and_is_returned_in_float32(maps_cache, tiny_splits, parts):
+    """``precision="mixed_bfloat16"``: the tail's layers and the head's hidden layers compute in
+    bfloat16 while training (softmax output and variables float32); the returned model is set back
+    to float32, so its predictions equal a float32 forward pass of the same weights."""
+    head = train.build_head_model({"dropout": 0.0}, parts.tail.output.shape[-1], 10)
+    seen = {}
+
+    class Spy(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            seen["tail"] = {la.compute_dtype for la in parts.tail.layers[1:]}
+            seen["head"] = [la.compute_dtype for la in head.layers[1:]]
+            seen["variables"] = {v.dtype for v in self.model.weights}
+
+    trainer, history = train.train_tail(maps_cache, tiny_splits, parts, head, {}, 1, batch_size=32,
+                                        callbacks=[Spy()], precision="mixed_bfloat16")
+    assert seen["tail"] == {"bfloat16"} and set(seen["head"][:-1]) == {"bfloat16"} and seen["head"][-1] == "float32"
+    assert seen["variables"] == {"float32"} and np.isfinite(history["loss"]).all()
+    assert {la.compute_dtype for la in [*parts.tail.layers[1:], *head.layers[1:]]} == {"float32"}
+    x = np.asarray(maps_cache.array("train", "cut", "orig")[:8], np.float32)
+    reference = keras.Model(parts.tail.input, head(parts.tail.output))(x, training=False)
+    np.testing.assert_allclose(trainer.predict(x, verbose=0), np.asarray(reference), atol=1e-5)
+    with pytest.raises(UserError, match="precision"):
+        train.resolve_precision("float16")

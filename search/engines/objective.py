@@ -81,6 +81,7 @@ class TailObjective:
     max_epochs: int = 3
     batch_size: int = 128
     head_provenance: dict = field(default_factory=dict)
+    precision: str = "auto"
     phase: str = "tail"
     _rows: np.ndarray | None = field(default=None, repr=False)
     _keep: frozenset = field(default=frozenset(), repr=False)
@@ -88,18 +89,19 @@ class TailObjective:
     def __post_init__(self) -> None:
         self._rows = train.stratified_rows(self.splits.y_train, self.splits.train_idx, self.rows)
         self._keep = train.custom_gradients()
+        self.precision = train.resolve_precision(self.precision)
 
     @property
     def budget(self) -> dict[str, Any]:
         return {"rows": len(self._rows), "max_epochs": self.max_epochs, "batch_size": self.batch_size,
-                "head": self.head_provenance}
+                "precision": self.precision, "head": self.head_provenance}
 
     def build(self, params: dict[str, Any], seed: int = 0) -> keras.Model:
         train.release_custom_gradients(self._keep)  # the previous trial's trainer is done
         keras.utils.set_random_seed(seed)
         self._data = train.tail_batches(self.cache, self.splits, params, self._rows, self.batch_size, seed)
         return train.build_tail_trainer(self.parts, self.head, self.head_weights, params, len(self._data[0]),
-                                        self.max_epochs)
+                                        self.max_epochs, self.precision)
 
     def fit(self, model: keras.Model, epochs: int, callbacks: list | None = None, initial_epoch: int = 0) -> float:
         history = train.fit_tail(model, *self._data, epochs, callbacks, initial_epoch=initial_epoch)
