@@ -77,7 +77,7 @@ class Budget:
 
 
 # Defaults of `make search` (see README: sized so both phases fit in about 30 minutes here).
-BUDGETS = {"head": Budget(trials=40, rows=10000, max_epochs=8), "tail": Budget(trials=6, rows=2000, max_epochs=2)}
+BUDGETS = {"head": Budget(trials=40, rows=10000, max_epochs=8), "tail": Budget(trials=8, rows=4000, max_epochs=2)}
 
 
 class Source(Protocol):

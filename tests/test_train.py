@@ -238,3 +238,37 @@ def test_tail_trains_in_bfloat16_and_is_returned_in_float32(maps_cache, tiny_spl
     np.testing.assert_allclose(trainer.predict(x, verbose=0), np.asarray(reference), atol=1e-5)
     with pytest.raises(UserError, match="precision"):
         train.resolve_precision("float16")
+
+
+def test_precise_bn_sets_the_moving_statistics_from_a_batch(maps_cache, tiny_splits, parts):
+    """After ``precise_bn`` the first BN layer's moving mean and variance are the batch statistics
+    of its input on the given batch (whatever the momentum), momenta are restored, and a trial's
+    trainer runs it before every validation."""
+    from search.engines.objective import TailObjective
+
+    head = _head(parts)
+    trainer = train.build_tail_trainer(parts, head, head.get_weights(), {"bn_momentum": 0.99}, 1, 1)
+    bn = next(la for la in parts.tail.layers if isinstance(la, keras.layers.BatchNormalization))
+    assert bn.trainable
+    x = np.asarray(maps_cache.array("train", "cut", "orig")[:16], np.float32)
+    before = np.array(bn.moving_mean)
+    train.precise_bn(parts.tail, x)
+    feeding = keras.ops.convert_to_tensor(x)
+    for layer in parts.tail.layers[1:]:  # MobileNet's tail is a chain: the layers before the first BN
+        if layer is bn:
+            break
+        feeding = layer(feeding)
+    mean = np.asarray(feeding).mean(axis=(0, 1, 2))
+    var = np.asarray(feeding).var(axis=(0, 1, 2))
+    np.testing.assert_allclose(np.array(bn.moving_mean), mean, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(np.array(bn.moving_variance), var, rtol=1e-2, atol=1e-4)
+    assert not np.allclose(before, mean) and bn.momentum == 0.99
+    calls = []
+    objective = TailObjective(maps_cache, tiny_splits, parts, head, head.get_weights(), "maps", rows=None,
+                              max_epochs=1, batch_size=32, precise_bn_rows=40)
+    model = objective.build({})
+    inner = model.before_evaluate
+    model.before_evaluate = lambda: (calls.append(1), inner())
+    objective.fit(model, 2)
+    assert len(calls) == 2, "once before each epoch's validation"
+    del trainer

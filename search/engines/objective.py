@@ -68,7 +68,10 @@ class TailObjective:
     """Phase 2: the tail after the cut, with the phase-1 head, on cached cut activations.
 
     ``head`` starts every trial from ``head_weights`` (trained once on pooled features with the
-    phase-1 parameters); the tail from its pretrained weights (``parts.reset``).
+    phase-1 parameters); the tail from its pretrained weights (``parts.reset``). Before each
+    validation, the BN statistics are set from ``precise_bn_rows`` training rows
+    (``train.precise_bn``; 0 turns it off): the final model's thousands of steps let its moving
+    averages converge, a trial's few dozen do not.
     """
 
     cache: Cache
@@ -82,6 +85,7 @@ class TailObjective:
     batch_size: int = 128
     head_provenance: dict = field(default_factory=dict)
     precision: str = "auto"
+    precise_bn_rows: int = 1024
     phase: str = "tail"
     _rows: np.ndarray | None = field(default=None, repr=False)
     _keep: frozenset = field(default=frozenset(), repr=False)
@@ -94,14 +98,21 @@ class TailObjective:
     @property
     def budget(self) -> dict[str, Any]:
         return {"rows": len(self._rows), "max_epochs": self.max_epochs, "batch_size": self.batch_size,
-                "precision": self.precision, "head": self.head_provenance}
+                "precision": self.precision, "precise_bn_rows": self.precise_bn_rows, "head": self.head_provenance}
 
     def build(self, params: dict[str, Any], seed: int = 0) -> keras.Model:
         train.release_custom_gradients(self._keep)  # the previous trial's trainer is done
         keras.utils.set_random_seed(seed)
         self._data = train.tail_batches(self.cache, self.splits, params, self._rows, self.batch_size, seed)
-        return train.build_tail_trainer(self.parts, self.head, self.head_weights, params, len(self._data[0]),
-                                        self.max_epochs, self.precision)
+        trainer = train.build_tail_trainer(self.parts, self.head, self.head_weights, params, len(self._data[0]),
+                                           self.max_epochs, self.precision)
+        if self.precise_bn_rows:
+            batches = self._data[0]
+            n = min(len(batches), -(-self.precise_bn_rows // batches.batch_size))
+            # augmented training batches, as the training steps see them
+            trainer.before_evaluate = lambda: train.precise_bn(
+                self.parts.tail, np.concatenate([batches[i][0] for i in range(n)]))
+        return trainer
 
     def fit(self, model: keras.Model, epochs: int, callbacks: list | None = None, initial_epoch: int = 0) -> float:
         history = train.fit_tail(model, *self._data, epochs, callbacks, initial_epoch=initial_epoch)
