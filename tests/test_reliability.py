@@ -20,7 +20,7 @@ from search.io import write_json
 def _extract_cmd(npz, cache_dir):
     return [sys.executable, "-m", "search.cli", "extract", "--data", str(npz), "--val-size", "20",
             "--weights", "none", "--resolution", str(TINY_RES), "--cache-dir", str(cache_dir),
-            "--chunk-size", "10", "--quiet"]
+            "--chunk-size", "10", "--mirror", "images", "--quiet"]  # two views: 32 chunks of 10
 
 
 def _progress(cache_dir):

@@ -159,7 +159,7 @@ def test_final_takes_both_phases_of_its_own_cache_key_only(spec, tiny_splits, tm
     keras.utils.set_random_seed(0)
     model = spec.build(weights=None, size=TINY_RES)
     cache = ensure_cache(spec, tiny_splits, resolution=TINY_RES, weights=None, root=tmp_path / "cache",
-                         progress=False, model=model)
+                         progress=False, model=model, flip=False)  # the final's default: mirrored maps
     own = cache.path.name
     # a search on another cache key (another cut, say) with very different parameters
     engines.write_pointer(results, "tail", "MobileNet-32-other-cut", {"engine": "optuna", "storage": "x",
