@@ -285,7 +285,7 @@ def resolve_precision(precision: str = "auto") -> str:
 
     ``"auto"`` is ``"mixed_bfloat16"`` on a CPU with AMX bfloat16 tiles (``amx_bf16`` in
     ``/proc/cpuinfo``) and no visible GPU, where oneDNN runs the tail's convolutions on the tiles
-    (about 1.5-2x faster steps, ``results/bench_cache.json``), else ``"float32"``. Variables stay
+    (a step 1.18x faster in ``results/bench_cache.json``), else ``"float32"``. Variables stay
     float32 either way (Keras mixed precision); the final model is saved and scored in float32.
     """
     if precision not in PRECISIONS:
