@@ -9,13 +9,14 @@ Entry point: :func:`suggest`, ``suggest(phase, source)``, where ``source`` is an
   on cached cut activations (``search.train.train_tail``).
 
 Parameters are *conditional*: ``units_1`` exists only with two or more layers, ``activation``
-and ``batch_norm`` only with a hidden layer, ``weight_decay`` only for AdamW/SGD,
-``bn_momentum`` only when the tail's BatchNormalization uses batch statistics. Optuna samples
+and ``batch_norm`` only with a hidden layer, ``weight_decay`` only for AdamW/SGD. Optuna samples
 them define-by-run; KerasTuner declares them under ``conditional_scope``; either way an
 inactive parameter is neither sampled nor shown as "important".
 
 ``DEFAULTS[phase]`` is what ``make final`` uses when no study exists for its cache key
-(``--params default``); the comments above them say where the values come from.
+(``--params default``); the comments above them say where the values come from. Keys of
+``DEFAULTS`` that a phase does not search (``bn_momentum``) are fixed settings, filled in by
+:func:`with_defaults` for trials and final alike.
 """
 
 from __future__ import annotations
@@ -173,7 +174,14 @@ def suggest_head(s: Source) -> dict[str, Any]:
 
 
 def suggest_tail(s: Source) -> dict[str, Any]:
-    """Tail fine-tuning: AdamW peak rate, decay, warm-up, smoothing, shifts, BN mode, head rate."""
+    """Tail fine-tuning: AdamW peak rate, decay, warm-up, smoothing, shifts, BN mode, head rate.
+
+    The BN momentum is not searched: a phase-2 trial validates after PreciseBN
+    (``train.precise_bn``) has replaced the moving statistics, so its score cannot depend on
+    the momentum, and a sampled value would be noise that ships (study
+    ``tail-MobileNet-224-conv_pw_11_relu-35aa909a6b06``, renamed ``...-with-momentum``, picked
+    0.99 this way and its final lagged). It stays fixed at ``DEFAULT_TAIL["bn_momentum"]``.
+    """
     p: dict[str, Any] = {
         "tail_learning_rate": s.float("tail_learning_rate", 5e-5, 3e-3, log=True),
         "weight_decay": s.float("weight_decay", 1e-3, 0.2, log=True),
@@ -182,9 +190,6 @@ def suggest_tail(s: Source) -> dict[str, Any]:
         "shift": s.int("shift", 0, 2),
         "bn_mode": s.choice("bn_mode", ("batch", "frozen")),
     }
-    momentum = s.when("bn_mode", p["bn_mode"], ("batch",), lambda: s.choice("bn_momentum", (0.9, 0.99)))
-    if p["bn_mode"] == "batch":
-        p["bn_momentum"] = momentum
     p["head_lr_multiplier"] = s.float("head_lr_multiplier", 0.1, 10.0, log=True)
     return p
 
