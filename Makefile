@@ -80,8 +80,9 @@ bench-search: setup  ## phase-1/phase-2 trial seconds, fidelity Kendall tau, end
 bench-memory: setup  ## resident memory over a 200-trial phase-1 search (and a baseline) -> results/bench_memory.json
 	$(PY) -m search.cli bench-memory $(ARGS)
 
-test: setup  ## the test suite (tiny data, tiny backbones; < 10 min)
-	$(PY) -m pytest -q
+TEST_WORKERS ?= 2
+test: setup  ## the test suite (tiny data, tiny backbones; < 10 min) in TEST_WORKERS processes, a file per process
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 RELIABILITY_TESTS := tests/test_reliability.py tests/test_cache.py tests/test_cli.py tests/test_preprocess.py \
   tests/test_search.py tests/test_final.py tests/test_train.py tests/test_images.py
