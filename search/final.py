@@ -470,8 +470,12 @@ def normalized_time(seconds: float, bench_cache: Path) -> dict | None:
 def write_summary(run: Run, saved: Path) -> dict:
     """``results/final.json`` (and the stage rows appended to ``results/ablation.json``)."""
     results = Path(run.config.results)
+    # which parameters the run used, per phase ("default" or "search"), so rows of default and
+    # searched runs are told apart in the ablation table
+    params = "/".join(str(run.provenance.get(p, {}).get("source", "?")) for p in ("head", "tail"))
     for row in run.rows:
-        append_row(results / "ablation.json", {**row, "recorded": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        append_row(results / "ablation.json",
+                   {**row, "params": params, "recorded": time.strftime("%Y-%m-%dT%H:%M:%S")})
     extra = {k: v for k, v in run.extra.items() if k != "test_probs"}
     summary = {
         "config": asdict(run.config), "params": run.params, "params_provenance": run.provenance,

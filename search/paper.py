@@ -394,8 +394,9 @@ def build_context(results: Path) -> dict:
              for r in seeds["runs"]])
     rows = ctx.get("ablation", [])
     ctx["ablation_table"] = _table(
-        ["recorded", "seed", "mirror", "stage", "val accuracy", "kept"],
-        [[r.get("recorded", "")[:16], r.get("seed", ""), r.get("mirror", "images" if r.get("flip") else "none"),
+        ["recorded", "seed", "params (head/tail)", "mirror", "stage", "val accuracy", "kept"],
+        [[r.get("recorded", "")[:16], r.get("seed", ""), r.get("params", "not recorded"),
+          r.get("mirror", "images" if r.get("flip") else "none"),
           r["stage"], _pct(r.get("val_accuracy")), {True: "yes", False: "no"}.get(r.get("chosen"), "")]
          for r in rows])
     return ctx

@@ -45,6 +45,7 @@ def test_summary_and_ablation_written(final_run):
     assert len(summary["epochs"]) == config.tail_epochs
     rows = json.loads((tmp / "results" / "ablation.json").read_text())
     stages = [r["stage"] for r in rows]
+    assert all(r["params"] == "default/default" for r in rows)  # each row says which parameters made it
     assert stages[0] == "frozen features + head" and "tail fine-tuned" in stages
     bn = next(r for r in rows if r["stage"] == "tail fine-tuned + BN re-estimated")
     tail = next(r for r in rows if r["stage"] == "tail fine-tuned")

@@ -191,6 +191,8 @@ def test_final_takes_both_phases_of_its_own_cache_key_only(spec, tiny_splits, tm
     assert summary["params_provenance"]["tail"]["study"] == f"tail-{own}"
     assert summary["params_provenance"]["tail"]["trial"] == 0
     assert not any(r["stage"].endswith("BN re-estimated") for r in summary["stages"]), "frozen BN: no re-estimation"
+    rows = json.loads((results / "ablation.json").read_text())
+    assert rows and all(r["params"] == "search/search" for r in rows)
 
 
 def _search_cmd(npz, tmp_path, storage, trials, study="resume", heartbeat=1):
