@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from search.errors import UserError
 from search.space import BUDGETS
@@ -105,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study-name", default=None, help="study/project name (default <phase>-<cache id>)")
     p.add_argument("--pruner", default=None, help="Optuna pruner: hyperband (default), median or none")
     p.add_argument("--oracle", default=None, help="KerasTuner oracle: bayesian (default) or hyperband")
+    p.add_argument("--default-trial", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the documented defaults (search/space.py) as a new study's first trial, so the search "
+                        "measures them at its own budget (Optuna: default yes; KerasTuner cannot)")
     p.add_argument("--worker-index", type=int, default=0,
                    help="offsets the sampler seed of parallel workers (set by --workers)")
     p.add_argument("--heartbeat", type=int, default=None,
@@ -239,9 +243,10 @@ def cmd_search(args: argparse.Namespace, argv: list[str]) -> int:
     phases = ("head", "tail") if args.phase == "both" else (args.phase,)
     engine = engines.make_engine(args.engine, storage=args.storage, pruner=args.pruner, oracle=args.oracle,
                                  heartbeat=args.heartbeat, seed=args.seed, worker_index=args.worker_index,
+                                 default_trial=args.default_trial,
                                  progress=not args.quiet, results=args.results)
     if args.workers > 1:
-        return _spawn_workers(args, argv, phases)
+        return _spawn_workers(args, argv, phases, engine)
     from search.engines.objective import make_objective
 
     splits, spec = _setup(args)
@@ -263,7 +268,7 @@ def cmd_search(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
-def _spawn_workers(args: argparse.Namespace, argv: list[str], phases: tuple[str, ...]) -> int:
+def _spawn_workers(args: argparse.Namespace, argv: list[str], phases: tuple[str, ...], engine: Any) -> int:
     """Start ``--workers`` processes per phase on one study each (shared through the storage URL)."""
     if args.engine != "optuna":
         raise UserError("--workers > 1 needs --engine optuna (KerasTuner runs one process here)")
@@ -283,7 +288,8 @@ def _spawn_workers(args: argparse.Namespace, argv: list[str], phases: tuple[str,
     codes: list[int] = []
     for phase in phases:
         name = f"{args.study_name}-{phase}" if len(phases) > 1 else args.study_name
-        open_study(args.storage, name, heartbeat=args.heartbeat)  # concurrent first-time creation races
+        # created here: concurrent first-time creation races (and so would the defaults' trial)
+        engine.enqueue_defaults(open_study(args.storage, name, heartbeat=args.heartbeat), phase)
         procs = [subprocess.Popen([sys.executable, "-m", "search.cli", *rest, "--phase", phase, "--study-name", name,
                                    "--quiet", "--worker-index", str(w)], cwd=os.getcwd())
                  for w in range(args.workers)]

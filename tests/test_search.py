@@ -75,22 +75,24 @@ def test_both_engines_run_both_phases_through_the_same_objective(engine_name, ti
         assert study.metric_names == ["validation accuracy"]
         # the tail study started from the best phase-1 head of this cache key
         assert study.trials[0].user_attrs["budget"]["head"]["source"] == "search"
+        # each study's first trial is the documented defaults, measured at the study's budget
+        for phase in space.PHASES:
+            first = optuna.load_study(study_name=f"{phase}-{tiny_cache.path.name}",
+                                      storage=f"sqlite:///{tmp_path / 'study.db'}").trials[0]
+            assert first.user_attrs["defaults"] and first.params == space.default_trial(phase)
+            assert space.with_defaults(phase, first.params) == space.DEFAULTS[phase]
         # the BN momentum is a fixed setting, not searched (PreciseBN trials cannot see it)
         assert all("bn_momentum" not in t.params for t in study.trials)
-        # conditional parameters: only active ones are recorded
-        head = optuna.load_study(study_name=f"head-{tiny_cache.path.name}",
-                                 storage=f"sqlite:///{tmp_path / 'study.db'}")
-        for t in head.trials:
-            assert ("units_1" in t.params) == (t.params["n_layers"] >= 2)
-            assert ("weight_decay" in t.params) == (t.params["optimizer"] != "adam")
 
 
 def test_optuna_records_trials_and_opens_in_optuna_cli(pooled, tmp_path):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
-    engine = engines.make_engine("optuna", storage=storage, pruner="median", progress=False, results=tmp_path)
+    engine = engines.make_engine("optuna", storage=storage, pruner="median", progress=False, results=tmp_path,
+                                 default_trial=False)
     summary = engine.run(HeadObjective(pooled, "tiny", max_epochs=3), 3)
     assert summary["trials"] == 3 and summary["complete"] + summary["pruned"] + summary["failed"] == 3
     study = optuna.load_study(study_name=summary["study_name"], storage=storage)
+    assert not any(t.user_attrs.get("defaults") for t in study.trials)  # --no-default-trial
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert done and all({"epochs", "seconds", "cache", "phase", "budget"} <= set(t.user_attrs) for t in done)
     for t in study.trials:  # inactive parameters are not sampled

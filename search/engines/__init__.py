@@ -29,18 +29,23 @@ class AllTrialsFailed(UserError):
 
 def make_engine(name: str, *, storage: str | None = None, pruner: str | None = None, oracle: str | None = None,
                 heartbeat: int | None = None, seed: int = 0, worker_index: int = 0, progress: bool = True,
-                results: str | Path = "results") -> Any:
-    """The engine ``name`` with its options checked; an option it cannot honour is an error."""
+                results: str | Path = "results", default_trial: bool | None = None) -> Any:
+    """The engine ``name`` with its options checked; an option it cannot honour is an error.
+
+    ``default_trial``: run the phase's documented defaults as a new study's first trial (Optuna
+    ``enqueue_trial``; None means yes). KerasTuner's oracles cannot be given a first trial, so
+    it refuses ``True``."""
     if name == "optuna":
         if oracle is not None:
             raise UserError("--oracle is a KerasTuner option; Optuna takes --pruner (and TPE)")
         from search.engines.optuna_engine import OptunaEngine
 
         return OptunaEngine(storage=storage, pruner=pruner, heartbeat=heartbeat, seed=seed,
-                            worker_index=worker_index, progress=progress, results=results)
+                            worker_index=worker_index, progress=progress, results=results,
+                            default_trial=default_trial is not False)
     if name == "kerastuner":
         given = [opt for opt, v in (("--storage", storage), ("--pruner", pruner), ("--heartbeat", heartbeat))
-                 if v is not None]
+                 if v is not None] + (["--default-trial"] if default_trial else [])
         if given or worker_index:
             raise UserError(f"KerasTuner cannot honour {', '.join(given) or '--worker-index'}: it keeps its "
                             "trials in a folder and stops trials through its oracle (--oracle)")

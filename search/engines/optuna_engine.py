@@ -103,7 +103,8 @@ class OptunaEngine:
 
     def __init__(self, storage: str | None = None, pruner: str | None = None, heartbeat: int | None = None,
                  seed: int = 0, worker_index: int = 0, progress: bool = True,
-                 results: str | Path = "results", reconnect_seconds: float = 60.0) -> None:
+                 results: str | Path = "results", reconnect_seconds: float = 60.0,
+                 default_trial: bool = True) -> None:
         self.storage = storage or default_storage(results)
         check_storage(self.storage)
         self.pruner = pruner or "hyperband"
@@ -113,6 +114,7 @@ class OptunaEngine:
         self.heartbeat = 30 if heartbeat is None else heartbeat
         self.seed, self.worker_index, self.progress, self.results = seed, worker_index, progress, results
         self.reconnect_seconds = reconnect_seconds
+        self.default_trial = default_trial
 
     def open(self, objective: Any, n_trials: int, study_name: str | None = None) -> optuna.Study:
         """The study for ``objective`` (created if new), with its sampler and pruner."""
@@ -135,6 +137,8 @@ class OptunaEngine:
         import sqlalchemy
 
         study = self.open(objective, n_trials, study_name)
+        if self.worker_index == 0:
+            self.enqueue_defaults(study, objective.phase)
         write_pointer(self.results, objective.phase, objective.cache_id,
                       {"engine": "optuna", "storage": self.storage, "study_name": study.study_name})
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -175,6 +179,13 @@ class OptunaEngine:
                 except UserError:
                     continue
         return check_outcome(summarize(study))
+
+    def enqueue_defaults(self, study: optuna.Study, phase: str) -> None:
+        """Make a new study's first trial the documented defaults (``space.default_trial``), so
+        the search measures them at its own budget and its best is never below them there
+        (with ``default_trial``; a study that has trials is left as it is)."""
+        if self.default_trial and not study.trials:
+            study.enqueue_trial(space.default_trial(phase), user_attrs={"defaults": True}, skip_if_exists=True)
 
     def objective_fn(self, objective: Any):
         from optuna_integration import KerasPruningCallback
