@@ -123,6 +123,7 @@ def _search_texts(ctx: dict) -> dict[str, str]:
                  f"complete, {tail['pruned']} pruned, {tail['failed']} failed; median trial "
                  f"{tail['median_trial_seconds']:.1f} s); its best trial reached {_pct(tail.get('best_value'))} at "
                  "its budget.")
+        text += _defaults_trial_sentence(tail)
     else:
         text += " No phase-2 search was run for the reported cache key."
     out["search_sentence"] = text
@@ -151,6 +152,17 @@ def _search_texts(ctx: dict) -> dict[str, str]:
         out["search_discussion"] = "We did not compare searched and default parameters under one seed in this run."
         out["search_effect_file"] = ""
     return out
+
+
+def _defaults_trial_sentence(study: dict) -> str:
+    """The documented defaults run as a trial of the study (``--default-trial``), against its best."""
+    trial = next((t for t in study.get("finished", []) if t.get("defaults")), None)
+    if trial is None or trial.get("value") is None:
+        return " The defaults were not run as a trial of this study, so its budget's ranking of them is unknown."
+    state = ("completed" if trial["state"] == "COMPLETE"
+             else f"{trial['state'].lower()} after {trial['epochs']} epoch(s)")
+    return (f" The documented defaults, run as trial {trial['number']} ({state}), scored {_pct(trial['value'])} at "
+            f"that budget against the best trial's {_pct(study.get('best_value'))}.")
 
 
 def _lag_sentence(ctx: dict) -> str:

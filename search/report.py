@@ -190,7 +190,7 @@ def summarize(study: optuna.Study, final: dict | None) -> dict:
         {"number": t.number, "state": t.state.name, "params": t.params,
          "value": t.value if t.value is not None else (t.intermediate_values[max(t.intermediate_values)]
                                                        if t.intermediate_values else None),
-         "epochs": len(t.intermediate_values)}
+         "epochs": len(t.intermediate_values), "defaults": bool(t.user_attrs.get("defaults"))}
         for t in study.trials if t.state.is_finished()]
     if final:
         summary["final"] = {k: final.get(k) for k in ("val_accuracy", "test_accuracy", "frozen_val_accuracy", "tta")}

@@ -12,7 +12,7 @@ from search.compare import compare_runs
 from search.engines.objective import HeadObjective
 from search.errors import UserError
 from search.final import FinalConfig, build_final
-from search.paper import render, write_paper
+from search.paper import _defaults_trial_sentence, render, write_paper
 from search.report import write_report
 from search.train import PooledData
 
@@ -114,3 +114,12 @@ def test_captions_numbered_and_referenced_and_abstract_matches(tiny_results):
     for value in (final["frozen_val_accuracy"], final["val_accuracy_plain"], evaluate["accuracy"],
                   seeds["mean_test_accuracy"]):
         assert f"{100 * value:.2f} %" in abstract
+
+
+def test_defaults_trial_reported_against_the_best():
+    study = {"best_value": 0.8, "finished": [{"number": 3, "state": "COMPLETE", "epochs": 2, "value": 0.75},
+                                             {"number": 8, "state": "PRUNED", "epochs": 1, "value": 0.7,
+                                              "defaults": True}]}
+    text = _defaults_trial_sentence(study)
+    assert "trial 8 (pruned after 1 epoch(s)), scored 70.00 %" in text and "best trial's 80.00 %" in text
+    assert "not run as a trial" in _defaults_trial_sentence({"finished": study["finished"][:1]})

@@ -42,6 +42,8 @@ def test_report_files(optuna_results):
         assert f'id="{name}"' in page, name
     md = (out / "summary.md").read_text()
     assert f"Trials: {summary['trials']}" in md and "Best trial" in md
+    # the engine ran the documented defaults first; the summary marks that trial
+    assert [t["defaults"] for t in summary["finished"]] == [True] + [False] * (len(summary["finished"]) - 1)
     assert len((out / "trials.csv").read_text().strip().splitlines()) == summary["trials"] + 1
 
 
