@@ -405,6 +405,11 @@ def build_context(results: Path) -> dict:
               f"{_pct(r['test_ci95'][0])} – {_pct(r['test_ci95'][1])}", "reused" if r["cache_reused"] else "built"]
              for r in seeds["runs"]])
     rows = ctx.get("ablation", [])
+    scopes = sorted({(r.get("cut"), r.get("resolution")) for r in rows}, key=str)
+    ctx["ablation_scope"] = (
+        f"Every row uses the cut `{scopes[0][0]}` at {scopes[0][1]} px: the cut depth and the input resolution were "
+        "not ablated in final runs, and this paper makes no claim about either." if len(scopes) == 1 else
+        "Rows span the cuts and resolutions " + ", ".join(f"`{c}` at {r} px" for c, r in scopes) + ".")
     ctx["ablation_table"] = _table(
         ["recorded", "seed", "params (head/tail)", "mirror", "stage", "val accuracy", "kept"],
         [[r.get("recorded", "")[:16], r.get("seed", ""), r.get("params", "not recorded"),
