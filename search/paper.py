@@ -180,7 +180,8 @@ def _lag_sentence(ctx: dict) -> str:
             f"the defaults (`results/final_searched_seed0.json`), catching up only as the rate decayed.")
 
 
-def _cost_sentence(tail_epoch: float | None, e2e: float | None, extraction: float) -> str:
+def _cost_sentence(tail_epoch: float | None, e2e: float | None, extraction: float,
+                   e2e_recorded: str | None = None) -> str:
     """A cached tail epoch against an end-to-end epoch, and when the cache pays for itself."""
     if not tail_epoch:
         return "The reported run trained no tail epoch."
@@ -188,7 +189,10 @@ def _cost_sentence(tail_epoch: float | None, e2e: float | None, extraction: floa
     if not e2e:
         return text + "; no end-to-end epoch was timed (`make bench-search` times one)."
     text += (f" against {e2e:.1f} s estimated for one epoch with the backbone in the loop "
-             f"(`results/bench_search.json`, {e2e / tail_epoch:.1f}×)")
+             f"(`results/bench_search.json`, {e2e / tail_epoch:.1f}×; timed by `make bench-search`"
+             + (f" at {e2e_recorded}" if e2e_recorded else "")
+             + ", not in the reported run, and machines here differ up to 2× between days, so the ratio is "
+             "indicative)")
     if e2e > tail_epoch:
         return text + (f"; counting the {extraction / 60:.1f} min of extraction, the cache pays for itself after "
                        f"{extraction / (e2e - tail_epoch):.1f} epochs.")
@@ -368,7 +372,7 @@ def build_context(results: Path) -> dict:
                           f"{names[j]} ({off[i, j]} images)"
                           + ("; cats and dogs share pose, fur and background at this size" if {names[i], names[j]}
                              == {"cat", "dog"} else "")),
-        "cost_sentence": _cost_sentence(tail_epoch, e2e, extraction),
+        "cost_sentence": _cost_sentence(tail_epoch, e2e, extraction, (bench_search or {}).get("recorded")),
         "bench_sentence": (
             f"In `bench-cache`, run just before the cold run, extraction ran at "
             f"{bench_cache['extraction_images_per_second']:.1f} images/s against "
