@@ -182,7 +182,7 @@ class OptunaEngine:
 
     def enqueue_defaults(self, study: optuna.Study, phase: str) -> None:
         """Make a new study's first trial the documented defaults (``space.default_trial``), so
-        the search measures them at its own budget and its best is never below them there
+        the search measures them at its own budget and its best can be compared with them there
         (with ``default_trial``; a study that has trials is left as it is)."""
         if self.default_trial and not study.trials:
             study.enqueue_trial(space.default_trial(phase), user_attrs={"defaults": True}, skip_if_exists=True)
