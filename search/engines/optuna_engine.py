@@ -115,6 +115,7 @@ class OptunaEngine:
         self.seed, self.worker_index, self.progress, self.results = seed, worker_index, progress, results
         self.reconnect_seconds = reconnect_seconds
         self.default_trial = default_trial
+        self._trial_number: int | None = None  # the trial this process is running, if any
 
     def open(self, objective: Any, n_trials: int, study_name: str | None = None) -> optuna.Study:
         """The study for ``objective`` (created if new), with its sampler and pruner."""
@@ -131,8 +132,9 @@ class OptunaEngine:
         If the study's database goes away (a PostgreSQL restart), the worker reconnects and
         carries on with the trials it still owes; after ``reconnect_seconds`` without a
         database it stops with one line (exit 2). The trial that was running when the
-        connection broke stays RUNNING until its heartbeat expires, then any worker marks it
-        FAIL; finished trials are never rerun or duplicated.
+        connection broke is marked FAIL by this worker once it has reconnected; if it never
+        reconnects, the trial stays RUNNING until its heartbeat expires, then any worker marks
+        it FAIL. Finished trials are never rerun or duplicated.
         """
         import sqlalchemy
 
@@ -147,6 +149,7 @@ class OptunaEngine:
         def finished(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
             state["done"] += 1
             state["lost_since"] = None
+            self._trial_number = None
 
         while state["done"] < n_trials:
             try:
@@ -161,6 +164,7 @@ class OptunaEngine:
                     # worker marked it FAIL: that trial is over; carry on with the next
                     log.warning("a trial was marked FAIL by another worker after its heartbeat lapsed; continuing")
                     state["done"] += 1
+                    self._trial_number = None
                     continue
                 lost = _in_chain(exc, lambda e: isinstance(e, (sqlalchemy.exc.DBAPIError,
                                                                optuna.exceptions.StorageInternalError)))
@@ -178,6 +182,7 @@ class OptunaEngine:
                     study = self.open(objective, n_trials, study.study_name)
                 except UserError:
                     continue
+                self._fail_broken_trial(study)
         return check_outcome(summarize(study))
 
     def enqueue_defaults(self, study: optuna.Study, phase: str) -> None:
@@ -187,10 +192,25 @@ class OptunaEngine:
         if self.default_trial and not study.trials:
             study.enqueue_trial(space.default_trial(phase), user_attrs={"defaults": True}, skip_if_exists=True)
 
+    def _fail_broken_trial(self, study: optuna.Study) -> None:
+        """After a reconnect, tell FAIL the trial this process was running when the database went
+        away, if it is still RUNNING: one that broke before its first heartbeat was recorded has
+        no heartbeat for other workers to see lapse, and would stay RUNNING for ever."""
+        number, self._trial_number = self._trial_number, None
+        if number is None:
+            return
+        try:
+            if study.trials[number].state == optuna.trial.TrialState.RUNNING:
+                study.tell(number, state=optuna.trial.TrialState.FAIL)
+                log.warning("trial %d broke with the database connection: marked FAIL", number)
+        except Exception as exc:  # another worker marked it first, or the database went away again
+            log.warning("could not mark trial %d FAIL (%s); its heartbeat will", number, type(exc).__name__)
+
     def objective_fn(self, objective: Any):
         from optuna_integration import KerasPruningCallback
 
         def run_trial(trial: optuna.Trial) -> float:
+            self._trial_number = trial.number
             params = space.suggest(objective.phase, trial)
             start = time.perf_counter()
             trial.set_user_attr("cache", objective.cache_id)
