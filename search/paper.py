@@ -372,7 +372,7 @@ def build_context(results: Path) -> dict:
                           f"{names[j]} ({off[i, j]} images)"
                           + ("; cats and dogs share pose, fur and background at this size" if {names[i], names[j]}
                              == {"cat", "dog"} else "")),
-        "cost_sentence": _cost_sentence(tail_epoch, e2e, extraction, (bench_search or {}).get("recorded")),
+        "cost_sentence": _cost_sentence(tail_epoch, e2e, extraction, bench_search.get("recorded")),
         "bench_sentence": (
             f"In `bench-cache`, run just before the cold run, extraction ran at "
             f"{bench_cache['extraction_images_per_second']:.1f} images/s against "

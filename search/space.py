@@ -248,36 +248,16 @@ def check_phase(phase: str) -> str:
     return phase
 
 
-class _Defaults:
-    """A :class:`Source` that answers every parameter with its value in ``DEFAULTS[phase]``."""
-
-    def __init__(self, phase: str) -> None:
-        self.values, self.drawn = DEFAULTS[phase], {}
-
-    def _take(self, name: str) -> Any:
-        self.drawn[name] = self.values[name]
-        return self.values[name]
-
-    def int(self, name: str, low: int, high: int) -> int:
-        return self._take(name)
-
-    def float(self, name: str, low: float, high: float, log: bool = False) -> float:
-        return self._take(name)
-
-    def choice(self, name: str, values: tuple) -> Any:
-        return self._take(name)
-
-    def when(self, parent: str, value: Any, active: tuple, draw: Callable[[], Any]) -> Any:
-        return draw() if value in active else None
-
-
 def default_trial(phase: str) -> dict[str, Any]:
     """``DEFAULTS[phase]`` as a trial of the phase's space would record it: only the parameters
     the space samples (and only those active for these values), e.g. for Optuna's
-    ``enqueue_trial``. A fixed setting such as ``bn_momentum`` is left out."""
-    source = _Defaults(check_phase(phase))
-    SUGGEST[phase](source)
-    return dict(source.drawn)
+    ``enqueue_trial``. A fixed setting such as ``bn_momentum`` is left out. (Optuna's
+    ``FixedTrial`` answers the space from the defaults and records what was asked.)"""
+    import optuna
+
+    trial = optuna.trial.FixedTrial(DEFAULTS[check_phase(phase)])
+    suggest(phase, trial)
+    return dict(trial.params)
 
 
 def with_defaults(phase: str, params: dict[str, Any]) -> dict[str, Any]:
