@@ -320,3 +320,14 @@ def test_postgres_restarted_midway_workers_reconnect_and_a_rerun_completes(tiny_
     failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
     assert len(failed) <= len(workers), "at most the trial each worker was running when the server went away"
     assert len(trials) >= per_worker * sum(code == 0 for code, _ in outcomes) + 2, "every worker owed trials ran"
+
+
+def test_a_trial_that_never_recorded_a_heartbeat_is_failed_once_its_grace_is_over(tmp_path):
+    """Optuna's stale-trial check skips trials without a heartbeat row (a process killed between
+    creating a trial and its first beat); a worker starting a search fails them after the grace."""
+    from search.engines.optuna_engine import fail_trials_without_heartbeat
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}", study_name="orphan")
+    study.ask()  # RUNNING, never beats
+    assert fail_trials_without_heartbeat(study, 3600) == [] and study.trials[0].state.name == "RUNNING"
+    assert fail_trials_without_heartbeat(study, 0) == [0] and study.trials[0].state.name == "FAIL"

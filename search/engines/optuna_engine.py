@@ -139,6 +139,7 @@ class OptunaEngine:
         import sqlalchemy
 
         study = self.open(objective, n_trials, study_name)
+        fail_trials_without_heartbeat(study, 2 * self.heartbeat)
         if self.worker_index == 0:
             self.enqueue_defaults(study, objective.phase)
         write_pointer(self.results, objective.phase, objective.cache_id,
@@ -232,6 +233,44 @@ class OptunaEngine:
             return value
 
         return run_trial
+
+
+def fail_trials_without_heartbeat(study: optuna.Study, grace_seconds: float) -> list[int]:
+    """Mark FAIL the RUNNING trials that never recorded a heartbeat and started more than
+    ``grace_seconds`` ago; return their numbers.
+
+    Optuna's own stale-trial check (``fail_stale_trials``, run at every trial start) skips a
+    trial with no heartbeat row: one whose process died (SIGKILL, a lost database) between
+    creating the trial and its first heartbeat would stay RUNNING for ever. A live trial beats
+    within a second of its start, so one that has not after the grace period is dead. Reads
+    Optuna's RDB heartbeat table (an internal model); on any other storage nothing is done.
+    """
+    from datetime import datetime, timedelta
+
+    backend = getattr(study._storage, "_backend", study._storage)
+    try:
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+
+        if not isinstance(backend, optuna.storages.RDBStorage):
+            return []
+        with _create_scoped_session(backend.scoped_session) as session:
+            now = datetime.now()  # the clock Optuna writes datetime_start with
+            orphans = [t.number for t in session.query(models.TrialModel)
+                       .filter(models.TrialModel.study_id == study._study_id,
+                               models.TrialModel.state == optuna.trial.TrialState.RUNNING).all()
+                       if not t.heartbeats and t.datetime_start is not None
+                       and now - t.datetime_start > timedelta(seconds=grace_seconds)]
+    except Exception as exc:  # an Optuna whose internals moved: keep Optuna's own check only
+        log.warning("could not look for trials without a heartbeat (%s)", type(exc).__name__)
+        return []
+    for number in orphans:
+        try:
+            study.tell(number, state=optuna.trial.TrialState.FAIL)
+            log.warning("trial %d never recorded a heartbeat (its process died at its start): marked FAIL", number)
+        except Exception as exc:  # another worker marked it first
+            log.warning("could not mark trial %d FAIL (%s)", number, type(exc).__name__)
+    return orphans
 
 
 def _in_chain(exc: BaseException, match: Any) -> BaseException | None:
