@@ -10,10 +10,11 @@ most a few epochs, the final model on every training row.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,20 @@ def release_custom_gradients(keep: frozenset[str]) -> int:
     return len(stale)
 
 
+def freeze_long_lived_objects() -> None:
+    """Collect garbage, then move every object alive out of the collector's view (``gc.freeze``).
+
+    Every head trial ends in a full collection (``keras.backend.clear_session`` at the next
+    ``build``, Optuna's ``gc_after_trial``); with TensorFlow and Keras loaded each such pass walks
+    every object of the process, a cost of the order of a small head's whole trial. Frozen objects
+    are not scanned again (nor collected, should they later become cyclic garbage), so call this
+    once the long-lived state exists (modules, resident data); a trial's collection then walks
+    only what trials made since.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 def stratified_rows(labels: np.ndarray, rows: np.ndarray, n: int | None, seed: int = 0) -> np.ndarray:
     """``n`` of ``rows`` (indices into ``labels``), the same share per class, sorted; all if None."""
     rows = np.asarray(rows)
@@ -84,6 +99,7 @@ class PooledData:
     x_val: np.ndarray
     y_val: np.ndarray
     views: int = 1
+    _tensors: tuple | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def from_cache(cls, cache: Cache, splits: Splits, mirrored: bool = True) -> PooledData:
@@ -105,6 +121,24 @@ class PooledData:
             return self
         return PooledData(self.x_train[rows], self.y_train[rows], self.x_val, self.y_val, views)
 
+    def datasets(self, batch_size: int, seed: int = 0, val_batch_size: int = 4096) -> tuple[Any, Any]:
+        """``(train, val)`` ``tf.data`` pipelines over tensors made once per instance, not per fit.
+
+        ``train`` yields ``batch_size`` rows in a new order every epoch, the same orders for the
+        same ``seed``; ``val`` the validation rows in order. Handing Keras the numpy arrays instead makes every ``fit``
+        convert and slice them again (``results/bench_search.json``, ``phase1``).
+        """
+        import tensorflow as tf
+
+        if self._tensors is None:
+            self._tensors = tuple(tf.constant(a) for a in (self.x_train, self.y_train, self.x_val, self.y_val))
+        x, y, x_val, y_val = self._tensors
+        n = int(x.shape[0])
+        train = (tf.data.Dataset.range(n).shuffle(n, seed=seed, reshuffle_each_iteration=True).batch(batch_size)
+                 .map(lambda i: (tf.gather(x, i), tf.gather(y, i))).prefetch(2))
+        val = tf.data.Dataset.from_tensor_slices((x_val, y_val)).batch(val_batch_size)
+        return train, val
+
 
 # ---------------------------------------------------------------- phase 1: the head
 
@@ -117,13 +151,14 @@ def build_head_model(params: dict[str, Any], n_features: int, n_classes: int) ->
 
 
 def fit_head(model: keras.Model, data: PooledData, epochs: int, callbacks: list | None = None,
-             initial_epoch: int = 0, verbose: int = 0) -> dict[str, list[float]]:
-    """Fit with early stopping on validation accuracy, best epoch restored; the history dict."""
+             initial_epoch: int = 0, verbose: int = 0, seed: int = 0) -> dict[str, list[float]]:
+    """Fit with early stopping on validation accuracy, best epoch restored; the history dict.
+    ``seed`` fixes the order of the batches (:meth:`PooledData.datasets`)."""
     stop = keras.callbacks.EarlyStopping("val_accuracy", patience=EARLY_STOPPING_PATIENCE, mode="max",
                                          restore_best_weights=True)
-    history = model.fit(data.x_train, data.y_train, batch_size=space.HEAD_BATCH_SIZE, epochs=epochs,
-                        initial_epoch=initial_epoch, validation_data=(data.x_val, data.y_val),
-                        validation_batch_size=4096, callbacks=[stop, *(callbacks or [])], verbose=verbose)
+    train, val = data.datasets(space.HEAD_BATCH_SIZE, seed)
+    history = model.fit(train, epochs=epochs, initial_epoch=initial_epoch, validation_data=val, shuffle=False,
+                        callbacks=[stop, *(callbacks or [])], verbose=verbose)
     return {k: [float(v) for v in vs] for k, vs in history.history.items()}
 
 
@@ -132,7 +167,7 @@ def train_head(data: PooledData, params: dict[str, Any], epochs: int, callbacks:
     """Phase 1 in one call: build and fit a head; returns it (best epoch) and its history."""
     keras.utils.set_random_seed(seed)
     model = build_head_model(params, data.x_train.shape[1], data.y_train.shape[1])
-    return model, fit_head(model, data, epochs, callbacks, verbose=verbose)
+    return model, fit_head(model, data, epochs, callbacks, verbose=verbose, seed=seed)
 
 
 # ---------------------------------------------------------------- phase 2: the tail

@@ -46,6 +46,32 @@ def test_pooled_subset_takes_mirrors_of_the_same_rows(tiny_cache, tiny_splits):
     np.testing.assert_array_equal(plain.x_train, sub.x_train[:30])
 
 
+def test_pooled_datasets_visit_every_row_once_per_epoch_in_a_seeded_order():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((50, 3)).astype(np.float32)
+    y = np.eye(5, dtype=np.float32)[np.arange(50) % 5]
+    data = train.PooledData(x, y, x[:7], y[:7])
+
+    def epochs(seed, n=2):
+        train_ds, _ = data.datasets(8, seed)
+        return [np.concatenate([b[0].numpy() for b in train_ds]) for _ in range(n)]
+
+    first, second = epochs(seed=3)
+    assert [len(b) for b, _ in data.datasets(8, 3)[0]] == [8] * 6 + [2]
+    for rows in (first, second):  # every row exactly once, with its own label
+        np.testing.assert_array_equal(np.sort(rows[:, 0]), np.sort(x[:, 0]))
+    assert not np.array_equal(first, second)  # reshuffled every epoch
+    again = epochs(seed=3)
+    np.testing.assert_array_equal(first, again[0])
+    np.testing.assert_array_equal(second, again[1])
+    assert not np.array_equal(first, epochs(seed=4, n=1)[0])
+    batches = list(data.datasets(8, 3)[0])
+    order = [int(np.flatnonzero((x == r).all(1))[0]) for r in np.concatenate([b[0].numpy() for b in batches])]
+    np.testing.assert_array_equal(np.concatenate([b[1].numpy() for b in batches]), y[order])  # labels follow rows
+    _, val = data.datasets(8, 3, val_batch_size=4)
+    np.testing.assert_array_equal(np.concatenate([b[0].numpy() for b in val]), x[:7])  # in order
+
+
 def test_shift_maps_moves_content_and_fills_zeros():
     x = np.arange(2 * 4 * 4 * 1, dtype=np.float32).reshape(2, 4, 4, 1) + 1
 

@@ -8,7 +8,9 @@ accuracy. Optuna calls both from its objective function; KerasTuner from ``Hyper
 
 Memory: a trial's ``build`` first releases what TensorFlow kept of the previous trials' traced
 train functions (:func:`search.train.release_custom_gradients`); without it a 200-trial search
-grew from 2.0 to 6.5 GB (``results/bench_search.json`` of 2026-11-30 03:21).
+grew from 2.0 to 6.5 GB (``results/bench_search.json`` of 2026-11-30 03:21). Making a head
+objective freezes the objects alive at that point out of the garbage collector's view
+(:func:`search.train.freeze_long_lived_objects`), so the collection after each trial is cheap.
 
 Budget (multi-fidelity): a trial trains on ``rows`` stratified training rows for at most
 ``max_epochs`` epochs; engines' pruners stop it earlier from its per-epoch validation accuracy.
@@ -42,10 +44,12 @@ class HeadObjective:
     phase: str = "head"
     _fit_data: train.PooledData | None = field(default=None, repr=False)
     _keep: frozenset = field(default=frozenset(), repr=False)
+    _seed: int = field(default=0, repr=False)
 
     def __post_init__(self) -> None:
         self._fit_data = self.data.subset(self.rows, mirrored=self.mirrored)
         self._keep = train.custom_gradients()
+        train.freeze_long_lived_objects()
 
     @property
     def budget(self) -> dict[str, Any]:
@@ -56,10 +60,12 @@ class HeadObjective:
             train.release_custom_gradients(self._keep)  # the previous trial's model is done
         keras.backend.clear_session()
         keras.utils.set_random_seed(seed)
+        self._seed = seed  # the batch order of the fit that follows
         return train.build_head_model(params, self.data.x_train.shape[1], self.data.y_train.shape[1])
 
     def fit(self, model: keras.Model, epochs: int, callbacks: list | None = None, initial_epoch: int = 0) -> float:
-        history = train.fit_head(model, self._fit_data, epochs, callbacks, initial_epoch=initial_epoch)
+        history = train.fit_head(model, self._fit_data, epochs, callbacks, initial_epoch=initial_epoch,
+                                 seed=self._seed)
         return float(max(history["val_accuracy"]))
 
 
