@@ -214,6 +214,16 @@ def _phase1_study(objective: Any, trials: int) -> tuple[Any, list[int]]:
     return study, rss
 
 
+def _trial_times(study: Any, wall: float) -> dict:
+    """Median and p90 of the trials' own seconds, wall seconds per trial (with what runs between
+    trials: sampler, pruner, garbage collection), trial states and the best value."""
+    seconds = _study_seconds(study)
+    return {"trials": len(study.trials), "trial_seconds_median": float(np.median(seconds)),
+            "trial_seconds_p90": float(np.percentile(seconds, 90)), "wall_seconds_per_trial": wall / len(study.trials),
+            "states": _states(study),
+            "best_value": study.best_value if any(t.state.name == "COMPLETE" for t in study.trials) else None}
+
+
 def _growth(rss: list[int], start: int = 10) -> dict:
     """Resident memory after trial ``start`` and after the last, their difference in percent, MB/trial."""
     if len(rss) <= start:
@@ -258,8 +268,9 @@ def bench_memory(cache: Cache, splits: Splits, trials: int, baseline_trials: int
 
 def bench_search(cache: Cache, splits: Splits, spec: backbones.BackboneSpec, model: Any, trials: int,
                  rank_configs: int, tail_trials: int, epoch_images: int, results: Path,
-                 weights: str | None = "imagenet", full_max_epochs: int = 30) -> dict:
-    """Phase-1 trial seconds (median, p90) at the default budget; Kendall tau between that
+                 weights: str | None = "imagenet", full_max_epochs: int = 30, baseline_trials: int = 0) -> dict:
+    """Phase-1 trial seconds (median, p90) at the default budget, after ``baseline_trials`` trials of
+    the same search fed as plain Keras code feeds it (the baseline, same process); Kendall tau between that
     budget's score and full training (all rows and mirrors, as the final head: up to
     ``full_max_epochs`` epochs, early stopping)
     for ``rank_configs`` random configurations; phase-2 trial seconds at its default budget;
@@ -275,9 +286,19 @@ def bench_search(cache: Cache, splits: Splits, spec: backbones.BackboneSpec, mod
     budget = space.BUDGETS["head"]
     engine = OptunaEngine(storage="sqlite:///:memory:", progress=False)
     data = train.PooledData.from_cache(cache, splits)
+    baseline = None
+    if baseline_trials:  # first: a head objective freezes the garbage collector for the whole process
+        plain = HeadObjective(data, cache.path.name, rows=budget.rows, max_epochs=budget.max_epochs,
+                              mirrored=budget.mirrored, plain_keras=True)
+        start = time.perf_counter()
+        plain_study, _ = _phase1_study(plain, baseline_trials)
+        baseline = {"what": "the same search with plain Keras feeding (numpy arrays to every fit) and no gc freeze",
+                    **_trial_times(plain_study, time.perf_counter() - start)}
     head_obj = HeadObjective(data, cache.path.name, rows=budget.rows, max_epochs=budget.max_epochs,
                              mirrored=budget.mirrored)
+    start = time.perf_counter()
     study, rss = _phase1_study(head_obj, trials)
+    head_times = _trial_times(study, time.perf_counter() - start)
     head_seconds = _study_seconds(study)
 
     # fidelity: the same random configurations at the trial budget and trained in full
@@ -325,11 +346,12 @@ def bench_search(cache: Cache, splits: Splits, spec: backbones.BackboneSpec, mod
     median = float(np.median(head_seconds))
     out = {
         "cache": cache.path.name,
-        "phase1": {"trials": len(head_seconds), "budget": head_obj.budget,
-                   "trial_seconds_median": median, "trial_seconds_p90": float(np.percentile(head_seconds, 90)),
-                   "states": _states(study),
-                   "best_value": study.best_value if any(t.state.name == "COMPLETE" for t in study.trials) else None,
-                   "goal_median_trial_seconds": 2.0, "stretch_goal_median_trial_seconds": 1.0},
+        "phase1": {"budget": head_obj.budget, **head_times,
+                   "goal_median_trial_seconds": 2.0, "stretch_goal_median_trial_seconds": 1.0,
+                   "baseline": baseline,
+                   "speedup_median": baseline["trial_seconds_median"] / median if baseline else None,
+                   "speedup_wall": (baseline["wall_seconds_per_trial"] / head_times["wall_seconds_per_trial"]
+                                    if baseline else None)},
         "fidelity": {"configs": len(ranking), "fast_budget": head_obj.budget, "full_budget": full_obj.budget,
                      "kendall_tau": tau, "goal_kendall_tau": 0.6,
                      "fast_seconds_median": float(np.median([r["fast_seconds"] for r in ranking])),

@@ -182,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="epoch cap of the full training the fast fidelity is ranked against (default 30, as the "
                         "final head; early stopping)")
     p.add_argument("--tail-trials", type=int, default=3, help="phase-2 trials to time (default 3; 0: skip phase 2)")
+    p.add_argument("--baseline-trials", type=int, default=20,
+                   help="phase-1 trials first run with plain Keras feeding (numpy arrays to every fit, no gc freeze) "
+                        "as the baseline of the trial time (default 20; 0: skip)")
     p.add_argument("--epoch-images", type=int, default=1000,
                    help="images timed through the full backbone to estimate one end-to-end epoch")
 
@@ -387,7 +390,7 @@ def cmd_bench_search(args: argparse.Namespace, argv: list[str]) -> int:
     cache = _cache(args, splits, spec, model=model)
     out = bench.bench_search(cache, splits, spec, model, args.trials, args.rank_configs, args.tail_trials,
                              args.epoch_images, Path(args.results), weights=_weights(args),
-                             full_max_epochs=args.full_epochs)
+                             full_max_epochs=args.full_epochs, baseline_trials=args.baseline_trials)
     print(json.dumps(out, indent=2))
     return 0
 

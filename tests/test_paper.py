@@ -40,7 +40,11 @@ def tiny_results(tmp_path_factory, tiny_splits, tiny_npz, tiny_cache, spec):
 
     keras.utils.set_random_seed(0)
     model = spec.build(weights=None, size=TINY_RES)
-    bench.bench_search(tiny_cache, tiny_splits, spec, model, 3, 2, 0, 20, results, weights=None, full_max_epochs=2)
+    searched = bench.bench_search(tiny_cache, tiny_splits, spec, model, 3, 2, 0, 20, results, weights=None,
+                                  full_max_epochs=2, baseline_trials=2)
+    phase1 = searched["phase1"]
+    assert phase1["trials"] == 3 and phase1["baseline"]["trials"] == 2 and phase1["speedup_median"] > 0
+    assert phase1["baseline"]["states"]["RUNNING"] == 0 and phase1["wall_seconds_per_trial"] > 0
     memory = bench.bench_memory(tiny_cache, tiny_splits, 11, 0, results)
     assert memory["released"]["trials"] == 11 and memory["released"]["states"]["RUNNING"] == 0
     assert "growth_pct" in memory["released"] and "baseline_not_released" not in memory

@@ -41,6 +41,7 @@ class HeadObjective:
     max_epochs: int = 10
     mirrored: bool = False
     release_graphs: bool = True  # False only to measure the leak it prevents (bench-memory)
+    plain_keras: bool = False  # True only as bench-search's baseline: numpy to every fit, no gc freeze
     phase: str = "head"
     _fit_data: train.PooledData | None = field(default=None, repr=False)
     _keep: frozenset = field(default=frozenset(), repr=False)
@@ -49,7 +50,8 @@ class HeadObjective:
     def __post_init__(self) -> None:
         self._fit_data = self.data.subset(self.rows, mirrored=self.mirrored)
         self._keep = train.custom_gradients()
-        train.freeze_long_lived_objects()
+        if not self.plain_keras:
+            train.freeze_long_lived_objects()
 
     @property
     def budget(self) -> dict[str, Any]:
@@ -65,7 +67,7 @@ class HeadObjective:
 
     def fit(self, model: keras.Model, epochs: int, callbacks: list | None = None, initial_epoch: int = 0) -> float:
         history = train.fit_head(model, self._fit_data, epochs, callbacks, initial_epoch=initial_epoch,
-                                 seed=self._seed)
+                                 seed=self._seed, resident=not self.plain_keras)
         return float(max(history["val_accuracy"]))
 
 
