@@ -314,15 +314,16 @@ def build_context(results: Path) -> dict:
         m, goal_m = bench_search["phase1"]["trial_seconds_median"], bench_search["phase1"]["goal_median_trial_seconds"]
         ratio = bench_search.get("ratio_epoch_to_median_phase1_trial")
         base = bench_search["phase1"].get("baseline")
+        tau, goal_tau = bench_search["fidelity"]["kendall_tau"], bench_search["fidelity"]["goal_kendall_tau"]
         goal.append(f"the median phase-1 trial took {m:.2f} s (goal at most {goal_m:g} s: "
                     f"{'met' if m <= goal_m else 'not met'}"
                     + (f"; the same search fed as plain Keras code feeds it, timed in the same run: "
                        f"{base['trial_seconds_median']:.2f} s" if base else "")
                     + (f"; one end-to-end epoch timed in the same run took as long as {ratio:.0f} such trials"
                        if ratio else "") + "), "
-                    f"and the fast fidelity ranked configurations with Kendall's tau "
-                    f"{bench_search['fidelity']['kendall_tau']:.2f} against full training (goal at least "
-                    f"{bench_search['fidelity']['goal_kendall_tau']:g})")
+                    f"and the fast fidelity ranked {bench_search['fidelity']['configs']} configurations with "
+                    f"Kendall's tau {tau:.2f} against full training (goal at least {goal_tau:g}: "
+                    f"{'met' if tau >= goal_tau else 'not met'})")
     memory = ctx.get("bench_memory", {}).get("released")
     if memory:
         last = memory["trials"]

@@ -125,8 +125,8 @@ class PooledData:
         """``(train, val)`` ``tf.data`` pipelines over tensors made once per instance, not per fit.
 
         ``train`` yields ``batch_size`` rows in a new order every epoch, the same orders for the
-        same ``seed``; ``val`` the validation rows in order. Handing Keras the numpy arrays instead makes every ``fit``
-        convert and slice them again (``results/bench_search.json``, ``phase1``).
+        same ``seed``; ``val`` the validation rows in order. Handing Keras the numpy arrays
+        instead makes every ``fit`` convert and slice them again (``make bench-search`` times both).
         """
         import tensorflow as tf
 

@@ -72,6 +72,23 @@ def test_pooled_datasets_visit_every_row_once_per_epoch_in_a_seeded_order():
     np.testing.assert_array_equal(np.concatenate([b[0].numpy() for b in val]), x[:7])  # in order
 
 
+def test_a_head_objective_freezes_the_long_lived_objects_and_the_plain_keras_baseline_does_not():
+    import gc
+
+    from search.engines.objective import HeadObjective
+
+    x, y = np.zeros((20, 3), np.float32), np.eye(10, dtype=np.float32)[np.arange(20) % 10]
+    data = train.PooledData(x, y, x[:5], y[:5])
+    alive = [[]]
+    alive.append(alive)  # a cycle made before the objectives
+    gc.unfreeze()
+    HeadObjective(data, "t", plain_keras=True)
+    assert gc.get_freeze_count() == 0 and any(o is alive for o in gc.get_objects())
+    HeadObjective(data, "t")
+    assert gc.get_freeze_count() > 0
+    assert not any(o is alive for o in gc.get_objects())  # frozen: out of the collector's view
+
+
 def test_shift_maps_moves_content_and_fills_zeros():
     x = np.arange(2 * 4 * 4 * 1, dtype=np.float32).reshape(2, 4, 4, 1) + 1
 
