@@ -299,7 +299,6 @@ def bench_search(cache: Cache, splits: Splits, spec: backbones.BackboneSpec, mod
     start = time.perf_counter()
     study, rss = _phase1_study(head_obj, trials)
     head_times = _trial_times(study, time.perf_counter() - start)
-    head_seconds = _study_seconds(study)
 
     # fidelity: the same random configurations at the trial budget and trained in full
     full_obj = HeadObjective(data, cache.path.name, rows=None, max_epochs=full_max_epochs, mirrored=True)
@@ -343,7 +342,7 @@ def bench_search(cache: Cache, splits: Splits, spec: backbones.BackboneSpec, mod
     t = time.perf_counter()
     e2e.fit(x, y, batch_size=128, epochs=1, verbose=0)
     epoch = (time.perf_counter() - t) * len(splits.train_idx) / n
-    median = float(np.median(head_seconds))
+    median = head_times["trial_seconds_median"]
     out = {
         "cache": cache.path.name,
         "phase1": {"budget": head_obj.budget, **head_times,
