@@ -53,11 +53,11 @@ def test_pooled_datasets_visit_every_row_once_per_epoch_in_a_seeded_order():
     data = train.PooledData(x, y, x[:7], y[:7])
 
     def epochs(seed, n=2):
-        train_ds, _ = data.datasets(8, seed)
+        train_ds = data.dataset(8, seed)
         return [np.concatenate([b[0].numpy() for b in train_ds]) for _ in range(n)]
 
     first, second = epochs(seed=3)
-    assert [len(b) for b, _ in data.datasets(8, 3)[0]] == [8] * 6 + [2]
+    assert [len(b) for b, _ in data.dataset(8, 3)] == [8] * 6 + [2]
     for rows in (first, second):  # every row exactly once, with its own label
         np.testing.assert_array_equal(np.sort(rows[:, 0]), np.sort(x[:, 0]))
     assert not np.array_equal(first, second)  # reshuffled every epoch
@@ -65,11 +65,33 @@ def test_pooled_datasets_visit_every_row_once_per_epoch_in_a_seeded_order():
     np.testing.assert_array_equal(first, again[0])
     np.testing.assert_array_equal(second, again[1])
     assert not np.array_equal(first, epochs(seed=4, n=1)[0])
-    batches = list(data.datasets(8, 3)[0])
+    batches = list(data.dataset(8, 3))
     order = [int(np.flatnonzero((x == r).all(1))[0]) for r in np.concatenate([b[0].numpy() for b in batches])]
     np.testing.assert_array_equal(np.concatenate([b[1].numpy() for b in batches]), y[order])  # labels follow rows
-    _, val = data.datasets(8, 3, val_batch_size=4)
-    np.testing.assert_array_equal(np.concatenate([b[0].numpy() for b in val]), x[:7])  # in order
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_eager_validation_writes_what_keras_validation_computes(batch_norm):
+    from search import heads
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 6)).astype(np.float32)
+    y = np.eye(4, dtype=np.float32)[rng.integers(0, 4, 300)]
+    data = train.PooledData(x[:200], y[:200], x[200:], y[200:])
+    params = {"n_layers": 1, "units_0": 8, "batch_norm": batch_norm, "dropout": 0.3, "optimizer": "adam",
+              "learning_rate": 1e-2, "label_smoothing": 0.1}
+    keras.utils.set_random_seed(0)
+    model = heads.compile_for(heads.build_head(params, (6,), num_classes=4), params)
+    history = train.fit_head(model, data, epochs=3, seed=0)
+    assert len(history["val_accuracy"]) == len(history["val_loss"]) == len(history["loss"]) == 3
+    loss, accuracy = model.evaluate(x[200:], y[200:], verbose=0)
+    logs: dict = {}
+    validation = data.validation(batch_size=32)  # several batches, the last one short
+    validation.set_model(model)
+    validation.on_epoch_end(0, logs)
+    assert logs["val_accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    assert logs["val_loss"] == pytest.approx(loss, rel=1e-5)
+    assert logs["val_accuracy"] != pytest.approx(0.0)
 
 
 def test_a_head_objective_freezes_the_long_lived_objects_and_the_plain_keras_baseline_does_not():
