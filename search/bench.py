@@ -185,6 +185,27 @@ def kendall_tau(a: list[float], b: list[float]) -> float:
     return float((concordant - discordant) / denom) if denom else 0.0
 
 
+RUNG_STEPS = (1, 3)  # the steps (epoch index from 0) where the default pruner judges a phase-1 trial
+
+
+def rung_taus(ranking: list[dict], steps: tuple[int, ...] = RUNG_STEPS) -> list[dict]:
+    """Kendall tau against full training of the score a trial reports at each pruner rung.
+
+    ``ranking`` rows hold ``fast_history`` (validation accuracy per epoch at the trial budget) and
+    ``full``. At step ``s`` (epoch index from 0) a trial's score is its accuracy after epoch
+    ``s + 1``, or its best one if early stopping ended it before; the last entry is the whole
+    budget (the trial's value, its best epoch).
+    """
+    out = []
+    for step in steps:
+        scores = [h[step] if len(h) > step else max(h) for h in (r["fast_history"] for r in ranking)]
+        out.append({"step": step, "epochs": step + 1,
+                    "kendall_tau": kendall_tau(scores, [r["full"] for r in ranking])})
+    out.append({"step": None, "epochs": "budget",
+                "kendall_tau": kendall_tau([r["fast"] for r in ranking], [r["full"] for r in ranking])})
+    return out
+
+
 TRIAL_STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")  # the last two must be 0 after a search
 
 
@@ -197,17 +218,17 @@ def _study_seconds(study: Any) -> np.ndarray:
     return np.array([t.user_attrs["seconds"] for t in study.trials if "seconds" in t.user_attrs])
 
 
-def _phase1_study(objective: Any, trials: int) -> tuple[Any, list[int]]:
+def _phase1_study(objective: Any, trials: int, pruner: str | None = None) -> tuple[Any, list[int]]:
     """``trials`` phase-1 trials through the Optuna engine's trial runner (in-memory study, the
-    default sampler and pruner); resident bytes after every trial."""
+    default sampler, the default pruner unless ``pruner``); resident bytes after every trial."""
     import optuna
 
-    from search.engines.optuna_engine import OptunaEngine, make_pruner, make_sampler
+    from search.engines.optuna_engine import DEFAULT_PRUNER, OptunaEngine, make_pruner, make_sampler
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     engine = OptunaEngine(storage="sqlite:///:memory:", progress=False)
     study = optuna.create_study(direction="maximize", sampler=make_sampler(0, trials),
-                                pruner=make_pruner("hyperband", objective.max_epochs))
+                                pruner=make_pruner(pruner or DEFAULT_PRUNER, objective.max_epochs))
     rss: list[int] = []
     study.optimize(engine.objective_fn(objective), n_trials=trials, catch=(Exception,), gc_after_trial=True,
                    callbacks=[lambda study, trial: rss.append(_rss_bytes())])
@@ -268,11 +289,13 @@ def bench_memory(cache: Cache, splits: Splits, trials: int, baseline_trials: int
 
 def bench_search(cache: Cache, splits: Splits, spec: backbones.BackboneSpec, model: Any, trials: int,
                  rank_configs: int, tail_trials: int, epoch_images: int, results: Path,
-                 weights: str | None = "imagenet", full_max_epochs: int = 30, baseline_trials: int = 0) -> dict:
+                 weights: str | None = "imagenet", full_max_epochs: int = 30, baseline_trials: int = 0,
+                 compare_pruners: tuple[str, ...] = ("hyperband",)) -> dict:
     """Phase-1 trial seconds (median, p90) at the default budget, after ``baseline_trials`` trials of
-    the same search fed as plain Keras code feeds it (the baseline, same process); Kendall tau between that
-    budget's score and full training (all rows and mirrors, as the final head: up to
-    ``full_max_epochs`` epochs, early stopping)
+    the same search fed as plain Keras code feeds it (the baseline, same process), and then under
+    each of ``compare_pruners``; Kendall tau between that budget's score (and the score at each
+    pruner rung: :func:`rung_taus`) and full training (all rows and mirrors, as the final head: up
+    to ``full_max_epochs`` epochs, early stopping)
     for ``rank_configs`` random configurations; phase-2 trial seconds at its default budget;
     one end-to-end epoch with the backbone in the loop (timed on ``epoch_images`` images, scaled
     to the training split); resident memory after every phase-1 trial."""
@@ -281,7 +304,7 @@ def bench_search(cache: Cache, splits: Splits, spec: backbones.BackboneSpec, mod
 
     from search import train
     from search.engines.objective import HeadObjective, make_objective
-    from search.engines.optuna_engine import OptunaEngine, make_pruner, make_sampler
+    from search.engines.optuna_engine import DEFAULT_PRUNER, OptunaEngine, make_pruner, make_sampler
 
     budget = space.BUDGETS["head"]
     engine = OptunaEngine(storage="sqlite:///:memory:", progress=False)
@@ -299,6 +322,11 @@ def bench_search(cache: Cache, splits: Splits, spec: backbones.BackboneSpec, mod
     start = time.perf_counter()
     study, rss = _phase1_study(head_obj, trials)
     head_times = _trial_times(study, time.perf_counter() - start)
+    other_pruners = {}
+    for name in compare_pruners:  # the same search under another pruner, for comparison
+        start = time.perf_counter()
+        other, _ = _phase1_study(head_obj, trials, name)
+        other_pruners[name] = _trial_times(other, time.perf_counter() - start)
 
     # fidelity: the same random configurations at the trial budget and trained in full
     full_obj = HeadObjective(data, cache.path.name, rows=None, max_epochs=full_max_epochs, mirrored=True)
@@ -310,8 +338,10 @@ def bench_search(cache: Cache, splits: Splits, spec: backbones.BackboneSpec, mod
         row = {"params": params}
         for name, obj in (("fast", head_obj), ("full", full_obj)):
             t = time.perf_counter()
-            row[name] = obj.fit(obj.build(params, seed=i), obj.max_epochs)
+            history = keras.callbacks.History()
+            row[name] = obj.fit(obj.build(params, seed=i), obj.max_epochs, [history])
             row[f"{name}_seconds"] = time.perf_counter() - t
+            row[f"{name}_history"] = [float(v) for v in history.history["val_accuracy"]]
         ranking.append(row)
     tau = kendall_tau([r["fast"] for r in ranking], [r["full"] for r in ranking])
 
@@ -321,7 +351,7 @@ def bench_search(cache: Cache, splits: Splits, spec: backbones.BackboneSpec, mod
         tail_obj = make_objective("tail", cache, splits, tail_budget.rows, tail_budget.max_epochs, backbone=model,
                                   results=str(results))
         tail_study = optuna.create_study(direction="maximize", sampler=make_sampler(0, tail_trials),
-                                         pruner=make_pruner("hyperband", tail_budget.max_epochs))
+                                         pruner=make_pruner(DEFAULT_PRUNER, tail_budget.max_epochs))
         tail_study.optimize(engine.objective_fn(tail_obj), n_trials=tail_trials, catch=(Exception,))
         tail_seconds = _study_seconds(tail_study)
 
@@ -345,14 +375,15 @@ def bench_search(cache: Cache, splits: Splits, spec: backbones.BackboneSpec, mod
     median = head_times["trial_seconds_median"]
     out = {
         "cache": cache.path.name,
-        "phase1": {"budget": head_obj.budget, **head_times,
+        "phase1": {"budget": head_obj.budget, "pruner": DEFAULT_PRUNER, **head_times,
+                   "other_pruners": other_pruners,
                    "goal_median_trial_seconds": 2.0, "stretch_goal_median_trial_seconds": 1.0,
                    "baseline": baseline,
                    "speedup_median": baseline["trial_seconds_median"] / median if baseline else None,
                    "speedup_wall": (baseline["wall_seconds_per_trial"] / head_times["wall_seconds_per_trial"]
                                     if baseline else None)},
         "fidelity": {"configs": len(ranking), "fast_budget": head_obj.budget, "full_budget": full_obj.budget,
-                     "kendall_tau": tau, "goal_kendall_tau": 0.6,
+                     "kendall_tau": tau, "goal_kendall_tau": 0.6, "rungs": rung_taus(ranking),
                      "fast_seconds_median": float(np.median([r["fast_seconds"] for r in ranking])),
                      "full_seconds_median": float(np.median([r["full_seconds"] for r in ranking])),
                      "rows": ranking},

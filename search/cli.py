@@ -104,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Optuna storage URL (default sqlite:///RESULTS/study.db; postgresql+psycopg2://... "
                         "for workers on several machines)")
     p.add_argument("--study-name", default=None, help="study/project name (default <phase>-<cache id>)")
-    p.add_argument("--pruner", default=None, help="Optuna pruner: hyperband (default), median or none")
+    p.add_argument("--pruner", default=None,
+                   help="Optuna pruner: asha (default: successive halving, every trial judged after epochs 2 and 4), "
+                        "hyperband (brackets that judge later too), median or none")
     p.add_argument("--oracle", default=None, help="KerasTuner oracle: bayesian (default) or hyperband")
     p.add_argument("--default-trial", action=argparse.BooleanOptionalAction, default=None,
                    help="run the documented defaults (search/space.py) as a new study's first trial, so the search "

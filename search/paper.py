@@ -110,7 +110,9 @@ def _search_texts(ctx: dict) -> dict[str, str]:
     head, tail, effect = ctx.get("study_head"), ctx.get("study_tail"), ctx.get("search_effect")
     out = {}
     if head:
-        text = (f"The phase-1 study `{head['study_name']}` ran {head['trials']} trials ({head['complete']} complete, "
+        pruners = " then ".join(head.get("pruners") or []) or "a pruner not recorded with the study"
+        text = (f"The phase-1 study `{head['study_name']}` ran {head['trials']} trials under {pruners} "
+                f"({head['complete']} complete, "
                 f"{head['pruned']} pruned, {head['failed']} failed; median trial "
                 f"{head['median_trial_seconds']:.2f} s); its best head reached {_pct(head.get('best_value'))} "
                 "validation accuracy at the trial budget (Figures 4 and 5).")
@@ -152,6 +154,36 @@ def _search_texts(ctx: dict) -> dict[str, str]:
         out["search_discussion"] = "We did not compare searched and default parameters under one seed in this run."
         out["search_effect_file"] = ""
     return out
+
+
+def _pruner_sentence() -> str:
+    """How a phase-1 trial can be stopped: the default pruner and its rungs, from the code."""
+    from search import bench
+    from search.engines.optuna_engine import DEFAULT_PRUNER, PRUNERS
+
+    rungs = " and ".join(f"{s + 1}" for s in bench.RUNG_STEPS)
+    names = {"asha": "asynchronous successive halving (ASHA; Li et al., 2020)",
+             "hyperband": "Hyperband (Li et al., 2018)", "median": "the median rule", "none": "no pruner"}
+    others = ", ".join(f"`{p}`" for p in PRUNERS if p != DEFAULT_PRUNER)
+    return (f"can be stopped by Optuna's pruner, by default {names[DEFAULT_PRUNER]}: after epochs {rungs} only "
+            f"the best third of the trials that reached that epoch go on (`--pruner` also takes {others}; "
+            f"Hyperband, the default before, spreads trials over brackets whose first judgement comes later)")
+
+
+def _rungs_sentence(bench_search: dict) -> str:
+    """Kendall tau at each pruner rung, and the same search under the other pruner(s)."""
+    parts = []
+    rungs = bench_search["fidelity"].get("rungs")
+    if rungs:
+        parts.append("the score a trial reports ranks the same configurations with tau "
+                     + ", ".join(f"{r['kendall_tau']:.2f} after {r['epochs']} epochs" for r in rungs
+                                 if r["step"] is not None) + " (the pruner's judgements)")
+    phase1 = bench_search["phase1"]
+    for name, other in (phase1.get("other_pruners") or {}).items():
+        parts.append(f"the same search under `{name}` instead of `{phase1['pruner']}`: median trial "
+                     f"{other['trial_seconds_median']:.2f} s, best {_pct(other['best_value'])} against "
+                     f"{_pct(phase1['best_value'])}")
+    return "; ".join(parts)
 
 
 def _defaults_trial_sentence(study: dict) -> str:
@@ -324,6 +356,8 @@ def build_context(results: Path) -> dict:
                     f"and the fast fidelity ranked {bench_search['fidelity']['configs']} configurations with "
                     f"Kendall's tau {tau:.2f} against full training (goal at least {goal_tau:g}: "
                     f"{'met' if tau >= goal_tau else 'not met'})")
+        if _rungs_sentence(bench_search):
+            goal.append(_rungs_sentence(bench_search))
     memory = ctx.get("bench_memory", {}).get("released")
     if memory:
         last = memory["trials"]
@@ -359,6 +393,7 @@ def build_context(results: Path) -> dict:
             f"{bench_cache['raw_predict_images_per_second']:.1f} images/s for Keras's `predict` of the layers as "
             "the application builds them." if bench_cache.get("extraction_folds_batch_norm") else ""),
         "precision_sentence": _precision_sentence(final, bench_cache),
+        "pruner_sentence": _pruner_sentence(),
         "goal_sentence": ("Measured against the project's goals: " + "; ".join(goal) + ".") if goal else "",
         "n_train_all": final["data"]["train"] + final["data"]["val"],
         "image_side": final["data"].get("image_shape", [32])[0],

@@ -178,6 +178,7 @@ def summarize(study: optuna.Study, final: dict | None) -> dict:
     summary: dict[str, Any] = {
         **counts(study), "total_trial_seconds": sum(durations),
         "median_trial_seconds": statistics.median(durations) if durations else None,
+        "pruners": list(study.user_attrs.get("pruners", [])),  # empty: not recorded (KerasTuner, older studies)
     }
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     if complete:
@@ -239,7 +240,7 @@ def _html(study: optuna.Study, figures: dict, summary: dict, final: dict | None)
             parts.append(f"<h3>Test confusion matrix (rows: true)</h3><table id='confusion'><tr><th></th>{head}"
                          f"</tr>{body}</table>")
     counts = f"{summary['trials']} trials: {summary['complete']} complete, {summary['pruned']} pruned, " \
-             f"{summary['failed']} failed."
+             f"{summary['failed']} failed. Pruner: {', '.join(summary['pruners']) or 'not recorded'}."
     parts.append(f"<h2>Search</h2><p id='counts'>{counts}</p>")
     if "best_value" not in summary:
         parts.append("<p class='missing' id='no-complete'>No trial completed (all pruned or failed): "

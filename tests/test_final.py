@@ -151,3 +151,14 @@ def test_normalized_time_scales_wall_time_by_the_measured_raw_speed(tmp_path):
     write_json(tmp_path / "bench_cache.json", {"raw_predict_images_per_second": 90.0, "recorded": "t"})
     out = normalized_time(600.0, tmp_path / "bench_cache.json")
     assert out["wall_minutes"] == 10.0 and out["normalized_minutes"] == 15.0 and out["bench_cache_recorded"] == "t"
+
+
+def test_ablation_label_names_what_given_parameters_change(tmp_path):
+    from search import space
+    from search.engines import resolve_params
+    from search.final import params_label
+
+    params, provenance = resolve_params({"tail": {"warmup_fraction": 0.0}}, tmp_path, "any")
+    assert params["tail"]["warmup_fraction"] == 0.0 and params["head"] == space.with_defaults("head", {})
+    assert [params_label(provenance[p]) for p in ("head", "tail")] == ["default", "default, warmup_fraction=0.0"]
+    assert params_label({"source": "search", "trial": 3}) == "search"

@@ -45,6 +45,11 @@ def tiny_results(tmp_path_factory, tiny_splits, tiny_npz, tiny_cache, spec):
     phase1 = searched["phase1"]
     assert phase1["trials"] == 3 and phase1["baseline"]["trials"] == 2 and phase1["speedup_median"] > 0
     assert phase1["baseline"]["states"]["RUNNING"] == 0 and phase1["wall_seconds_per_trial"] > 0
+    assert phase1["pruner"] == "asha" and phase1["other_pruners"]["hyperband"]["trials"] == 3
+    rungs = searched["fidelity"]["rungs"]
+    assert [r["epochs"] for r in rungs] == [2, 4, "budget"]
+    assert rungs[-1]["kendall_tau"] == searched["fidelity"]["kendall_tau"]
+    assert all(len(r["fast_history"]) >= 1 for r in searched["fidelity"]["rows"])
     memory = bench.bench_memory(tiny_cache, tiny_splits, 11, 0, results)
     assert memory["released"]["trials"] == 11 and memory["released"]["states"]["RUNNING"] == 0
     assert "growth_pct" in memory["released"] and "baseline_not_released" not in memory

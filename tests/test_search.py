@@ -105,14 +105,52 @@ def test_optuna_records_trials_and_opens_in_optuna_cli(pooled, tmp_path):
                            "-f", "json"], capture_output=True, text=True)
     assert best.returncode == 0, best.stderr
     assert json.loads(best.stdout)["number"] == study.best_trial.number
-    again = engine.run(HeadObjective(pooled, "tiny", max_epochs=3), 1)  # load_if_exists continues it
+    assert study.user_attrs["pruners"] == ["median"]
+    again = engines.make_engine("optuna", storage=storage, progress=False, results=tmp_path).run(
+        HeadObjective(pooled, "tiny", max_epochs=3), 1)  # load_if_exists continues it, default pruner
     assert again["trials"] == 4
+    assert optuna.load_study(study_name=summary["study_name"], storage=storage).user_attrs["pruners"] == [
+        "median", "asha"]
 
 
 def test_hyperband_pruner_follows_the_epoch_budget():
     from search.engines.optuna_engine import make_pruner
 
     assert make_pruner("hyperband", 7)._max_resource == 7
+
+
+def test_the_default_pruner_halves_after_the_rungs_the_benchmark_scores():
+    from search import bench
+    from search.engines.optuna_engine import DEFAULT_PRUNER, make_pruner
+
+    study = optuna.create_study(direction="maximize", pruner=make_pruner(DEFAULT_PRUNER, 8))
+    pruned_at = []
+    for value in (0.5, 0.6, 0.7, 0.1, 0.2, 0.3, 0.4):  # a trial that is not among the best third stops
+        trial = study.ask()
+        for step in range(8):
+            trial.report(value, step)
+            if trial.should_prune():
+                pruned_at.append(step)
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                break
+        else:
+            study.tell(trial, value)
+    assert pruned_at and set(pruned_at) <= set(bench.RUNG_STEPS)
+    assert min(pruned_at) == bench.RUNG_STEPS[0]
+
+
+def test_rung_taus_score_each_rung_and_an_early_stopped_trial_by_its_best_epoch():
+    from search import bench
+
+    ranking = [{"fast_history": [0.1, 0.5], "fast": 0.5, "full": 0.9},  # stopped before step 3: scored 0.5 there
+               {"fast_history": [0.2, 0.3, 0.3, 0.4], "fast": 0.4, "full": 0.8},
+               {"fast_history": [0.3, 0.1, 0.2, 0.9], "fast": 0.9, "full": 0.7}]
+    rungs = bench.rung_taus(ranking, steps=(0, 1, 3))
+    assert [r["epochs"] for r in rungs] == [1, 2, 4, "budget"]
+    assert rungs[0]["kendall_tau"] == pytest.approx(-1.0)  # 0.1 < 0.2 < 0.3 against 0.9 > 0.8 > 0.7
+    assert rungs[1]["kendall_tau"] == pytest.approx(1.0)  # 0.5 > 0.3 > 0.1
+    assert rungs[2]["kendall_tau"] == pytest.approx(-1 / 3)  # 0.5, 0.4, 0.9
+    assert rungs[3]["kendall_tau"] == rungs[2]["kendall_tau"]
 
 
 def test_tpe_startup_is_sized_to_the_budget():

@@ -107,7 +107,7 @@ def resolve_params(mode: str | dict, results: str | Path, cache_id: str,
     params, provenance = {}, {}
     for phase in phases or space.PHASES:
         if isinstance(mode, dict):
-            params[phase], provenance[phase] = mode.get(phase, {}), {"source": "given"}
+            params[phase], provenance[phase] = mode.get(phase, {}), {"source": "given", "values": mode.get(phase, {})}
         elif mode == "default":
             params[phase], provenance[phase] = {}, {"source": "default"}
         else:
