@@ -242,8 +242,26 @@ def _cold_sentence(cold: float, final: dict) -> str:
         return text + "."
     return (text + f"; normalized to a machine whose raw frozen pass runs at "
             f"{norm['reference_images_per_second']:.0f} images/s (`bench-cache` measured "
-            f"{norm['raw_predict_images_per_second']:.1f} images/s here just before the run), "
+            f"{norm['raw_predict_images_per_second']:.1f} images/s here, "
+            f"{bench_cache_when(norm.get('bench_cache_recorded'), final)}), "
             f"{norm['normalized_minutes']:.1f} min.")
+
+
+def bench_cache_when(recorded: str | None, final: dict) -> str:
+    """When ``bench-cache`` ran relative to the final run (``final.json``'s ``finished`` less its
+    total seconds): "just before it" within an hour, else how many hours apart, said to be
+    indicative (this machine's speed changes from hour to hour)."""
+    from datetime import datetime, timedelta
+
+    if not recorded or not final.get("finished"):
+        return "at a time not recorded"
+    bench = datetime.fromisoformat(recorded)
+    start = datetime.fromisoformat(final["finished"]) - timedelta(seconds=final["timings_seconds"]["total"])
+    hours = (start - bench).total_seconds() / 3600
+    if 0 <= hours <= 1:
+        return "just before the run"
+    return (f"{abs(hours):.1f} h {'before' if hours > 0 else 'after'} the run started, so the normalization is "
+            "indicative: this machine's speed changes from hour to hour")
 
 
 def _precision_sentence(final: dict, bench_cache: dict) -> str:
@@ -416,7 +434,7 @@ def build_context(results: Path) -> dict:
                              == {"cat", "dog"} else "")),
         "cost_sentence": _cost_sentence(tail_epoch, e2e, extraction, bench_search.get("recorded")),
         "bench_sentence": (
-            f"In `bench-cache`, run just before the cold run, extraction ran at "
+            f"In `bench-cache`, run {bench_cache_when(bench_cache.get('recorded'), final)}, extraction ran at "
             f"{bench_cache['extraction_images_per_second']:.1f} images/s against "
             f"{bench_cache['raw_predict_images_per_second']:.1f} images/s for a bare `predict` of the same layers "
             f"(ratio {bench_cache['ratio']:.2f})"

@@ -132,3 +132,14 @@ def test_defaults_trial_reported_against_the_best():
     text = _defaults_trial_sentence(study)
     assert "trial 8 (pruned after 1 epoch(s)), scored 70.00 %" in text and "best trial's 80.00 %" in text
     assert "not run as a trial" in _defaults_trial_sentence({"finished": study["finished"][:1]})
+
+
+def test_bench_cache_timing_is_said_relative_to_the_final_run():
+    from search.paper import bench_cache_when
+
+    final = {"finished": "2026-11-30T14:40:00", "timings_seconds": {"total": 1800.0}}  # started 14:10
+    assert bench_cache_when("2026-11-30T14:05:00", final) == "just before the run"
+    far = bench_cache_when("2026-11-30T05:40:00", final)
+    assert far.startswith("8.5 h before the run started") and "indicative" in far
+    assert bench_cache_when("2026-11-30T15:10:00", final).startswith("1.0 h after")
+    assert bench_cache_when(None, final) == "at a time not recorded"
