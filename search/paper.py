@@ -186,6 +186,26 @@ def _rungs_sentence(bench_search: dict) -> str:
     return "; ".join(parts)
 
 
+def _variant_sentence(rows: list[dict]) -> str:
+    """Each ``--params`` variant's chosen final row against the latest default run of its seed."""
+
+    def chosen(label: str, seed: Any) -> dict | None:
+        finals = [r for r in rows if r.get("params") == label and r.get("seed") == seed and r.get("chosen")
+                  and r["stage"].startswith("final")]
+        return finals[-1] if finals else None
+
+    out = []
+    for label in dict.fromkeys(r["params"] for r in rows if "=" in str(r.get("params", ""))):
+        for seed in dict.fromkeys(r.get("seed") for r in rows if r.get("params") == label):
+            variant, default = chosen(label, seed), chosen("default/default", seed)
+            if variant and default:
+                change = label.split("/", 1)[1].split(", ", 1)[1] if ", " in label else label
+                out.append(f"with {change} (seed {seed}) the chosen final validation accuracy was "
+                           f"{_pct(variant['val_accuracy'])}, against {_pct(default['val_accuracy'])} for the latest "
+                           f"default run of that seed (one run each)")
+    return (" Parameter variants: " + "; ".join(out) + ".") if out else ""
+
+
 def _defaults_trial_sentence(study: dict) -> str:
     """The documented defaults run as a trial of the study (``--default-trial``), against its best."""
     trial = next((t for t in study.get("finished", []) if t.get("defaults")), None)
@@ -243,14 +263,21 @@ def _cold_sentence(cold: float, final: dict) -> str:
     return (text + f"; normalized to a machine whose raw frozen pass runs at "
             f"{norm['reference_images_per_second']:.0f} images/s (`bench-cache` measured "
             f"{norm['raw_predict_images_per_second']:.1f} images/s here, "
-            f"{bench_cache_when(norm.get('bench_cache_recorded'), final)}), "
+            f"{bench_cache_when(norm.get('bench_cache_recorded'), final)}{_indicative(norm, final)}), "
             f"{norm['normalized_minutes']:.1f} min.")
+
+
+def _indicative(norm: dict, final: dict) -> str:
+    """The caveat for a normalization whose ``bench-cache`` did not run just before the run."""
+    if bench_cache_when(norm.get("bench_cache_recorded"), final) == "just before the run":
+        return ""
+    return ", so the normalization is indicative: this machine's speed changes from hour to hour"
 
 
 def bench_cache_when(recorded: str | None, final: dict) -> str:
     """When ``bench-cache`` ran relative to the final run (``final.json``'s ``finished`` less its
     total seconds): "just before it" within an hour, else how many hours apart, said to be
-    indicative (this machine's speed changes from hour to hour)."""
+    apart."""
     from datetime import datetime, timedelta
 
     if not recorded or not final.get("finished"):
@@ -260,8 +287,7 @@ def bench_cache_when(recorded: str | None, final: dict) -> str:
     hours = (start - bench).total_seconds() / 3600
     if 0 <= hours <= 1:
         return "just before the run"
-    return (f"{abs(hours):.1f} h {'before' if hours > 0 else 'after'} the run started, so the normalization is "
-            "indicative: this machine's speed changes from hour to hour")
+    return f"{abs(hours):.1f} h {'before' if hours > 0 else 'after'} the run started"
 
 
 def _precision_sentence(final: dict, bench_cache: dict) -> str:
@@ -389,7 +415,7 @@ def build_context(results: Path) -> dict:
         met = "met" if norm["normalized_minutes"] <= COLD_BAR_MINUTES else "not met"
         goal.append(f"a cold `make final` took {norm['normalized_minutes']:.1f} min normalized to a "
                     f"{norm['reference_images_per_second']:.0f} images/s machine (bar at most {COLD_BAR_MINUTES} min, "
-                    f"goal {COLD_GOAL_MINUTES}: {met})")
+                    f"goal {COLD_GOAL_MINUTES}: {met}{_indicative(norm, final)})")
     if seeds:
         goal.append(f"{len(seeds['runs'])} seeds scored a mean test accuracy of {_pct(seeds['mean_test_accuracy'])} "
                     f"(bar: each at least {_pct(seeds['bar_each'])}, mean at least {_pct(seeds['bar_mean'])}: "
@@ -474,6 +500,7 @@ def build_context(results: Path) -> dict:
         f"Every row uses the cut `{scopes[0][0]}` at {scopes[0][1]} px: the cut depth and the input resolution were "
         "not ablated in final runs, and this paper makes no claim about either." if len(scopes) == 1 else
         "Rows span the cuts and resolutions " + ", ".join(f"`{c}` at {r} px" for c, r in scopes) + ".")
+    ctx["ablation_scope"] += _variant_sentence(rows)
     ctx["ablation_table"] = _table(
         ["recorded", "seed", "params (head/tail)", "mirror", "stage", "val accuracy", "kept"],
         [[r.get("recorded", "")[:16], r.get("seed", ""), r.get("params", "not recorded"),

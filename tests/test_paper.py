@@ -139,7 +139,22 @@ def test_bench_cache_timing_is_said_relative_to_the_final_run():
 
     final = {"finished": "2026-11-30T14:40:00", "timings_seconds": {"total": 1800.0}}  # started 14:10
     assert bench_cache_when("2026-11-30T14:05:00", final) == "just before the run"
-    far = bench_cache_when("2026-11-30T05:40:00", final)
-    assert far.startswith("8.5 h before the run started") and "indicative" in far
+    assert bench_cache_when("2026-11-30T05:40:00", final) == "8.5 h before the run started"
     assert bench_cache_when("2026-11-30T15:10:00", final).startswith("1.0 h after")
     assert bench_cache_when(None, final) == "at a time not recorded"
+
+
+def test_variant_sentence_compares_a_params_variant_with_the_default_run_of_its_seed():
+    from search.paper import _variant_sentence
+
+    def row(params, seed, val, stage="final, plain", chosen=True):
+        return {"params": params, "seed": seed, "val_accuracy": val, "stage": stage, "chosen": chosen}
+
+    rows = [row("default/default", 0, 0.80), row("default/default", 0, 0.88),
+            row("default/default, warmup_fraction=0.0", 0, 0.87, stage="tail fine-tuned", chosen=None),
+            row("default/default, warmup_fraction=0.0", 0, 0.86),
+            row("default/default, warmup_fraction=0.0", 1, 0.85)]  # no default run of seed 1: no comparison
+    text = _variant_sentence(rows)
+    assert "warmup_fraction=0.0 (seed 0)" in text and "86.00 %" in text and "88.00 %" in text
+    assert "seed 1" not in text and "80.00 %" not in text
+    assert _variant_sentence([row("default/default", 0, 0.88)]) == ""
