@@ -114,7 +114,8 @@ def compare_runs(runs: dict[str, str | os.PathLike], results: str | os.PathLike 
             raise UserError("search effect compares runs of one seed on one cache key")
         effect = {role: {"label": label, "path": str(runs[label]), "params": run["params"],
                          "params_provenance": run["params_provenance"], "val_accuracy": run["val_accuracy"],
-                         "test_accuracy": run["test_accuracy"]}
+                         "test_accuracy": run["test_accuracy"],
+                         "code_version": run.get("machine", {}).get("code_version")}  # None: not recorded
                   for role, label, run in (("default", default_run, d), ("searched", searched_run, s))}
         effect["searched_wins_on_validation"] = s["val_accuracy"] > d["val_accuracy"]
         effect["val_difference"] = s["val_accuracy"] - d["val_accuracy"]

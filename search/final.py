@@ -430,6 +430,19 @@ def build_final(config: FinalConfig, splits: Splits | None = None, model: keras.
     return write_summary(run, saved)
 
 
+def code_version() -> str | None:
+    """``git describe --always --dirty`` of the repository this package runs from (a commit,
+    ``-dirty`` when tracked files were changed), or None outside a git checkout."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
 def machine() -> dict:
     """What the run ran on: CPU count, memory, accelerators seen, and the library versions."""
     import importlib.metadata as md
@@ -445,7 +458,7 @@ def machine() -> dict:
         with contextlib.suppress(md.PackageNotFoundError):
             versions[pkg.replace("-", "_")] = md.version(pkg)
     return {"cpus": os.cpu_count(), "memory_bytes": mem, "gpus": len(tf.config.list_physical_devices("GPU")),
-            "python": platform.python_version(), "versions": versions,
+            "python": platform.python_version(), "versions": versions, "code_version": code_version(),
             "allocator": "BFC" if os.environ.get("TF_CPU_ALLOCATOR_USE_BFC", "").lower() == "true" else "default"}
 
 

@@ -148,7 +148,8 @@ def _search_texts(ctx: dict) -> dict[str, str]:
             f"{_pct(d['test_accuracy'])} with the defaults: the search "
             + ("won on validation." if effect["searched_wins_on_validation"] else
                "did **not** win on validation; its trials ran on a few thousand images for a couple of epochs, a "
-               "budget at which the final model's ranking is not preserved." + _lag_sentence(ctx)))
+               "budget at which the final model's ranking is not preserved." + _lag_sentence(ctx))
+            + _versions_sentence(d.get("code_version"), s_.get("code_version")))
         out["search_effect_file"] = "and `results/search_effect.json` (searched against default parameters)"
     else:
         out["search_discussion"] = "We did not compare searched and default parameters under one seed in this run."
@@ -204,6 +205,14 @@ def _variant_sentence(rows: list[dict]) -> str:
                            f"{_pct(variant['val_accuracy'])}, against {_pct(default['val_accuracy'])} for the latest "
                            f"default run of that seed (one run each)")
     return (" Parameter variants: " + "; ".join(out) + ".") if out else ""
+
+
+def _versions_sentence(default: str | None, searched: str | None) -> str:
+    """A caveat when the compared runs are not known to come from the same code."""
+    if default and searched and default == searched and not default.endswith("-dirty"):
+        return ""
+    return (f" The two runs are not known to come from the same code (code versions: default "
+            f"{default or 'not recorded'}, searched {searched or 'not recorded'}), so the comparison is indicative.")
 
 
 def _defaults_trial_sentence(study: dict) -> str:

@@ -158,3 +158,14 @@ def test_variant_sentence_compares_a_params_variant_with_the_default_run_of_its_
     assert "warmup_fraction=0.0 (seed 0)" in text and "86.00 %" in text and "88.00 %" in text
     assert "seed 1" not in text and "80.00 %" not in text
     assert _variant_sentence([row("default/default", 0, 0.88)]) == ""
+
+
+def test_versions_sentence_flags_runs_not_known_to_share_code():
+    from search.final import code_version
+    from search.paper import _versions_sentence
+
+    assert _versions_sentence("abc1234", "abc1234") == ""
+    assert "not recorded" in _versions_sentence("abc1234", None)
+    assert "indicative" in _versions_sentence("abc1234", "def5678")
+    assert "indicative" in _versions_sentence("abc1234-dirty", "abc1234-dirty")
+    assert code_version() is None or len(code_version()) >= 7  # a commit here, None outside git
