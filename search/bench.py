@@ -185,10 +185,7 @@ def kendall_tau(a: list[float], b: list[float]) -> float:
     return float((concordant - discordant) / denom) if denom else 0.0
 
 
-RUNG_STEPS = (1, 3)  # the steps (epoch index from 0) where the default pruner judges a phase-1 trial
-
-
-def rung_taus(ranking: list[dict], steps: tuple[int, ...] = RUNG_STEPS) -> list[dict]:
+def rung_taus(ranking: list[dict], steps: tuple[int, ...]) -> list[dict]:
     """Kendall tau against full training of the score a trial reports at each pruner rung.
 
     ``ranking`` rows hold ``fast_history`` (validation accuracy per epoch at the trial budget) and
@@ -304,7 +301,7 @@ def bench_search(cache: Cache, splits: Splits, spec: backbones.BackboneSpec, mod
 
     from search import train
     from search.engines.objective import HeadObjective, make_objective
-    from search.engines.optuna_engine import DEFAULT_PRUNER, OptunaEngine, make_pruner, make_sampler
+    from search.engines.optuna_engine import DEFAULT_PRUNER, OptunaEngine, make_pruner, make_sampler, rung_steps
 
     budget = space.BUDGETS["head"]
     engine = OptunaEngine(storage="sqlite:///:memory:", progress=False)
@@ -383,7 +380,8 @@ def bench_search(cache: Cache, splits: Splits, spec: backbones.BackboneSpec, mod
                    "speedup_wall": (baseline["wall_seconds_per_trial"] / head_times["wall_seconds_per_trial"]
                                     if baseline else None)},
         "fidelity": {"configs": len(ranking), "fast_budget": head_obj.budget, "full_budget": full_obj.budget,
-                     "kendall_tau": tau, "goal_kendall_tau": 0.6, "rungs": rung_taus(ranking),
+                     "kendall_tau": tau, "goal_kendall_tau": 0.6,
+                     "rungs": rung_taus(ranking, rung_steps(budget.max_epochs)),
                      "fast_seconds_median": float(np.median([r["fast_seconds"] for r in ranking])),
                      "full_seconds_median": float(np.median([r["full_seconds"] for r in ranking])),
                      "rows": ranking},

@@ -159,10 +159,10 @@ def _search_texts(ctx: dict) -> dict[str, str]:
 
 def _pruner_sentence() -> str:
     """How a phase-1 trial can be stopped: the default pruner and its rungs, from the code."""
-    from search import bench
-    from search.engines.optuna_engine import DEFAULT_PRUNER, PRUNERS
+    from search import space
+    from search.engines.optuna_engine import DEFAULT_PRUNER, PRUNERS, rung_steps
 
-    rungs = " and ".join(f"{s + 1}" for s in bench.RUNG_STEPS)
+    rungs = " and ".join(f"{s + 1}" for s in rung_steps(space.BUDGETS["head"].max_epochs))
     names = {"asha": "asynchronous successive halving (ASHA; Li et al., 2020)",
              "hyperband": "Hyperband (Li et al., 2018)", "median": "the median rule", "none": "no pruner"}
     others = ", ".join(f"`{p}`" for p in PRUNERS if p != DEFAULT_PRUNER)

@@ -120,8 +120,7 @@ def test_hyperband_pruner_follows_the_epoch_budget():
 
 
 def test_the_default_pruner_halves_after_the_rungs_the_benchmark_scores():
-    from search import bench
-    from search.engines.optuna_engine import DEFAULT_PRUNER, make_pruner
+    from search.engines.optuna_engine import DEFAULT_PRUNER, make_pruner, rung_steps
 
     study = optuna.create_study(direction="maximize", pruner=make_pruner(DEFAULT_PRUNER, 8))
     pruned_at = []
@@ -135,8 +134,9 @@ def test_the_default_pruner_halves_after_the_rungs_the_benchmark_scores():
                 break
         else:
             study.tell(trial, value)
-    assert pruned_at and set(pruned_at) <= set(bench.RUNG_STEPS)
-    assert min(pruned_at) == bench.RUNG_STEPS[0]
+    assert rung_steps(8) == (1, 3) and rung_steps(4) == (1,) and rung_steps(2) == ()
+    assert pruned_at and set(pruned_at) <= set(rung_steps(8))
+    assert min(pruned_at) == rung_steps(8)[0]
 
 
 def test_rung_taus_score_each_rung_and_an_early_stopped_trial_by_its_best_epoch():

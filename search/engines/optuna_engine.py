@@ -30,6 +30,18 @@ def default_storage(results: str | Path = "results") -> str:
     return f"sqlite:///{Path(results) / 'study.db'}"
 
 
+MIN_RESOURCE, REDUCTION_FACTOR = 1, 3  # of both successive-halving pruners
+
+
+def rung_steps(max_epochs: int) -> tuple[int, ...]:
+    """The steps (epoch index from 0) where the default pruner judges a trial of ``max_epochs``."""
+    steps, step = [], MIN_RESOURCE
+    while step < max_epochs - 1:  # a rung at the last step would judge a finished trial
+        steps.append(step)
+        step *= REDUCTION_FACTOR
+    return tuple(steps)
+
+
 def make_pruner(name: str, max_epochs: int) -> optuna.pruners.BasePruner:
     """Asynchronous successive halving, Hyperband (``max_resource`` = the trial's epoch budget),
     median, or none.
@@ -44,9 +56,10 @@ def make_pruner(name: str, max_epochs: int) -> optuna.pruners.BasePruner:
     configurations against full training (``fidelity.rungs``).
     """
     if name == "asha":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=MIN_RESOURCE, reduction_factor=REDUCTION_FACTOR)
     if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max_epochs, reduction_factor=3)
+        return optuna.pruners.HyperbandPruner(min_resource=MIN_RESOURCE, max_resource=max_epochs,
+                                              reduction_factor=REDUCTION_FACTOR)
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
     if name == "none":
