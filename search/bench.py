@@ -232,6 +232,13 @@ def _phase1_study(objective: Any, trials: int, pruner: str | None = None) -> tup
     return study, rss
 
 
+def _phase1_times(objective: Any, trials: int, pruner: str | None = None) -> tuple[dict, list[int]]:
+    """:func:`_phase1_study`, timed: its :func:`_trial_times` (wall time included) and resident bytes."""
+    start = time.perf_counter()
+    study, rss = _phase1_study(objective, trials, pruner)
+    return _trial_times(study, time.perf_counter() - start), rss
+
+
 def _trial_times(study: Any, wall: float) -> dict:
     """Median and p90 of the trials' own seconds, wall seconds per trial (with what runs between
     trials: sampler, pruner, garbage collection), trial states and the best value."""
@@ -310,20 +317,13 @@ def bench_search(cache: Cache, splits: Splits, spec: backbones.BackboneSpec, mod
     if baseline_trials:  # first: a head objective freezes the garbage collector for the whole process
         plain = HeadObjective(data, cache.path.name, rows=budget.rows, max_epochs=budget.max_epochs,
                               mirrored=budget.mirrored, plain_keras=True)
-        start = time.perf_counter()
-        plain_study, _ = _phase1_study(plain, baseline_trials)
         baseline = {"what": "the same search with plain Keras feeding (numpy arrays to every fit) and no gc freeze",
-                    **_trial_times(plain_study, time.perf_counter() - start)}
+                    **_phase1_times(plain, baseline_trials)[0]}
     head_obj = HeadObjective(data, cache.path.name, rows=budget.rows, max_epochs=budget.max_epochs,
                              mirrored=budget.mirrored)
-    start = time.perf_counter()
-    study, rss = _phase1_study(head_obj, trials)
-    head_times = _trial_times(study, time.perf_counter() - start)
-    other_pruners = {}
-    for name in compare_pruners:  # the same search under another pruner, for comparison
-        start = time.perf_counter()
-        other, _ = _phase1_study(head_obj, trials, name)
-        other_pruners[name] = _trial_times(other, time.perf_counter() - start)
+    head_times, rss = _phase1_times(head_obj, trials)
+    # the same search under another pruner, for comparison
+    other_pruners = {name: _phase1_times(head_obj, trials, name)[0] for name in compare_pruners}
 
     # fidelity: the same random configurations at the trial budget and trained in full
     full_obj = HeadObjective(data, cache.path.name, rows=None, max_epochs=full_max_epochs, mirrored=True)
