@@ -28,6 +28,7 @@ from search.errors import UserError
 
 EARLY_STOPPING_PATIENCE = 3
 VAL_BATCH = 256
+HEAD_VAL_BATCH = 4096  # rows per validation batch of a head on pooled features (a few MB)
 
 
 def custom_gradients() -> frozenset[str]:
@@ -141,7 +142,7 @@ class PooledData:
         return (tf.data.Dataset.range(n).shuffle(n, seed=seed, reshuffle_each_iteration=True).batch(batch_size)
                 .map(lambda i: (tf.gather(x, i), tf.gather(y, i))).prefetch(2))
 
-    def validation(self, batch_size: int = 4096) -> EagerValidation:
+    def validation(self, batch_size: int = HEAD_VAL_BATCH) -> EagerValidation:
         """The callback that validates on this data's validation rows (:class:`EagerValidation`)."""
         _, _, x_val, y_val = self.tensors()
         return EagerValidation(x_val, y_val, batch_size)
@@ -159,7 +160,7 @@ class EagerValidation(keras.callbacks.Callback):
     eagerly than that trace (``make bench-search``'s baseline validates the Keras way).
     """
 
-    def __init__(self, x: Any, y: Any, batch_size: int = 4096) -> None:
+    def __init__(self, x: Any, y: Any, batch_size: int = HEAD_VAL_BATCH) -> None:
         super().__init__()
         self.x, self.y, self.batch_size = x, y, batch_size
 
@@ -201,7 +202,7 @@ def fit_head(model: keras.Model, data: PooledData, epochs: int, callbacks: list 
         first = [data.validation()]
     else:
         feed = {"x": data.x_train, "y": data.y_train, "batch_size": space.HEAD_BATCH_SIZE,
-                "validation_data": (data.x_val, data.y_val), "validation_batch_size": 4096}
+                "validation_data": (data.x_val, data.y_val), "validation_batch_size": HEAD_VAL_BATCH}
         first = []
     history = model.fit(**feed, epochs=epochs, initial_epoch=initial_epoch,
                         callbacks=[*first, stop, *(callbacks or [])], verbose=verbose)
