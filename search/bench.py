@@ -185,21 +185,21 @@ def kendall_tau(a: list[float], b: list[float]) -> float:
     return float((concordant - discordant) / denom) if denom else 0.0
 
 
-def rung_taus(ranking: list[dict], steps: tuple[int, ...]) -> list[dict]:
+def rung_taus(ranking: list[dict], steps: tuple[int, ...], key: str = "fast") -> list[dict]:
     """Kendall tau against full training of the score a trial reports at each pruner rung.
 
-    ``ranking`` rows hold ``fast_history`` (validation accuracy per epoch at the trial budget) and
-    ``full``. At step ``s`` (epoch index from 0) a trial's score is its accuracy after epoch
+    ``ranking`` rows hold ``{key}_history`` (validation accuracy per epoch at the trial budget),
+    ``{key}`` (its best) and ``full``. At step ``s`` (epoch index from 0) a trial's score is its accuracy after epoch
     ``s + 1``, or its best one if early stopping ended it before; the last entry is the whole
     budget (the trial's value, its best epoch).
     """
     out = []
     for step in steps:
-        scores = [h[step] if len(h) > step else max(h) for h in (r["fast_history"] for r in ranking)]
+        scores = [h[step] if len(h) > step else max(h) for h in (r[f"{key}_history"] for r in ranking)]
         out.append({"step": step, "epochs": step + 1,
                     "kendall_tau": kendall_tau(scores, [r["full"] for r in ranking])})
     out.append({"step": None, "epochs": "budget",
-                "kendall_tau": kendall_tau([r["fast"] for r in ranking], [r["full"] for r in ranking])})
+                "kendall_tau": kendall_tau([r[key] for r in ranking], [r["full"] for r in ranking])})
     return out
 
 
@@ -294,13 +294,15 @@ def bench_memory(cache: Cache, splits: Splits, trials: int, baseline_trials: int
 def bench_search(cache: Cache, splits: Splits, spec: backbones.BackboneSpec, model: Any, trials: int,
                  rank_configs: int, tail_trials: int, epoch_images: int, results: Path,
                  weights: str | None = "imagenet", full_max_epochs: int = 30, baseline_trials: int = 0,
-                 compare_pruners: tuple[str, ...] = ("hyperband",)) -> dict:
+                 compare_pruners: tuple[str, ...] = ("hyperband",), configs_seed: int = 2,
+                 compare_batch_sizes: tuple[int, ...] = (space.HEAD_BATCH_SIZE,)) -> dict:
     """Phase-1 trial seconds (median, p90) at the default budget, after ``baseline_trials`` trials of
     the same search fed as plain Keras code feeds it (the baseline, same process), and then under
     each of ``compare_pruners``; Kendall tau between that budget's score (and the score at each
     pruner rung: :func:`rung_taus`) and full training (all rows and mirrors, as the final head: up
-    to ``full_max_epochs`` epochs, early stopping)
-    for ``rank_configs`` random configurations; phase-2 trial seconds at its default budget;
+    to ``full_max_epochs`` epochs in batches of ``space.HEAD_BATCH_SIZE``, early stopping)
+    for ``rank_configs`` random configurations drawn with seed ``configs_seed``, and the same tau
+    for the trial budget at each of ``compare_batch_sizes``; phase-2 trial seconds at its default budget;
     one end-to-end epoch with the backbone in the loop (timed on ``epoch_images`` images, scaled
     to the training split); resident memory after every phase-1 trial."""
     import keras
@@ -316,24 +318,27 @@ def bench_search(cache: Cache, splits: Splits, spec: backbones.BackboneSpec, mod
     baseline = None
     if baseline_trials:  # first: a head objective freezes the garbage collector for the whole process
         plain = HeadObjective(data, cache.path.name, rows=budget.rows, max_epochs=budget.max_epochs,
-                              mirrored=budget.mirrored, plain_keras=True)
+                              mirrored=budget.mirrored, batch_size=space.head_trial_batch_size(), plain_keras=True)
         baseline = {"what": "the same search with plain Keras feeding (numpy arrays to every fit) and no gc freeze",
                     **_phase1_times(plain, baseline_trials)[0]}
     head_obj = HeadObjective(data, cache.path.name, rows=budget.rows, max_epochs=budget.max_epochs,
-                             mirrored=budget.mirrored)
+                             mirrored=budget.mirrored, batch_size=space.head_trial_batch_size())
     head_times, rss = _phase1_times(head_obj, trials)
     # the same search under another pruner, for comparison
     other_pruners = {name: _phase1_times(head_obj, trials, name)[0] for name in compare_pruners}
 
     # fidelity: the same random configurations at the trial budget and trained in full
     full_obj = HeadObjective(data, cache.path.name, rows=None, max_epochs=full_max_epochs, mirrored=True)
-    sampler = optuna.samplers.RandomSampler(seed=1)
+    others = {f"batch_{b}": HeadObjective(data, cache.path.name, rows=budget.rows, max_epochs=budget.max_epochs,
+                                          mirrored=budget.mirrored, batch_size=b)
+              for b in compare_batch_sizes if b != head_obj.batch_size}
+    sampler = optuna.samplers.RandomSampler(seed=configs_seed)
     ranking = []
     for i in range(rank_configs):
         trial = optuna.create_study(sampler=sampler).ask()
         params = space.suggest("head", trial)
         row = {"params": params}
-        for name, obj in (("fast", head_obj), ("full", full_obj)):
+        for name, obj in (("fast", head_obj), ("full", full_obj), *others.items()):
             t = time.perf_counter()
             history = keras.callbacks.History()
             row[name] = obj.fit(obj.build(params, seed=i), obj.max_epochs, [history])
@@ -341,6 +346,11 @@ def bench_search(cache: Cache, splits: Splits, spec: backbones.BackboneSpec, mod
             row[f"{name}_history"] = [float(v) for v in history.history["val_accuracy"]]
         ranking.append(row)
     tau = kendall_tau([r["fast"] for r in ranking], [r["full"] for r in ranking])
+    other_budgets = {name: {"budget": obj.budget,
+                            "kendall_tau": kendall_tau([r[name] for r in ranking], [r["full"] for r in ranking]),
+                            "rungs": rung_taus(ranking, rung_steps(budget.max_epochs), key=name),
+                            "seconds_median": float(np.median([r[f"{name}_seconds"] for r in ranking]))}
+                     for name, obj in others.items()}
 
     tail_budget = space.BUDGETS["tail"]
     tail_obj, tail_study, tail_seconds = None, None, np.array([])
@@ -379,8 +389,9 @@ def bench_search(cache: Cache, splits: Splits, spec: backbones.BackboneSpec, mod
                    "speedup_median": baseline["trial_seconds_median"] / median if baseline else None,
                    "speedup_wall": (baseline["wall_seconds_per_trial"] / head_times["wall_seconds_per_trial"]
                                     if baseline else None)},
-        "fidelity": {"configs": len(ranking), "fast_budget": head_obj.budget, "full_budget": full_obj.budget,
-                     "kendall_tau": tau, "goal_kendall_tau": 0.6,
+        "fidelity": {"configs": len(ranking), "configs_seed": configs_seed, "fast_budget": head_obj.budget,
+                     "full_budget": full_obj.budget, "kendall_tau": tau, "goal_kendall_tau": 0.6,
+                     "other_budgets": other_budgets,
                      "rungs": rung_taus(ranking, rung_steps(budget.max_epochs)),
                      "fast_seconds_median": float(np.median([r["fast_seconds"] for r in ranking])),
                      "full_seconds_median": float(np.median([r["full_seconds"] for r in ranking])),

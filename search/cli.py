@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from search.errors import UserError
-from search.space import BUDGETS
+from search.space import BUDGETS, HEAD_BATCH_SIZE
 
 log = logging.getLogger("search")
 
@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"phase-{n} budget: stratified training images per trial (default {budget.rows}; 0: all)")
         p.add_argument(epochs, type=int, default=budget.max_epochs,
                        help=f"phase-{n} budget: epochs per trial (default {budget.max_epochs})")
+    p.add_argument("--head-batch-size", type=int, default=None,
+                   help="phase-1 budget: rows per optimizer step of a trial (default "
+                        f"{BUDGETS['head'].batch_size}; the final head trains in batches of {HEAD_BATCH_SIZE})")
     p.add_argument("--workers", type=int, default=1,
                    help="worker processes sharing each study (Optuna, needs --storage)")
     p.add_argument("--storage", default=None,
@@ -180,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, default=20, help="phase-1 trials to time (default 20)")
     p.add_argument("--rank-configs", type=int, default=20,
                    help="configurations trained at the fast fidelity and in full for Kendall tau (default 20)")
+    p.add_argument("--configs-seed", type=int, default=2,
+                   help="seed of the random configurations ranked (default 2: not the 20 of seed 1 on which the "
+                        "trial batch size was chosen)")
     p.add_argument("--full-epochs", type=int, default=30,
                    help="epoch cap of the full training the fast fidelity is ranked against (default 30, as the "
                         "final head; early stopping)")
@@ -265,7 +271,7 @@ def cmd_search(args: argparse.Namespace, argv: list[str]) -> int:
         if args.engine == "kerastuner" and args.oracle == "hyperband":
             trials = args.trials if phase == "head" else args.tail_trials  # Hyperband refuses an explicit count
         objective = make_objective(phase, cache, splits, rows, max_epochs, backbone=model, results=args.results,
-                                   seed=args.seed, mirrored=args.use_flips)
+                                   seed=args.seed, mirrored=args.use_flips, batch_size=args.head_batch_size)
         log.info("phase %s: %s trials, budget %s", phase, trials, objective.budget)
         name = f"{args.study_name}-{phase}" if args.study_name and len(phases) > 1 else args.study_name
         summary = engine.run(objective, trials, study_name=name)
@@ -392,7 +398,8 @@ def cmd_bench_search(args: argparse.Namespace, argv: list[str]) -> int:
     cache = _cache(args, splits, spec, model=model)
     out = bench.bench_search(cache, splits, spec, model, args.trials, args.rank_configs, args.tail_trials,
                              args.epoch_images, Path(args.results), weights=_weights(args),
-                             full_max_epochs=args.full_epochs, baseline_trials=args.baseline_trials)
+                             full_max_epochs=args.full_epochs, baseline_trials=args.baseline_trials,
+                             configs_seed=args.configs_seed)
     print(json.dumps(out, indent=2))
     return 0
 

@@ -179,6 +179,10 @@ def _rungs_sentence(bench_search: dict) -> str:
         parts.append("the score a trial reports ranks the same configurations with tau "
                      + ", ".join(f"{r['kendall_tau']:.2f} after {r['epochs']} epochs" for r in rungs
                                  if r["step"] is not None) + " (the pruner's judgements)")
+    for other in (bench_search["fidelity"].get("other_budgets") or {}).values():
+        parts.append(f"the same trial budget in batches of {other['budget']['batch_size']} rows instead of "
+                     f"{bench_search['fidelity']['fast_budget']['batch_size']} ranked them with tau "
+                     f"{other['kendall_tau']:.2f}")
     phase1 = bench_search["phase1"]
     for name, other in (phase1.get("other_pruners") or {}).items():
         parts.append(f"the same search under `{name}` instead of `{phase1['pruner']}`: median trial "
@@ -456,6 +460,7 @@ def build_context(results: Path) -> dict:
         "n_images": sum(a["shape"][0] for k, a in cache["arrays"].items() if k.endswith("_cut")),
         "extraction_minutes": extraction / 60,
         "head_rows": f"{space.BUDGETS['head'].rows:,}", "head_epochs": space.BUDGETS["head"].max_epochs,
+        "head_trial_batch": space.head_trial_batch_size(), "head_final_batch": space.HEAD_BATCH_SIZE,
         "tail_rows": f"{space.BUDGETS['tail'].rows:,}", "tail_epochs": space.BUDGETS["tail"].max_epochs,
         "tail_layers": (f"`{final['backbone_layers']['tail'][0]}` … `{final['backbone_layers']['tail'][-1]}`, "
                         f"{final['backbone_layers']['tail_with_weights']} weighted layers with "

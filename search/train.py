@@ -187,8 +187,10 @@ def build_head_model(params: dict[str, Any], n_features: int, n_classes: int) ->
 
 
 def fit_head(model: keras.Model, data: PooledData, epochs: int, callbacks: list | None = None,
-             initial_epoch: int = 0, verbose: int = 0, seed: int = 0, resident: bool = True) -> dict[str, list[float]]:
-    """Fit with early stopping on validation accuracy, best epoch restored; the history dict.
+             initial_epoch: int = 0, verbose: int = 0, seed: int = 0, resident: bool = True,
+             batch_size: int = space.HEAD_BATCH_SIZE) -> dict[str, list[float]]:
+    """Fit in batches of ``batch_size`` rows with early stopping on validation accuracy, best epoch
+    restored; the history dict.
 
     ``seed`` fixes the order of the batches (:meth:`PooledData.dataset`); validation runs eagerly
     (:class:`EagerValidation`). ``resident=False`` hands Keras the numpy arrays and the validation
@@ -198,10 +200,10 @@ def fit_head(model: keras.Model, data: PooledData, epochs: int, callbacks: list 
     stop = keras.callbacks.EarlyStopping("val_accuracy", patience=EARLY_STOPPING_PATIENCE, mode="max",
                                          restore_best_weights=True)
     if resident:
-        feed = {"x": data.dataset(space.HEAD_BATCH_SIZE, seed), "shuffle": False}
+        feed = {"x": data.dataset(batch_size, seed), "shuffle": False}
         first = [data.validation()]
     else:
-        feed = {"x": data.x_train, "y": data.y_train, "batch_size": space.HEAD_BATCH_SIZE,
+        feed = {"x": data.x_train, "y": data.y_train, "batch_size": batch_size,
                 "validation_data": (data.x_val, data.y_val), "validation_batch_size": HEAD_VAL_BATCH}
         first = []
     history = model.fit(**feed, epochs=epochs, initial_epoch=initial_epoch,

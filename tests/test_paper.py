@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from conftest import ROOT, TINY_RES, run_cli
-from search import bench, engines
+from search import bench, engines, space
 from search.compare import compare_runs
 from search.engines.objective import HeadObjective
 from search.errors import UserError
@@ -50,6 +50,12 @@ def tiny_results(tmp_path_factory, tiny_splits, tiny_npz, tiny_cache, spec):
     assert [r["epochs"] for r in rungs] == [2, 4, "budget"]
     assert rungs[-1]["kendall_tau"] == searched["fidelity"]["kendall_tau"]
     assert all(len(r["fast_history"]) >= 1 for r in searched["fidelity"]["rows"])
+    fidelity = searched["fidelity"]
+    assert fidelity["fast_budget"]["batch_size"] == space.head_trial_batch_size() != space.HEAD_BATCH_SIZE
+    other = fidelity["other_budgets"][f"batch_{space.HEAD_BATCH_SIZE}"]
+    assert other["budget"]["batch_size"] == space.HEAD_BATCH_SIZE == fidelity["full_budget"]["batch_size"]
+    assert other["rungs"][-1]["kendall_tau"] == other["kendall_tau"]
+    assert all(f"batch_{space.HEAD_BATCH_SIZE}_history" in r for r in fidelity["rows"])
     memory = bench.bench_memory(tiny_cache, tiny_splits, 11, 0, results)
     assert memory["released"]["trials"] == 11 and memory["released"]["states"]["RUNNING"] == 0
     assert "growth_pct" in memory["released"] and "baseline_not_released" not in memory

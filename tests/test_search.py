@@ -113,6 +113,19 @@ def test_optuna_records_trials_and_opens_in_optuna_cli(pooled, tmp_path):
         "median", "asha"]
 
 
+@pytest.mark.parametrize("engine_name", ["optuna", "kerastuner"])
+def test_a_study_refuses_trials_of_another_budget(engine_name, pooled, tmp_path):
+    engine = engines.make_engine(engine_name, progress=False, results=tmp_path, default_trial=False)
+    assert engine.run(HeadObjective(pooled, "tiny", max_epochs=1, batch_size=32), 1)["trials"] == 1
+    for other in ({"batch_size": 16}, {"max_epochs": 2}, {"rows": 40}):
+        budget = {"max_epochs": 1, "batch_size": 32, **other}
+        with pytest.raises(UserError, match="name a new study"):
+            engine.run(HeadObjective(pooled, "tiny", **budget), 1)
+    more = 2 if engine_name == "kerastuner" else 1  # KerasTuner's max_trials counts the project's trials
+    again = engine.run(HeadObjective(pooled, "tiny", max_epochs=1, batch_size=32), more)  # the same budget goes on
+    assert again["trials"] == 2
+
+
 def test_hyperband_pruner_follows_the_epoch_budget():
     from search.engines.optuna_engine import make_pruner
 
@@ -151,6 +164,8 @@ def test_rung_taus_score_each_rung_and_an_early_stopped_trial_by_its_best_epoch(
     assert rungs[1]["kendall_tau"] == pytest.approx(1.0)  # 0.5 > 0.3 > 0.1
     assert rungs[2]["kendall_tau"] == pytest.approx(-1 / 3)  # 0.5, 0.4, 0.9
     assert rungs[3]["kendall_tau"] == rungs[2]["kendall_tau"]
+    other = [{"b_history": r["fast_history"][::-1], "b": r["fast"], "full": r["full"]} for r in ranking]
+    assert bench.rung_taus(other, steps=(0,), key="b")[0]["kendall_tau"] == pytest.approx(-1 / 3)  # 0.5, 0.4, 0.9
 
 
 def test_tpe_startup_is_sized_to_the_budget():

@@ -337,3 +337,27 @@ def test_precise_bn_sets_the_moving_statistics_from_a_batch(maps_cache, tiny_spl
     objective.fit(model, 2)
     assert len(calls) == 2, "once before each epoch's validation"
     del trainer
+
+
+@pytest.mark.parametrize("resident", [True, False])
+def test_a_head_trial_steps_in_its_budgets_batches_and_the_final_head_in_its_own(resident):
+    from search import space
+    from search.engines.objective import HeadObjective
+    from search.errors import UserError
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 6)).astype(np.float32)
+    y = np.eye(10, dtype=np.float32)[np.arange(300) % 10]
+    data = train.PooledData(x[:250], y[:250], x[250:], y[250:])
+    trial = HeadObjective(data, "t", rows=200, max_epochs=2, batch_size=16, plain_keras=not resident)
+    assert trial.budget["batch_size"] == 16
+    params = {"n_layers": 0, "dropout": 0.0, "optimizer": "adam", "learning_rate": 1e-6}  # no early stop
+    model = trial.build(params)
+    trial.fit(model, 2)
+    assert int(model.optimizer.iterations) == 2 * 13  # ceil(200 / 16) steps per epoch
+    final = HeadObjective(data, "t", max_epochs=1, plain_keras=not resident)
+    model = final.build(params)
+    final.fit(model, 1)
+    assert final.batch_size == space.HEAD_BATCH_SIZE and int(model.optimizer.iterations) == 1  # 250 rows < 512
+    with pytest.raises(UserError, match="batch size"):
+        HeadObjective(data, "t", batch_size=0)

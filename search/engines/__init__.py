@@ -67,6 +67,21 @@ def write_pointer(results: str | Path, phase: str, cache_id: str, pointer: dict)
     write_json(pointer_path(results, phase, cache_id), {"phase": phase, "cache": cache_id, **pointer})
 
 
+def check_same_budget(study_name: str, recorded: dict | None, budget: dict) -> None:
+    """Refuse (:class:`UserError`) to add trials of ``budget`` to a study whose trials ran at
+    ``recorded`` (rows, epochs, batch size, ...; None: not recorded, accepted): their values would
+    not be comparable, and the best of the mix would ship. The head a phase-2 trial starts from
+    is not compared (a later phase-1 search may change it)."""
+    import json
+
+    def comparable(b: dict) -> dict:
+        return {k: v for k, v in json.loads(json.dumps(b)).items() if k != "head"}
+
+    if recorded is not None and comparable(recorded) != comparable(budget):
+        raise UserError(f"study {study_name!r} holds trials of budget {comparable(recorded)}, not this run's "
+                        f"{comparable(budget)}: name a new study (--study-name) or run at the study's budget")
+
+
 def check_outcome(summary: dict) -> dict:
     """Raise :class:`AllTrialsFailed` when a search ran trials and none completed or was pruned."""
     if summary["trials"] and not summary.get("complete") and not summary.get("pruned"):

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from search import space
-from search.engines import AllTrialsFailed, check_outcome, default_study_name, write_pointer
+from search.engines import AllTrialsFailed, check_outcome, check_same_budget, default_study_name, write_pointer
 from search.errors import UserError
+from search.io import read_json, write_json
 
 ORACLES = ("bayesian", "hyperband")
 
@@ -72,6 +73,9 @@ class KerasTunerEngine:
         write_pointer(self.results, objective.phase, objective.cache_id,
                       {"engine": "kerastuner", "directory": str(self.directory), "project_name": project_name,
                        "oracle": self.oracle})
+        budget_file = self.directory / project_name / "search_budget.json"
+        check_same_budget(project_name, read_json(budget_file) if budget_file.exists() else None, objective.budget)
+        write_json(budget_file, objective.budget)
         try:
             tuner = self.make_tuner(objective, n_trials, project_name)
             tuner.search(epochs=objective.max_epochs, verbose=1 if self.progress else 0)

@@ -13,7 +13,8 @@ objective freezes the objects alive at that point out of the garbage collector's
 (:func:`search.train.freeze_long_lived_objects`), so the collection after each trial is cheap.
 
 Budget (multi-fidelity): a trial trains on ``rows`` stratified training rows for at most
-``max_epochs`` epochs; engines' pruners stop it earlier from its per-epoch validation accuracy.
+``max_epochs`` epochs (a head trial in batches of ``batch_size`` rows); engines' pruners stop it
+earlier from its per-epoch validation accuracy.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from typing import Any
 import keras
 import numpy as np
 
-from search import train
+from search import space, train
 from search.cache import Cache
 from search.data import Splits
+from search.errors import UserError
 
 
 @dataclass
@@ -40,6 +42,7 @@ class HeadObjective:
     rows: int | None = None
     max_epochs: int = 10
     mirrored: bool = False
+    batch_size: int = space.HEAD_BATCH_SIZE
     release_graphs: bool = True  # False only to measure the leak it prevents (bench-memory)
     plain_keras: bool = False  # True only as bench-search's baseline: numpy to every fit, no gc freeze
     phase: str = "head"
@@ -48,6 +51,8 @@ class HeadObjective:
     _seed: int = field(default=0, repr=False)
 
     def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise UserError(f"the head's batch size must be at least 1 row, got {self.batch_size}")
         self._fit_data = self.data.subset(self.rows, mirrored=self.mirrored)
         self._keep = train.custom_gradients()
         if not self.plain_keras:
@@ -55,7 +60,8 @@ class HeadObjective:
 
     @property
     def budget(self) -> dict[str, Any]:
-        return {"rows": len(self._fit_data.x_train), "max_epochs": self.max_epochs, "mirrored": self.mirrored}
+        return {"rows": len(self._fit_data.x_train), "max_epochs": self.max_epochs, "mirrored": self.mirrored,
+                "batch_size": self.batch_size}
 
     def build(self, params: dict[str, Any], seed: int = 0) -> keras.Model:
         if self.release_graphs:
@@ -67,7 +73,7 @@ class HeadObjective:
 
     def fit(self, model: keras.Model, epochs: int, callbacks: list | None = None, initial_epoch: int = 0) -> float:
         history = train.fit_head(model, self._fit_data, epochs, callbacks, initial_epoch=initial_epoch,
-                                 seed=self._seed, resident=not self.plain_keras)
+                                 seed=self._seed, resident=not self.plain_keras, batch_size=self.batch_size)
         return float(max(history["val_accuracy"]))
 
 
@@ -132,19 +138,21 @@ Objective = HeadObjective | TailObjective
 
 def make_objective(phase: str, cache: Cache, splits: Splits, rows: int | None, max_epochs: int,
                    backbone: keras.Model | None = None, results: str = "results", seed: int = 0,
-                   mirrored: bool = False) -> Objective:
-    """The ``phase`` objective on ``cache`` with a budget of ``rows`` x ``max_epochs``.
+                   mirrored: bool = False, batch_size: int | None = None) -> Objective:
+    """The ``phase`` objective on ``cache`` with a budget of ``rows`` x ``max_epochs``; a head
+    trial steps in batches of ``batch_size`` rows (None: ``space.BUDGETS["head"]``'s).
 
     The tail objective starts from the head of the best phase-1 trial on this cache key (or the
     default head when there is none), trained once here on all pooled features; ``backbone`` is
     the model the cache was extracted with (its layers after the cut are the tail).
     """
-    from search import engines, space
+    from search import engines
 
     space.check_phase(phase)
     data = train.PooledData.from_cache(cache, splits, mirrored=mirrored and phase == "head")
     if phase == "head":
-        return HeadObjective(data, cache.path.name, rows=rows, max_epochs=max_epochs, mirrored=mirrored)
+        return HeadObjective(data, cache.path.name, rows=rows, max_epochs=max_epochs, mirrored=mirrored,
+                             batch_size=batch_size or space.head_trial_batch_size())
     params, provenance = engines.resolve_params("auto", results, cache.path.name, phases=("head",))
     head, _ = train.train_head(data, params["head"], epochs=30, seed=seed)
     parts = train.TailParts.from_backbone(backbone, cache.key["cut_layer"])

@@ -18,7 +18,7 @@ import keras
 import optuna
 
 from search import space
-from search.engines import METRIC, check_outcome, default_study_name, write_pointer
+from search.engines import METRIC, check_outcome, check_same_budget, default_study_name, write_pointer
 from search.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,13 @@ def record_pruner(study: optuna.Study, name: str) -> list[str]:
         pruners.append(name)
         study.set_user_attr("pruners", pruners)
     return pruners
+
+
+def check_budget(study: optuna.Study, budget: dict) -> None:
+    """Refuse to add trials to ``study`` if any of its trials ran at another budget
+    (:func:`search.engines.check_same_budget`)."""
+    for trial in study.get_trials(deepcopy=False):
+        check_same_budget(study.study_name, trial.user_attrs.get("budget"), budget)
 
 
 def check_storage(storage: str) -> Any:
@@ -161,6 +168,7 @@ class OptunaEngine:
         sampler = make_sampler(self.seed + 1000 * self.worker_index, n_trials)
         study = open_study(self.storage, name, sampler, make_pruner(self.pruner, objective.max_epochs),
                            heartbeat=self.heartbeat)
+        check_budget(study, objective.budget)
         record_pruner(study, self.pruner)
         return study
 
