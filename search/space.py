@@ -54,8 +54,9 @@ DEFAULT_HEAD: dict[str, Any] = {
 # 0.8802, results/v1/final_searched_seed0.json); with PreciseBN in the trials, study
 # tail-MobileNet-224-conv_pw_11_relu-35aa909a6b06-with-momentum (8 x 4,000 x 2) picked momentum 0.99
 # and reached 0.8784 against 0.8828 (results/final_searched_momentum_seed0.json); without the momentum
-# in the space, study tail-MobileNet-224-conv_pw_11_relu-35aa909a6b06 reached 0.8756
-# (results/search_effect.json): see README, "Known limitation (phase 2)".
+# in the space, study tail-MobileNet-224-conv_pw_11_relu-35aa909a6b06 (renamed ...-before-batch128
+# when phase-1 trials moved to batches of 128) reached 0.8756 (results/final_searched_seed0.json):
+# see README, "Known limitation (phase 2)".
 DEFAULT_TAIL: dict[str, Any] = {
     "tail_learning_rate": 5e-4,
     "weight_decay": 0.05,
