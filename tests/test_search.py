@@ -126,6 +126,23 @@ def test_a_study_refuses_trials_of_another_budget(engine_name, pooled, tmp_path)
     assert again["trials"] == 2
 
 
+def test_the_pruner_is_not_asked_after_a_trials_last_epoch(pooled, tmp_path):
+    from search.engines.optuna_engine import pruning_callback
+
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=2.0))
+    trial = study.ask()  # every score is below 2.0: the pruner says prune whenever it is asked
+    with pytest.raises(optuna.TrialPruned):
+        pruning_callback(trial, max_epochs=2).on_epoch_end(0, {"val_accuracy": 0.5})
+    trial = study.ask()
+    pruning_callback(trial, max_epochs=2).on_epoch_end(1, {"val_accuracy": 0.5})  # the last epoch: reported only
+    study.tell(trial, 0.5)
+    assert study.trials[-1].intermediate_values == {1: 0.5} and study.best_trial.number == trial.number
+    # the default pruner's first rung (step 1) is a 2-epoch trial's last epoch: every trial completes
+    engine = engines.make_engine("optuna", progress=False, results=tmp_path, default_trial=False)
+    summary = engine.run(HeadObjective(pooled, "tiny", max_epochs=2), 5)
+    assert summary["complete"] == 5 and summary["pruned"] == 0
+
+
 def test_hyperband_pruner_follows_the_epoch_budget():
     from search.engines.optuna_engine import make_pruner
 

@@ -255,8 +255,6 @@ class OptunaEngine:
             log.warning("could not mark trial %d FAIL (%s); its heartbeat will", number, type(exc).__name__)
 
     def objective_fn(self, objective: Any):
-        from optuna_integration import KerasPruningCallback
-
         def run_trial(trial: optuna.Trial) -> float:
             self._trial_number = trial.number
             params = space.suggest(objective.phase, trial)
@@ -268,7 +266,7 @@ class OptunaEngine:
             try:
                 model = objective.build(params, seed=self.seed + trial.number)
                 value = objective.fit(model, objective.max_epochs,
-                                      [KerasPruningCallback(trial, "val_accuracy"), epochs])
+                                      [pruning_callback(trial, objective.max_epochs), epochs])
             except optuna.TrialPruned:
                 raise
             except Exception as exc:
@@ -331,6 +329,29 @@ def _in_chain(exc: BaseException, match: Any) -> BaseException | None:
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def pruning_callback(trial: optuna.Trial, max_epochs: int) -> keras.callbacks.Callback:
+    """Optuna's ``KerasPruningCallback`` on validation accuracy that reports every epoch but asks
+    the pruner nothing after the last one (epoch ``max_epochs - 1``).
+
+    A rung at the last step would judge a trial that has already trained in full: Optuna's
+    successive halving then marks it PRUNED, and a study's best trial is chosen among COMPLETE
+    ones only. With the phase-2 budget of 2 epochs the rung at step 1 is the last epoch, and a
+    search run that way (study ``tail-MobileNet-224-conv_pw_11_relu-35aa909a6b06`` of
+    2026-11-30 17:40) recorded 7 of its 8 finished trials as PRUNED.
+    """
+    from optuna_integration import KerasPruningCallback
+
+    class SparingLastEpoch(KerasPruningCallback):
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            if epoch < max_epochs - 1:
+                return super().on_epoch_end(epoch, logs)
+            score = (logs or {}).get(self._monitor)
+            if score is not None:
+                self._trial.report(float(score), step=epoch)
+
+    return SparingLastEpoch(trial, "val_accuracy")
 
 
 class _EpochCount(keras.callbacks.Callback):
