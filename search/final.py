@@ -214,6 +214,7 @@ class Run:
     precision: str = "float32"
 
     def __post_init__(self) -> None:
+        self.code_version = code_version()  # the code that runs: taken now, not when the run ends
         self.timings: dict[str, float] = {}
         self.rows: list[dict] = []
         self.epochs: list[dict] = []
@@ -443,8 +444,9 @@ def code_version() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def machine() -> dict:
-    """What the run ran on: CPU count, memory, accelerators seen, and the library versions."""
+def machine(code: str | None) -> dict:
+    """What the run ran on: CPU count, memory, accelerators seen, the library versions, and
+    ``code`` (:func:`code_version` when the run started)."""
     import importlib.metadata as md
     import platform
 
@@ -458,7 +460,7 @@ def machine() -> dict:
         with contextlib.suppress(md.PackageNotFoundError):
             versions[pkg.replace("-", "_")] = md.version(pkg)
     return {"cpus": os.cpu_count(), "memory_bytes": mem, "gpus": len(tf.config.list_physical_devices("GPU")),
-            "python": platform.python_version(), "versions": versions, "code_version": code_version(),
+            "python": platform.python_version(), "versions": versions, "code_version": code,
             "allocator": "BFC" if os.environ.get("TF_CPU_ALLOCATOR_USE_BFC", "").lower() == "true" else "default"}
 
 
@@ -507,7 +509,7 @@ def write_summary(run: Run, saved: Path) -> dict:
                   "arrays": {k: {"shape": v["shape"], "dtype": v["dtype"], "bytes": v["bytes"]}
                              for k, v in run.cache.manifest["arrays"].items()},
                   "bytes": sum(v["bytes"] for v in run.cache.manifest["arrays"].values())},
-        "machine": machine(),
+        "machine": machine(run.code_version),
         "data": {"source": run.splits.source, "train": len(run.splits.train_idx), "val": len(run.splits.val_idx),
                  "test": len(run.splits.y_test), "fingerprint": run.splits.fingerprint,
                  "classes": len(run.splits.class_names), "image_shape": list(run.splits.image_shape)},

@@ -72,11 +72,14 @@ def test_h5_round_trip_safe_mode(final_run, tiny_splits):
     assert weighted and not any(la.trainable for la in weighted), [la.name for la in weighted if la.trainable]
 
 
-def test_second_run_reuses_cache(final_run, tiny_splits):
+def test_second_run_reuses_cache_and_records_the_code_it_started_with(final_run, tiny_splits, monkeypatch):
     config, _, tmp = final_run
     config.output = str(tmp / "again.h5")
+    versions = iter(["abc1234", "def5678"])  # a commit checked out while the run trains must not be recorded
+    monkeypatch.setattr("search.final.code_version", lambda: next(versions))
     again = build_final(config, tiny_splits)
     assert again["cache"]["reused"] is True
+    assert again["machine"]["code_version"] == "abc1234"
 
 
 @pytest.fixture(scope="module")
