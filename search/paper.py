@@ -125,7 +125,7 @@ def _search_texts(ctx: dict) -> dict[str, str]:
                  f"complete, {tail['pruned']} pruned, {tail['failed']} failed; median trial "
                  f"{tail['median_trial_seconds']:.1f} s); its best trial reached {_pct(tail.get('best_value'))} at "
                  "its budget.")
-        text += _defaults_trial_sentence(tail)
+        text += _defaults_trial_sentence(tail) + _pruned_at_last_epoch_sentence(tail)
     else:
         text += " No phase-2 search was run for the reported cache key."
     out["search_sentence"] = text
@@ -147,8 +147,11 @@ def _search_texts(ctx: dict) -> dict[str, str]:
             f"validation and {_pct(s_['test_accuracy'])} test accuracy, against {_pct(d['val_accuracy'])} and "
             f"{_pct(d['test_accuracy'])} with the defaults: the search "
             + ("won on validation." if effect["searched_wins_on_validation"] else
-               "did **not** win on validation; its trials ran on a few thousand images for a couple of epochs, a "
-               "budget at which the final model's ranking is not preserved." + _lag_sentence(ctx))
+               "did **not** win on validation" + (
+                   _margin(effect, ctx) + "; a difference this small says neither is better." if _margin(effect, ctx)
+                   else "; its trials ran on a few thousand images for a couple of epochs, a budget at which the final "
+                   "model's ranking is not preserved.") + _lag_sentence(ctx))
+            + _same_tail_sentence(d, s_)
             + _versions_sentence(d.get("code_version"), s_.get("code_version")))
         out["search_effect_file"] = "and `results/search_effect.json` (searched against default parameters)"
     else:
@@ -219,6 +222,26 @@ def _versions_sentence(default: str | None, searched: str | None) -> str:
             f"{default or 'not recorded'}, searched {searched or 'not recorded'}), so the comparison is indicative.")
 
 
+def _margin(effect: dict, ctx: dict) -> str:
+    """The validation difference of the searched-vs-default comparison in images, when it is small."""
+    n_val = (ctx.get("final") or {}).get("data", {}).get("val")
+    diff = effect["val_difference"]
+    if not n_val or abs(diff) * n_val > 10:
+        return ""
+    images = round(abs(diff) * n_val)
+    return f" (by {images} of the {n_val:,} validation images, well inside the noise of one run)"
+
+
+def _same_tail_sentence(default: dict, searched: dict) -> str:
+    """Which phase the compared runs differ in, when one phase's parameters are the same."""
+    same = [p for p in ("head", "tail") if default["params"].get(p) == searched["params"].get(p)]
+    if len(same) != 1:
+        return ""
+    other = "head" if same == ["tail"] else "tail"
+    return (f" The {same[0]} parameters of the two runs are the same (the {same[0]}'s search chose the defaults), "
+            f"so the comparison measures the searched {other} alone.")
+
+
 def _defaults_trial_sentence(study: dict) -> str:
     """The documented defaults run as a trial of the study (``--default-trial``), against its best."""
     trial = next((t for t in study.get("finished", []) if t.get("defaults")), None)
@@ -226,8 +249,28 @@ def _defaults_trial_sentence(study: dict) -> str:
         return " The defaults were not run as a trial of this study, so its budget's ranking of them is unknown."
     state = ("completed" if trial["state"] == "COMPLETE"
              else f"{trial['state'].lower()} after {trial['epochs']} epoch(s)")
+    if trial["number"] == study.get("best_number"):
+        return (f" The best trial was the documented defaults themselves (trial {trial['number']}, {state}), so "
+                "the parameters this search recommends are the defaults.")
     return (f" The documented defaults, run as trial {trial['number']} ({state}), scored {_pct(trial['value'])} at "
             f"that budget against the best trial's {_pct(study.get('best_value'))}.")
+
+
+def _pruned_at_last_epoch_sentence(study: dict) -> str:
+    """Trials recorded PRUNED although they had trained every epoch of the budget: judged at
+    their last epoch, which the engine no longer does (``optuna_engine.pruning_callback``); a
+    study's best is chosen among COMPLETE trials only."""
+    max_epochs = (study.get("best_user_attrs") or {}).get("budget", {}).get("max_epochs")
+    late = [t for t in study.get("finished", []) if t["state"] == "PRUNED" and max_epochs
+            and t.get("epochs", 0) >= max_epochs]
+    if not late:
+        return ""
+    best_all = max(t["value"] for t in study["finished"] if t.get("value") is not None)
+    return (f" {len(late)} of its pruned trials had trained all {max_epochs} epochs: the pruner judged them after "
+            "their last epoch, which the search no longer does, and a study picks its best among completed trials "
+            "only; " + ("none of them scored higher than the best, so the choice is unchanged."
+                        if best_all <= (study.get("best_value") or 0) else
+                        f"the best of all its trials scored {_pct(best_all)}, so a rerun would choose differently."))
 
 
 def _lag_sentence(ctx: dict) -> str:

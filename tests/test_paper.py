@@ -175,3 +175,28 @@ def test_versions_sentence_flags_runs_not_known_to_share_code():
     assert "indicative" in _versions_sentence("abc1234", "def5678")
     assert "indicative" in _versions_sentence("abc1234-dirty", "abc1234-dirty")
     assert code_version() is None or len(code_version()) >= 7  # a commit here, None outside git
+
+
+def test_search_sentences_say_when_the_defaults_won_trials_were_judged_late_and_the_margin_is_noise():
+    from search.paper import _defaults_trial_sentence, _margin, _pruned_at_last_epoch_sentence, _same_tail_sentence
+
+    finished = [{"number": 0, "defaults": True, "state": "COMPLETE", "epochs": 2, "value": 0.80},
+                {"number": 1, "defaults": False, "state": "PRUNED", "epochs": 2, "value": 0.79},
+                {"number": 2, "defaults": False, "state": "PRUNED", "epochs": 1, "value": 0.70}]
+    study = {"finished": finished, "best_number": 0, "best_value": 0.80,
+             "best_user_attrs": {"budget": {"max_epochs": 2}}}
+    assert "documented defaults themselves (trial 0" in _defaults_trial_sentence(study)
+    late = _pruned_at_last_epoch_sentence(study)
+    assert late.startswith(" 1 of its pruned trials had trained all 2 epochs") and "unchanged" in late
+    finished[1]["value"] = 0.81  # a trial judged late beat the best completed one
+    assert "would choose differently" in _pruned_at_last_epoch_sentence(study)
+    study["best_number"] = 1
+    assert "run as trial 0" in _defaults_trial_sentence(study)
+    assert _pruned_at_last_epoch_sentence({**study, "finished": finished[:1]}) == ""
+    ctx = {"final": {"data": {"val": 5000}}}
+    assert "by 1 of the 5,000 validation images" in _margin({"val_difference": -0.0002}, ctx)
+    assert _margin({"val_difference": -0.0072}, ctx) == ""  # 36 images: not called noise
+    head_a, head_b, tail = {"units_0": 1}, {"units_0": 2}, {"shift": 1}
+    default = {"params": {"head": head_a, "tail": tail}}
+    assert "searched head alone" in _same_tail_sentence(default, {"params": {"head": head_b, "tail": tail}})
+    assert _same_tail_sentence(default, {"params": {"head": head_b, "tail": {}}}) == ""
