@@ -32,7 +32,7 @@ HEAD_BATCH_SIZE = 512  # the final head's batch (fixed: the learning rate is sea
 
 # The best phase-1 trial of a real search on this data (MobileNet, cut last2, 224 px, JPEG
 # CIFAR-10): study head-MobileNet-224-conv_pw_11_relu-flip-b11b247267a3, trial 11, validation
-# accuracy 0.7872 at the trial budget (10,000 images, 8 epochs); trained on all rows by
+# accuracy 0.7872 at the trial budget of then (10,000 images, 8 epochs, batches of 512); trained on all rows by
 # `make final` it reached 0.8280 (results/v1/final_seed0.json, frozen_val_accuracy). Values as sampled.
 DEFAULT_HEAD: dict[str, Any] = {
     "n_layers": 2,
@@ -55,8 +55,9 @@ DEFAULT_HEAD: dict[str, Any] = {
 # tail-MobileNet-224-conv_pw_11_relu-35aa909a6b06-with-momentum (8 x 4,000 x 2) picked momentum 0.99
 # and reached 0.8784 against 0.8828 (results/final_searched_momentum_seed0.json); without the momentum
 # in the space, study tail-MobileNet-224-conv_pw_11_relu-35aa909a6b06 (renamed ...-before-batch128
-# when phase-1 trials moved to batches of 128) reached 0.8756 (results/final_searched_seed0.json):
-# see README, "Known limitation (phase 2)".
+# when phase-1 trials moved to batches of 128) reached 0.8756 (git show
+# 74da5da:results/final_searched_seed0.json); the next tail search chose these defaults (README,
+# "Searched against default parameters").
 DEFAULT_TAIL: dict[str, Any] = {
     "tail_learning_rate": 5e-4,
     "weight_decay": 0.05,
