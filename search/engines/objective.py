@@ -152,7 +152,7 @@ def make_objective(phase: str, cache: Cache, splits: Splits, rows: int | None, m
     data = train.PooledData.from_cache(cache, splits, mirrored=mirrored and phase == "head")
     if phase == "head":
         return HeadObjective(data, cache.path.name, rows=rows, max_epochs=max_epochs, mirrored=mirrored,
-                             batch_size=batch_size or space.head_trial_batch_size())
+                             batch_size=space.head_trial_batch_size() if batch_size is None else batch_size)
     params, provenance = engines.resolve_params("auto", results, cache.path.name, phases=("head",))
     head, _ = train.train_head(data, params["head"], epochs=30, seed=seed)
     parts = train.TailParts.from_backbone(backbone, cache.key["cut_layer"])
