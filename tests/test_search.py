@@ -143,6 +143,17 @@ def test_the_pruner_is_not_asked_after_a_trials_last_epoch(pooled, tmp_path):
     assert summary["complete"] == 5 and summary["pruned"] == 0
 
 
+def test_a_pruned_trial_records_the_epochs_it_trained(pooled, tmp_path, monkeypatch):
+    from search.engines import optuna_engine
+
+    monkeypatch.setattr(optuna_engine, "make_pruner", lambda name, max_epochs: optuna.pruners.ThresholdPruner(
+        lower=2.0))  # every score is below 2.0: each trial is pruned after its first epoch
+    engine = engines.make_engine("optuna", progress=False, results=tmp_path, default_trial=False)
+    assert engine.run(HeadObjective(pooled, "tiny", max_epochs=3), 2)["pruned"] == 2
+    study = optuna.load_study(study_name="head-tiny", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    assert [t.user_attrs["epochs"] for t in study.trials] == [1, 1]
+
+
 def test_hyperband_pruner_follows_the_epoch_budget():
     from search.engines.optuna_engine import make_pruner
 

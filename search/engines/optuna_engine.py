@@ -266,7 +266,7 @@ class OptunaEngine:
             try:
                 model = objective.build(params, seed=self.seed + trial.number)
                 value = objective.fit(model, objective.max_epochs,
-                                      [pruning_callback(trial, objective.max_epochs), epochs])
+                                      [epochs, pruning_callback(trial, objective.max_epochs)])
             except optuna.TrialPruned:
                 raise
             except Exception as exc:
@@ -355,7 +355,9 @@ def pruning_callback(trial: optuna.Trial, max_epochs: int) -> keras.callbacks.Ca
 
 
 class _EpochCount(keras.callbacks.Callback):
-    """Counts the epochs a trial finished (recorded as its ``epochs`` user attr)."""
+    """Counts the epochs a trial finished (recorded as its ``epochs`` user attr). It must come
+    before the pruning callback: a pruned trial stops inside that callback's ``on_epoch_end``, and
+    the epoch it was judged after was trained too."""
 
     count = 0
 
