@@ -323,11 +323,12 @@ def _cold_sentence(cold: float, final: dict) -> str:
             f"{norm['normalized_minutes']:.1f} min.")
 
 
-def _indicative(norm: dict, final: dict) -> str:
-    """The caveat for a normalization whose ``bench-cache`` did not run just before the run."""
+def _indicative(norm: dict, final: dict, joiner: str = ", so ") -> str:
+    """The caveat for a normalization whose ``bench-cache`` did not run just before the run,
+    after ``joiner``."""
     if bench_cache_when(norm.get("bench_cache_recorded"), final) == "just before the run":
         return ""
-    return ", so the normalization is indicative: this machine's speed changes from hour to hour"
+    return joiner + "the normalization is indicative: this machine's speed changes from hour to hour"
 
 
 def bench_cache_when(recorded: str | None, final: dict) -> str:
@@ -471,7 +472,7 @@ def build_context(results: Path) -> dict:
         met = "met" if norm["normalized_minutes"] <= COLD_BAR_MINUTES else "not met"
         goal.append(f"a cold `make final` took {norm['normalized_minutes']:.1f} min normalized to a "
                     f"{norm['reference_images_per_second']:.0f} images/s machine (bar at most {COLD_BAR_MINUTES} min, "
-                    f"goal {COLD_GOAL_MINUTES}: {met}{_indicative(norm, final)})")
+                    f"goal {COLD_GOAL_MINUTES}: {met}{_indicative(norm, final, '; ')})")
     if seeds:
         goal.append(f"{len(seeds['runs'])} seeds scored a mean test accuracy of {_pct(seeds['mean_test_accuracy'])} "
                     f"(bar: each at least {_pct(seeds['bar_each'])}, mean at least {_pct(seeds['bar_mean'])}: "

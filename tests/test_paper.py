@@ -148,6 +148,12 @@ def test_bench_cache_timing_is_said_relative_to_the_final_run():
     assert bench_cache_when("2026-11-30T05:40:00", final) == "8.5 h before the run started"
     assert bench_cache_when("2026-11-30T15:10:00", final).startswith("1.0 h after")
     assert bench_cache_when(None, final) == "at a time not recorded"
+    from search.paper import _indicative
+
+    assert _indicative({"bench_cache_recorded": "2026-11-30T14:05:00"}, final) == ""
+    late = {"bench_cache_recorded": "2026-11-30T05:40:00"}
+    assert _indicative(late, final).startswith(", so the normalization is indicative")
+    assert _indicative(late, final, "; ").startswith("; the normalization")  # after "goal ...: not met"
 
 
 def test_variant_sentence_compares_a_params_variant_with_the_default_run_of_its_seed():
