@@ -142,13 +142,14 @@ def _search_texts(ctx: dict) -> dict[str, str]:
                               "(an earlier session's exploratory runs favoured batch statistics).")
     if effect:
         d, s_ = effect["default"], effect["searched"]
+        margin = _margin(effect, ctx)
         out["search_discussion"] = (
             f"Under one seed and one cache, both phases' searched parameters reached {_pct(s_['val_accuracy'])} "
             f"validation and {_pct(s_['test_accuracy'])} test accuracy, against {_pct(d['val_accuracy'])} and "
             f"{_pct(d['test_accuracy'])} with the defaults: the search "
             + ("won on validation." if effect["searched_wins_on_validation"] else
                "did **not** win on validation" + (
-                   _margin(effect, ctx) + "; a difference this small says neither is better." if _margin(effect, ctx)
+                   margin + "; a difference this small says neither is better." if margin
                    else "; its trials ran on a few thousand images for a couple of epochs, a budget at which the final "
                    "model's ranking is not preserved.") + _lag_sentence(ctx))
             + _same_tail_sentence(d, s_)
