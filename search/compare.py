@@ -27,6 +27,7 @@ import numpy as np
 
 from search.errors import UserError
 from search.io import read_json, save_figure, write_json
+from search.space import params_label
 
 
 def wilson_interval(correct: float, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -51,7 +52,9 @@ def _load(path: str | os.PathLike) -> dict:
 
 
 def curve(run: dict) -> dict[str, Any]:
-    """One run's (cumulative seconds, validation accuracy) points and its final test point."""
+    """One run's (cumulative seconds, validation accuracy) points and its final test point, with
+    what tells runs apart: the cut layer, input side, cache bytes, seed and parameters (``head/tail``
+    as :func:`search.space.params_label` says them)."""
     extraction = float((run["cache"].get("extraction") or {}).get("seconds") or 0.0)
     head = float(run["timings_seconds"].get("head", 0.0))
     points = [{"stage": "frozen features + head", "seconds": extraction + head,
@@ -62,7 +65,10 @@ def curve(run: dict) -> dict[str, Any]:
     total = float(run["timings_seconds"]["total"]) + (extraction if run["cache"]["reused"] else 0.0)
     return {"points": points, "final": {"seconds": total, "val_accuracy": run["val_accuracy"],
                                         "test_accuracy": run["test_accuracy"], "tta": run.get("tta_chosen")},
-            "extraction_seconds": extraction, "cache_reused": run["cache"]["reused"]}
+            "extraction_seconds": extraction, "cache_reused": run["cache"]["reused"],
+            "cut_layer": run["cache"]["key"].get("cut_layer"), "resolution": run["cache"]["key"].get("resolution"),
+            "cache_bytes": run["cache"].get("bytes"), "seed": run["config"]["seed"],
+            "params": params_label(run.get("params_provenance") or {})}
 
 
 def recipe_of(run: dict) -> dict:

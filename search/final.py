@@ -482,22 +482,12 @@ def normalized_time(seconds: float, bench_cache: Path) -> dict | None:
             "normalized_minutes": seconds / 60 * speed / REFERENCE_IMAGES_PER_SECOND}
 
 
-def params_label(provenance: dict) -> str:
-    """One phase's parameters in a word: ``default``, ``search``, or for ``--params`` JSON the
-    defaults with what it changed (``default, warmup_fraction=0.0``)."""
-    source = str(provenance.get("source", "?"))
-    if source != "given":
-        return source
-    values = provenance.get("values") or {}
-    return ", ".join(["default", *(f"{k}={v}" for k, v in sorted(values.items()))])
-
-
 def write_summary(run: Run, saved: Path) -> dict:
     """``results/final.json`` (and the stage rows appended to ``results/ablation.json``)."""
     results = Path(run.config.results)
     # which parameters the run used, per phase ("default" or "search"), so rows of default and
     # searched runs are told apart in the ablation table
-    params = "/".join(params_label(run.provenance.get(p, {})) for p in ("head", "tail"))
+    params = space.params_label(run.provenance)
     for row in run.rows:
         append_row(results / "ablation.json",
                    {**row, "params": params, "recorded": time.strftime("%Y-%m-%dT%H:%M:%S")})

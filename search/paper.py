@@ -554,19 +554,51 @@ def build_context(results: Path) -> dict:
               f"{_pct(r['test_ci95'][0])} – {_pct(r['test_ci95'][1])}", "reused" if r["cache_reused"] else "built"]
              for r in seeds["runs"]])
     rows = ctx.get("ablation", [])
-    scopes = sorted({(r.get("cut"), r.get("resolution")) for r in rows}, key=str)
-    ctx["ablation_scope"] = (
-        f"Every row uses the cut `{scopes[0][0]}` at {scopes[0][1]} px: the cut depth and the input resolution were "
-        "not ablated in final runs, and this paper makes no claim about either." if len(scopes) == 1 else
-        "Rows span the cuts and resolutions " + ", ".join(f"`{c}` at {r} px" for c, r in scopes) + ".")
+    scopes = _scopes(rows)
+    ctx["ablation_scope"] = _scope_sentence(scopes, (ctx.get("frontier") or {}).get("runs", {}))
     ctx["ablation_scope"] += _variant_sentence(rows)
+    by_scope = ["cut", "px"] if len(scopes) > 1 else []  # columns only when they tell rows apart
     ctx["ablation_table"] = _table(
-        ["recorded", "seed", "params (head/tail)", "mirror", "stage", "val accuracy", "kept"],
+        ["recorded", "seed", "params (head/tail)", *by_scope, "mirror", "stage", "val accuracy", "kept"],
         [[r.get("recorded", "")[:16], r.get("seed", ""), r.get("params", "not recorded"),
+          *([f"`{r.get('cut')}`", r.get("resolution")] if by_scope else []),
           r.get("mirror", "images" if r.get("flip") else "none"),
           r["stage"], _pct(r.get("val_accuracy")), {True: "yes", False: "no"}.get(r.get("chosen"), "")]
          for r in rows])
     return ctx
+
+
+def _scopes(rows: list[dict]) -> list[tuple[str, int]]:
+    """The (cut layer, input side) pairs of ablation rows, the most frequent first."""
+    counts: dict[tuple, int] = {}
+    for r in rows:
+        counts[(r.get("cut"), r.get("resolution"))] = counts.get((r.get("cut"), r.get("resolution")), 0) + 1
+    return sorted(counts, key=lambda k: (-counts[k], str(k)))
+
+
+def _scope_sentence(scopes: list[tuple[str, int]], runs: dict[str, dict]) -> str:
+    """What the ablation says about cut depth and resolution: nothing when every row shares one;
+    else, per (cut, side), the seed-0 default-parameter run of ``results/frontier.json``: its
+    validation and test accuracy, cache size, frozen pass and whole run (extraction counted)."""
+    if len(scopes) == 1:
+        return (f"Every row uses the cut `{scopes[0][0]}` at {scopes[0][1]} px: the cut depth and the input "
+                "resolution were not ablated in final runs, and this paper makes no claim about either.")
+    out = "Rows span the cuts and input sides " + ", ".join(f"`{c}` at {r} px" for c, r in scopes) + "."
+    parts = []
+    for cut, side in scopes:
+        same = [run for run in runs.values() if (run.get("cut_layer"), run.get("resolution")) == (cut, side)
+                and run.get("seed") == 0 and run.get("params") == "default/default"]
+        if not same:
+            continue
+        run = same[-1]
+        parts.append(f"`{cut}` at {side} px: validation {_pct(run['final']['val_accuracy'])}, test "
+                     f"{_pct(run['final']['test_accuracy'])}, a cache of {run['cache_bytes'] / 1e9:.1f} GB, the "
+                     f"frozen pass {run['extraction_seconds'] / 60:.1f} min and the whole run "
+                     f"{run['final']['seconds'] / 60:.1f} min")
+    if parts:
+        out += (" With default parameters and seed 0 (one run each, `results/frontier.json`; times are wall "
+                "minutes of runs on different hours of a shared machine): " + "; ".join(parts) + ".")
+    return out
 
 
 def prediction_grid(final: dict, data: str | None, out: Path, n: int = 24) -> None:

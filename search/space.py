@@ -277,3 +277,21 @@ def default_trial(phase: str) -> dict[str, Any]:
 def with_defaults(phase: str, params: dict[str, Any]) -> dict[str, Any]:
     """``params`` completed with ``DEFAULTS[phase]`` for keys a trial did not sample."""
     return {**DEFAULTS[check_phase(phase)], **params}
+
+
+def params_label(provenance: dict[str, dict]) -> str:
+    """A final run's parameters in a few words, ``head/tail`` (as ``results/ablation.json`` rows
+    and ``results/frontier.json`` runs say them): per phase ``default``, ``search``, or for
+    ``--params`` JSON the defaults with what it changed (``default, warmup_fraction=0.0``).
+
+    ``provenance``: phase -> ``{"source": "default"|"search"|"given", "values": {...}, ...}``
+    (a final run's ``params_provenance``); a phase missing from it reads ``?``.
+    """
+
+    def one(p: dict) -> str:
+        source = str(p.get("source", "?"))
+        if source != "given":
+            return source
+        return ", ".join(["default", *(f"{k}={v}" for k, v in sorted((p.get("values") or {}).items()))])
+
+    return "/".join(one(provenance.get(phase, {})) for phase in PHASES)

@@ -159,9 +159,8 @@ def test_normalized_time_scales_wall_time_by_the_measured_raw_speed(tmp_path):
 def test_ablation_label_names_what_given_parameters_change(tmp_path):
     from search import space
     from search.engines import resolve_params
-    from search.final import params_label
 
     params, provenance = resolve_params({"tail": {"warmup_fraction": 0.0}}, tmp_path, "any")
     assert params["tail"]["warmup_fraction"] == 0.0 and params["head"] == space.with_defaults("head", {})
-    assert [params_label(provenance[p]) for p in ("head", "tail")] == ["default", "default, warmup_fraction=0.0"]
-    assert params_label({"source": "search", "trial": 3}) == "search"
+    assert space.params_label(provenance) == "default/default, warmup_fraction=0.0"
+    assert space.params_label({"head": {"source": "search", "trial": 3}}) == "search/?"

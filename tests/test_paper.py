@@ -206,3 +206,25 @@ def test_search_sentences_say_when_the_defaults_won_trials_were_judged_late_and_
     default = {"params": {"head": head_a, "tail": tail}}
     assert "searched head alone" in _same_tail_sentence(default, {"params": {"head": head_b, "tail": tail}})
     assert _same_tail_sentence(default, {"params": {"head": head_b, "tail": {}}}) == ""
+
+
+def test_cut_and_resolution_are_reported_only_when_the_ablation_varies_them():
+    from search.paper import _scope_sentence, _scopes
+
+    rows = [{"cut": "c11", "resolution": 224}] * 3 + [{"cut": "c12", "resolution": 224}]
+    assert _scopes(rows[:3]) == [("c11", 224)]
+    assert "makes no claim" in _scope_sentence(_scopes(rows[:3]), {})
+    assert _scopes(rows) == [("c11", 224), ("c12", 224)], "the most frequent scope first"
+
+    def run(cut: str, val: float, seed: int = 0, params: str = "default/default") -> dict:
+        return {"cut_layer": cut, "resolution": 224, "seed": seed, "params": params, "cache_bytes": 6e9,
+                "extraction_seconds": 300.0, "final": {"val_accuracy": val, "test_accuracy": val - 0.01,
+                                                       "seconds": 1800.0}}
+
+    runs = {"a": run("c11", 0.88), "b": run("c12", 0.86), "seed1": run("c12", 0.5, seed=1),
+            "searched": run("c12", 0.4, params="search/search")}
+    text = _scope_sentence(_scopes(rows), runs)
+    assert "`c11` at 224 px: validation 88.00 %, test 87.00 %" in text
+    assert "`c12` at 224 px: validation 86.00 %, test 85.00 %, a cache of 6.0 GB" in text
+    assert "50.00 %" not in text and "40.00 %" not in text, "only seed-0 default runs are compared"
+    assert "makes no claim" not in text
