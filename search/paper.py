@@ -578,8 +578,8 @@ def _scopes(rows: list[dict]) -> list[tuple[str, int]]:
 
 def _scope_sentence(scopes: list[tuple[str, int]], runs: dict[str, dict]) -> str:
     """What the ablation says about cut depth and resolution: nothing when every row shares one;
-    else, per (cut, side), the seed-0 default-parameter run of ``results/frontier.json``: its
-    validation and test accuracy, cache size, frozen pass and whole run (extraction counted)."""
+    else, per (cut, side), the latest seed-0 default-parameter run of ``results/frontier.json``:
+    its validation and test accuracy, cache size, frozen pass and whole run (extraction counted)."""
     if len(scopes) == 1:
         return (f"Every row uses the cut `{scopes[0][0]}` at {scopes[0][1]} px: the cut depth and the input "
                 "resolution were not ablated in final runs, and this paper makes no claim about either.")
@@ -590,13 +590,13 @@ def _scope_sentence(scopes: list[tuple[str, int]], runs: dict[str, dict]) -> str
                 and run.get("seed") == 0 and run.get("params") == "default/default"]
         if not same:
             continue
-        run = same[-1]
+        run = max(same, key=lambda r: r.get("finished") or "")
         parts.append(f"`{cut}` at {side} px: validation {_pct(run['final']['val_accuracy'])}, test "
                      f"{_pct(run['final']['test_accuracy'])}, a cache of {run['cache_bytes'] / 1e9:.1f} GB, the "
                      f"frozen pass {run['extraction_seconds'] / 60:.1f} min and the whole run "
                      f"{run['final']['seconds'] / 60:.1f} min")
     if parts:
-        out += (" With default parameters and seed 0 (one run each, `results/frontier.json`; times are wall "
+        out += (" With default parameters and seed 0 (the latest run of each, `results/frontier.json`; times are wall "
                 "minutes of runs on different hours of a shared machine): " + "; ".join(parts) + ".")
     return out
 

@@ -15,7 +15,8 @@ def _run(seed: int, test: float, val: float, params: dict | None = None, reused:
             "cache": {"key": {"id": "k", "cut_layer": "conv_pw_11_relu", "resolution": 224}, "reused": reused,
                       "extraction": {"seconds": 600.0}, "bytes": 12345},
             "data": {"test": 10000}, "frozen_val_accuracy": 0.8, "val_accuracy": val, "test_accuracy": test,
-            "tta_chosen": "maps", "timings_seconds": {"head": 60.0, "total": 1000.0 if not reused else 400.0},
+            "tta_chosen": "maps", "finished": f"T{seed}",
+            "timings_seconds": {"head": 60.0, "total": 1000.0 if not reused else 400.0},
             "epochs": [{"epoch": 1, "seconds": 100.0, "val_accuracy": 0.85},
                        {"epoch": 2, "seconds": 200.0, "val_accuracy": val}]}
 
@@ -37,9 +38,9 @@ def test_frontier_and_seeds_written(tmp_path):
     assert [p["seconds"] for p in frontier["a"]["points"]] == [660.0, 760.0, 860.0]
     assert frontier["b"]["final"]["seconds"] == 1000.0, "a reused cache's extraction is counted"
     assert (tmp_path / "results" / "frontier.png").stat().st_size > 0
-    scope = {k: frontier["b"][k] for k in ("cut_layer", "resolution", "cache_bytes", "seed", "params")}
+    scope = {k: frontier["b"][k] for k in ("cut_layer", "resolution", "cache_bytes", "seed", "params", "finished")}
     assert scope == {"cut_layer": "conv_pw_11_relu", "resolution": 224, "cache_bytes": 12345, "seed": 1,
-                     "params": "default/?"}  # the fixture records no tail provenance
+                     "params": "default/?", "finished": "T1"}  # the fixture records no tail provenance
     seeds = out["seeds"]
     assert [r["seed"] for r in seeds["runs"]] == [0, 1]
     assert seeds["mean_test_accuracy"] == pytest.approx(0.877)

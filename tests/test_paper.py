@@ -216,15 +216,18 @@ def test_cut_and_resolution_are_reported_only_when_the_ablation_varies_them():
     assert "makes no claim" in _scope_sentence(_scopes(rows[:3]), {})
     assert _scopes(rows) == [("c11", 224), ("c12", 224)], "the most frequent scope first"
 
-    def run(cut: str, val: float, seed: int = 0, params: str = "default/default") -> dict:
+    def run(cut: str, val: float, seed: int = 0, params: str = "default/default", finished: str = "T2") -> dict:
         return {"cut_layer": cut, "resolution": 224, "seed": seed, "params": params, "cache_bytes": 6e9,
+                "finished": finished,
                 "extraction_seconds": 300.0, "final": {"val_accuracy": val, "test_accuracy": val - 0.01,
                                                        "seconds": 1800.0}}
 
     runs = {"a": run("c11", 0.88), "b": run("c12", 0.86), "seed1": run("c12", 0.5, seed=1),
+            "c_older": run("c12", 0.3, finished="T1"),
             "searched": run("c12", 0.4, params="search/search")}
     text = _scope_sentence(_scopes(rows), runs)
     assert "`c11` at 224 px: validation 88.00 %, test 87.00 %" in text
     assert "`c12` at 224 px: validation 86.00 %, test 85.00 %, a cache of 6.0 GB" in text
     assert "50.00 %" not in text and "40.00 %" not in text, "only seed-0 default runs are compared"
+    assert "30.00 %" not in text, "the latest run of a scope is reported"
     assert "makes no claim" not in text
