@@ -53,7 +53,8 @@ def _load(path: str | os.PathLike) -> dict:
 
 def curve(run: dict) -> dict[str, Any]:
     """One run's (cumulative seconds, validation accuracy) points and its final test point, with
-    what tells runs apart: the cut layer, input side, cache bytes, seed, parameters (``head/tail``
+    what tells runs apart: the cut layer, input side, backbone weights' fingerprint, cache bytes,
+    seed, parameters (``head/tail``
     as :func:`search.space.params_label` says them) and when the run finished."""
     extraction = float((run["cache"].get("extraction") or {}).get("seconds") or 0.0)
     head = float(run["timings_seconds"].get("head", 0.0))
@@ -67,6 +68,7 @@ def curve(run: dict) -> dict[str, Any]:
                                         "test_accuracy": run["test_accuracy"], "tta": run.get("tta_chosen")},
             "extraction_seconds": extraction, "cache_reused": run["cache"]["reused"],
             "cut_layer": run["cache"]["key"].get("cut_layer"), "resolution": run["cache"]["key"].get("resolution"),
+            "weights_fingerprint": run["cache"]["key"].get("weights_fingerprint"),
             "cache_bytes": run["cache"].get("bytes"), "seed": run["config"]["seed"],
             "params": params_label(run.get("params_provenance") or {}), "finished": run.get("finished")}
 

@@ -133,7 +133,14 @@ def _search_texts(ctx: dict) -> dict[str, str]:
     for t in (tail or {}).get("finished", []):
         if t.get("value") is not None and "bn_mode" in t["params"]:
             modes.setdefault(t["params"]["bn_mode"], []).append(t["value"])
-    if len(modes) == 2:
+    frozen = [(seed, v, d) for change, seed, v, d in _variant_pairs(ctx.get("ablation", []))
+              if change == "bn_mode=frozen"]
+    if frozen:
+        seed, v, d = frozen[-1]
+        out["bn_sentence"] = (f"we measured it: with the statistics frozen (`bn_mode` frozen, seed {seed}, one run "
+                              f"each, Table 5) the final model reached {_pct(v['val_accuracy'])} validation accuracy "
+                              f"against {_pct(d['val_accuracy'])} with batch statistics.")
+    elif len(modes) == 2:
         out["bn_sentence"] = (f"in the phase-2 search the best trial with batch statistics reached "
                               f"{_pct(max(modes['batch']))} against {_pct(max(modes['frozen']))} with the statistics "
                               f"frozen ({len(modes['batch'])} and {len(modes['frozen'])} trials, at the trial budget).")
@@ -195,23 +202,34 @@ def _rungs_sentence(bench_search: dict) -> str:
     return "; ".join(parts)
 
 
-def _variant_sentence(rows: list[dict]) -> str:
-    """Each ``--params`` variant's chosen final row against the latest default run of its seed."""
+def _variant_pairs(rows: list[dict]) -> list[tuple[str, Any, dict, dict]]:
+    """``(change, seed, variant row, default row)`` for each ``--params`` variant of the ablation:
+    the variant's latest chosen final row and the latest default run's of the same seed, cut and
+    input side (``change`` is what the variant sets, ``warmup_fraction=0.0``)."""
 
-    def chosen(label: str, seed: Any) -> dict | None:
+    def chosen(label: str, seed: Any, scope: tuple) -> dict | None:
         finals = [r for r in rows if r.get("params") == label and r.get("seed") == seed and r.get("chosen")
-                  and r["stage"].startswith("final")]
+                  and r["stage"].startswith("final") and (r.get("cut"), r.get("resolution")) == scope]
         return finals[-1] if finals else None
 
     out = []
     for label in dict.fromkeys(r["params"] for r in rows if "=" in str(r.get("params", ""))):
-        for seed in dict.fromkeys(r.get("seed") for r in rows if r.get("params") == label):
-            variant, default = chosen(label, seed), chosen("default/default", seed)
+        runs = dict.fromkeys((r.get("seed"), (r.get("cut"), r.get("resolution")))
+                             for r in rows if r.get("params") == label)
+        for seed, scope in runs:
+            variant, default = chosen(label, seed, scope), chosen("default/default", seed, scope)
             if variant and default:
                 change = label.split("/", 1)[1].split(", ", 1)[1] if ", " in label else label
-                out.append(f"with {change} (seed {seed}) the chosen final validation accuracy was "
-                           f"{_pct(variant['val_accuracy'])}, against {_pct(default['val_accuracy'])} for the latest "
-                           f"default run of that seed (one run each)")
+                out.append((change, seed, variant, default))
+    return out
+
+
+def _variant_sentence(rows: list[dict]) -> str:
+    """Each ``--params`` variant's chosen final row against the latest default run of its seed
+    and scope (:func:`_variant_pairs`)."""
+    out = [f"with {change} (seed {seed}) the chosen final validation accuracy was {_pct(variant['val_accuracy'])}, "
+           f"against {_pct(default['val_accuracy'])} for the latest default run of that seed (one run each)"
+           for change, seed, variant, default in _variant_pairs(rows)]
     return (" Parameter variants: " + "; ".join(out) + ".") if out else ""
 
 
@@ -584,13 +602,14 @@ def _scope_sentence(scopes: list[tuple[str, int]], runs: dict[str, dict]) -> str
         return (f"Every row uses the cut `{scopes[0][0]}` at {scopes[0][1]} px: the cut depth and the input "
                 "resolution were not ablated in final runs, and this paper makes no claim about either.")
     out = "Rows span the cuts and input sides " + ", ".join(f"`{c}` at {r} px" for c, r in scopes) + "."
-    parts = []
+    parts, weights = [], set()
     for cut, side in scopes:
         same = [run for run in runs.values() if (run.get("cut_layer"), run.get("resolution")) == (cut, side)
                 and run.get("seed") == 0 and run.get("params") == "default/default"]
         if not same:
             continue
         run = max(same, key=lambda r: r.get("finished") or "")
+        weights.add(run.get("weights_fingerprint"))
         parts.append(f"`{cut}` at {side} px: validation {_pct(run['final']['val_accuracy'])}, test "
                      f"{_pct(run['final']['test_accuracy'])}, a cache of {run['cache_bytes'] / 1e9:.1f} GB, the "
                      f"frozen pass {run['extraction_seconds'] / 60:.1f} min and the whole run "
@@ -598,6 +617,8 @@ def _scope_sentence(scopes: list[tuple[str, int]], runs: dict[str, dict]) -> str
     if parts:
         out += (" With default parameters and seed 0 (the latest run of each, `results/frontier.json`; times are wall "
                 "minutes of runs on different hours of a shared machine): " + "; ".join(parts) + ".")
+        if len(parts) > 1 and len(weights) == 1 and None not in weights:
+            out += f" These runs load the same backbone weights (fingerprint `{weights.pop()}`) at every side."
     return out
 
 

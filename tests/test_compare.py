@@ -12,8 +12,8 @@ def _run(seed: int, test: float, val: float, params: dict | None = None, reused:
     return {"config": {"seed": seed, "backbone": "MobileNet", "mirror": "maps", "tail_epochs": 2, "params": "auto",
                        "output": f"m{seed}.h5"},
             "params": params or {"head": {}, "tail": {}}, "params_provenance": {"head": {"source": "default"}},
-            "cache": {"key": {"id": "k", "cut_layer": "conv_pw_11_relu", "resolution": 224}, "reused": reused,
-                      "extraction": {"seconds": 600.0}, "bytes": 12345},
+            "cache": {"key": {"id": "k", "cut_layer": "conv_pw_11_relu", "resolution": 224, "weights_fingerprint": "w"},
+                      "reused": reused, "extraction": {"seconds": 600.0}, "bytes": 12345},
             "data": {"test": 10000}, "frozen_val_accuracy": 0.8, "val_accuracy": val, "test_accuracy": test,
             "tta_chosen": "maps", "finished": f"T{seed}",
             "timings_seconds": {"head": 60.0, "total": 1000.0 if not reused else 400.0},
@@ -38,9 +38,11 @@ def test_frontier_and_seeds_written(tmp_path):
     assert [p["seconds"] for p in frontier["a"]["points"]] == [660.0, 760.0, 860.0]
     assert frontier["b"]["final"]["seconds"] == 1000.0, "a reused cache's extraction is counted"
     assert (tmp_path / "results" / "frontier.png").stat().st_size > 0
-    scope = {k: frontier["b"][k] for k in ("cut_layer", "resolution", "cache_bytes", "seed", "params", "finished")}
-    assert scope == {"cut_layer": "conv_pw_11_relu", "resolution": 224, "cache_bytes": 12345, "seed": 1,
-                     "params": "default/?", "finished": "T1"}  # the fixture records no tail provenance
+    # the fixture records no tail provenance: "?"
+    scope = {k: frontier["b"][k] for k in ("cut_layer", "resolution", "weights_fingerprint", "cache_bytes", "seed",
+                                           "params", "finished")}
+    assert scope == {"cut_layer": "conv_pw_11_relu", "resolution": 224, "weights_fingerprint": "w",
+                     "cache_bytes": 12345, "seed": 1, "params": "default/?", "finished": "T1"}
     seeds = out["seeds"]
     assert [r["seed"] for r in seeds["runs"]] == [0, 1]
     assert seeds["mean_test_accuracy"] == pytest.approx(0.877)

@@ -159,17 +159,32 @@ def test_bench_cache_timing_is_said_relative_to_the_final_run():
 def test_variant_sentence_compares_a_params_variant_with_the_default_run_of_its_seed():
     from search.paper import _variant_sentence
 
-    def row(params, seed, val, stage="final, plain", chosen=True):
-        return {"params": params, "seed": seed, "val_accuracy": val, "stage": stage, "chosen": chosen}
+    def row(params, seed, val, stage="final, plain", chosen=True, cut="c11"):
+        return {"params": params, "seed": seed, "val_accuracy": val, "stage": stage, "chosen": chosen, "cut": cut,
+                "resolution": 224}
 
     rows = [row("default/default", 0, 0.80), row("default/default", 0, 0.88),
             row("default/default, warmup_fraction=0.0", 0, 0.87, stage="tail fine-tuned", chosen=None),
             row("default/default, warmup_fraction=0.0", 0, 0.86),
-            row("default/default, warmup_fraction=0.0", 1, 0.85)]  # no default run of seed 1: no comparison
+            row("default/default, warmup_fraction=0.0", 1, 0.85),  # no default run of seed 1: no comparison
+            row("default/default", 0, 0.70, cut="c12")]  # the latest default run, but of another cut
     text = _variant_sentence(rows)
     assert "warmup_fraction=0.0 (seed 0)" in text and "86.00 %" in text and "88.00 %" in text
-    assert "seed 1" not in text and "80.00 %" not in text
+    assert "seed 1" not in text and "80.00 %" not in text and "70.00 %" not in text
     assert _variant_sentence([row("default/default", 0, 0.88)]) == ""
+
+
+def test_a_frozen_statistics_run_answers_the_bn_question_with_its_measurement():
+    from search.paper import _search_texts
+
+    def row(params, val):
+        return {"params": params, "seed": 0, "val_accuracy": val, "stage": "final, plain", "chosen": True,
+                "cut": "c11", "resolution": 224}
+
+    assert "did not measure" in _search_texts({"ablation": [row("default/default", 0.88)]})["bn_sentence"]
+    text = _search_texts({"ablation": [row("default/default", 0.88), row("default/default, bn_mode=frozen", 0.84)]})
+    assert "frozen (`bn_mode` frozen, seed 0" in text["bn_sentence"]
+    assert "reached 84.00 % validation accuracy against 88.00 % with batch statistics" in text["bn_sentence"]
 
 
 def test_versions_sentence_flags_runs_not_known_to_share_code():
@@ -218,7 +233,7 @@ def test_cut_and_resolution_are_reported_only_when_the_ablation_varies_them():
 
     def run(cut: str, val: float, seed: int = 0, params: str = "default/default", finished: str = "T2") -> dict:
         return {"cut_layer": cut, "resolution": 224, "seed": seed, "params": params, "cache_bytes": 6e9,
-                "finished": finished,
+                "finished": finished, "weights_fingerprint": "w1",
                 "extraction_seconds": 300.0, "final": {"val_accuracy": val, "test_accuracy": val - 0.01,
                                                        "seconds": 1800.0}}
 
@@ -230,4 +245,7 @@ def test_cut_and_resolution_are_reported_only_when_the_ablation_varies_them():
     assert "`c12` at 224 px: validation 86.00 %, test 85.00 %, a cache of 6.0 GB" in text
     assert "50.00 %" not in text and "40.00 %" not in text, "only seed-0 default runs are compared"
     assert "30.00 %" not in text, "the latest run of a scope is reported"
+    assert "same backbone weights (fingerprint `w1`)" in text
+    runs["b"]["weights_fingerprint"] = "w2"
+    assert "same backbone weights" not in _scope_sentence(_scopes(rows), runs)
     assert "makes no claim" not in text
