@@ -573,7 +573,7 @@ def build_context(results: Path) -> dict:
              for r in seeds["runs"]])
     rows = ctx.get("ablation", [])
     scopes = _scopes(rows)
-    ctx["ablation_scope"] = _scope_sentence(scopes, (ctx.get("frontier") or {}).get("runs", {}))
+    ctx["ablation_scope"] = _scope_sentence(scopes, (ctx.get("frontier") or {}).get("runs", {}), seeds)
     ctx["ablation_scope"] += _variant_sentence(rows)
     by_scope = ["cut", "px"] if len(scopes) > 1 else []  # columns only when they tell rows apart
     ctx["ablation_table"] = _table(
@@ -594,10 +594,11 @@ def _scopes(rows: list[dict]) -> list[tuple[str, int]]:
     return sorted(counts, key=lambda k: (-counts[k], str(k)))
 
 
-def _scope_sentence(scopes: list[tuple[str, int]], runs: dict[str, dict]) -> str:
+def _scope_sentence(scopes: list[tuple[str, int]], runs: dict[str, dict], seeds: dict | None = None) -> str:
     """What the ablation says about cut depth and resolution: nothing when every row shares one;
     else, per (cut, side), the latest seed-0 default-parameter run of ``results/frontier.json``:
-    its validation and test accuracy, cache size, frozen pass and whole run (extraction counted)."""
+    its validation and test accuracy, cache size, frozen pass and whole run (extraction counted),
+    and, given ``seeds`` (``results/seeds.json``), how far the seeds of one recipe differ."""
     if len(scopes) == 1:
         return (f"Every row uses the cut `{scopes[0][0]}` at {scopes[0][1]} px: the cut depth and the input "
                 "resolution were not ablated in final runs, and this paper makes no claim about either.")
@@ -619,6 +620,11 @@ def _scope_sentence(scopes: list[tuple[str, int]], runs: dict[str, dict]) -> str
                 "minutes of runs on different hours of a shared machine): " + "; ".join(parts) + ".")
         if len(parts) > 1 and len(weights) == 1 and None not in weights:
             out += f" These runs load the same backbone weights (fingerprint `{weights.pop()}`) at every side."
+        vals = [r["val_accuracy"] for r in (seeds or {}).get("runs", [])]
+        if len(parts) > 1 and len(vals) > 1:
+            out += (f" One run per setting: the {len(vals)} seeds of the default recipe differ by "
+                    f"{100 * (max(vals) - min(vals)):.2f} points of validation accuracy (Table 4), a yardstick for "
+                    "these differences.")
     return out
 
 

@@ -246,6 +246,8 @@ def test_cut_and_resolution_are_reported_only_when_the_ablation_varies_them():
     assert "50.00 %" not in text and "40.00 %" not in text, "only seed-0 default runs are compared"
     assert "30.00 %" not in text, "the latest run of a scope is reported"
     assert "same backbone weights (fingerprint `w1`)" in text
+    seeds = {"runs": [{"val_accuracy": 0.88}, {"val_accuracy": 0.875}]}
+    assert "2 seeds of the default recipe differ by 0.50 points" in _scope_sentence(_scopes(rows), runs, seeds)
     runs["b"]["weights_fingerprint"] = "w2"
     assert "same backbone weights" not in _scope_sentence(_scopes(rows), runs)
     assert "makes no claim" not in text
