@@ -54,8 +54,8 @@ def _load(path: str | os.PathLike) -> dict:
 def curve(run: dict) -> dict[str, Any]:
     """One run's (cumulative seconds, validation accuracy) points and its final test point, with
     what tells runs apart: the cut layer, input side, backbone weights' fingerprint, cache bytes,
-    seed, parameters (``head/tail``
-    as :func:`search.space.params_label` says them) and when the run finished."""
+    seed, parameters (``head/tail`` as :func:`search.space.params_label` says them) and when the
+    run finished."""
     extraction = float((run["cache"].get("extraction") or {}).get("seconds") or 0.0)
     head = float(run["timings_seconds"].get("head", 0.0))
     points = [{"stage": "frozen features + head", "seconds": extraction + head,

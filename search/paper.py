@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -588,9 +589,7 @@ def build_context(results: Path) -> dict:
 
 def _scopes(rows: list[dict]) -> list[tuple[str, int]]:
     """The (cut layer, input side) pairs of ablation rows, the most frequent first."""
-    counts: dict[tuple, int] = {}
-    for r in rows:
-        counts[(r.get("cut"), r.get("resolution"))] = counts.get((r.get("cut"), r.get("resolution")), 0) + 1
+    counts = Counter((r.get("cut"), r.get("resolution")) for r in rows)
     return sorted(counts, key=lambda k: (-counts[k], str(k)))
 
 
