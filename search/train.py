@@ -10,10 +10,11 @@ most a few epochs, the final model on every training row.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,11 +180,53 @@ class EagerValidation(keras.callbacks.Callback):
 # ---------------------------------------------------------------- phase 1: the head
 
 
-def build_head_model(params: dict[str, Any], n_features: int, n_classes: int) -> keras.Model:
-    """The compiled head for ``params`` (``search.heads.build_head``), on pooled features."""
+def build_training_state(model: keras.Model, x: Any, y: Any) -> None:
+    """Create the optimizer's slots and the compiled metrics' variables of a compiled ``model``
+    now, from one batch ``x``, ``y`` (any rows of the shapes and dtypes training feeds).
+
+    Keras's TensorFlow trainer creates both lazily while tracing the first train function; a
+    ``tf.function`` whose first trace created variables is traced a second time, so every new
+    model paid for two traces of its train step (about 0.4 s of a small head's phase-1 trial).
+    The metrics' state set here is reset by ``fit`` at the start of every epoch; an optimizer
+    already built is left as it is.
+    """
+    if not model.optimizer.built:  # a TwoRateModel's optimizers are built on their own variables
+        model.optimizer.build(model.trainable_variables)
+    model.compute_metrics(x, y, model(x, training=False))
+
+
+def build_head_model(params: dict[str, Any], n_features: int, n_classes: int, plain_keras: bool = False) -> keras.Model:
+    """The compiled head for ``params`` (``search.heads.build_head``), on pooled features, with its
+    optimizer's update fused (``heads.build_optimizer``) and its training state built
+    (:func:`build_training_state`). ``plain_keras=True``: Keras's own optimizer, state built
+    lazily (only ``make bench-search``'s baseline)."""
     params = space.with_defaults("head", params)
     model = heads.build_head(params, (n_features,), num_classes=n_classes)
-    return heads.compile_for(model, params, steps_per_execution=32)
+    heads.compile_for(model, params, steps_per_execution=32, fused=not plain_keras)
+    if not plain_keras:
+        build_training_state(model, np.zeros((1, n_features), np.float32), np.zeros((1, n_classes), np.float32))
+    return model
+
+
+@contextlib.contextmanager
+def graph_rewrites(enabled: bool) -> Iterator[None]:
+    """TensorFlow's graph optimizer (Grappler) on or off for the functions first run inside the
+    block; the process-wide setting is restored on exit.
+
+    A head's train function is optimized once when ``fit`` first runs it: about 0.1 s of a
+    phase-1 trial that trains it for two epochs, for no measurable gain in its steps (measured
+    here: steady epochs alike with and without). The tail's convolutions gain from the rewrites
+    (fused kernels); they are left on there.
+    """
+    import tensorflow as tf
+
+    key = "disable_meta_optimizer"
+    saved = bool(tf.config.optimizer.get_experimental_options().get(key, False))
+    tf.config.optimizer.set_experimental_options({key: not enabled})
+    try:
+        yield
+    finally:
+        tf.config.optimizer.set_experimental_options({key: saved})
 
 
 def fit_head(model: keras.Model, data: PooledData, epochs: int, callbacks: list | None = None,
@@ -193,9 +236,10 @@ def fit_head(model: keras.Model, data: PooledData, epochs: int, callbacks: list 
     restored; the history dict.
 
     ``seed`` fixes the order of the batches (:meth:`PooledData.dataset`); validation runs eagerly
-    (:class:`EagerValidation`). ``resident=False`` hands Keras the numpy arrays and the validation
+    (:class:`EagerValidation`); the train function is not rewritten by Grappler
+    (:func:`graph_rewrites`). ``resident=False`` hands Keras the numpy arrays and the validation
     rows instead, as plain Keras code does (every ``fit`` converts them again, and traces a test
-    function): only ``make bench-search``'s baseline uses it.
+    function; Grappler on): only ``make bench-search``'s baseline uses it.
     """
     stop = keras.callbacks.EarlyStopping("val_accuracy", patience=EARLY_STOPPING_PATIENCE, mode="max",
                                          restore_best_weights=True)
@@ -206,8 +250,9 @@ def fit_head(model: keras.Model, data: PooledData, epochs: int, callbacks: list 
         feed = {"x": data.x_train, "y": data.y_train, "batch_size": batch_size,
                 "validation_data": (data.x_val, data.y_val), "validation_batch_size": HEAD_VAL_BATCH}
         first = []
-    history = model.fit(**feed, epochs=epochs, initial_epoch=initial_epoch,
-                        callbacks=[*first, stop, *(callbacks or [])], verbose=verbose)
+    with graph_rewrites(not resident):
+        history = model.fit(**feed, epochs=epochs, initial_epoch=initial_epoch,
+                            callbacks=[*first, stop, *(callbacks or [])], verbose=verbose)
     return {k: [float(v) for v in vs] for k, vs in history.history.items()}
 
 
@@ -459,6 +504,8 @@ def build_tail_trainer(parts: TailParts, head: keras.Model, head_weights: list[n
     trainer.compile(optimizer=tail_opt,
                     loss=keras.losses.CategoricalCrossentropy(label_smoothing=float(params["label_smoothing"])),
                     metrics=["accuracy"])
+    build_training_state(trainer, np.zeros((1, *trainer.input.shape[1:]), np.float16),
+                         np.zeros((1, head.output.shape[-1]), np.float32))
     return trainer
 
 

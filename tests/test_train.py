@@ -361,3 +361,77 @@ def test_a_head_trial_steps_in_its_budgets_batches_and_the_final_head_in_its_own
     assert final.batch_size == space.HEAD_BATCH_SIZE and int(model.optimizer.iterations) == 1  # 250 rows < 512
     with pytest.raises(UserError, match="batch size"):
         HeadObjective(data, "t", batch_size=0)
+
+
+def _variables_created_in_functions(fit) -> list[str]:
+    """Names of the variables ``fit()`` creates while tracing a ``tf.function``."""
+    import tensorflow as tf
+
+    made = []
+
+    def creator(next_creator, **kwargs):
+        if tf.inside_function():
+            made.append(kwargs.get("name"))
+        return next_creator(**kwargs)
+
+    with tf.variable_creator_scope(creator):
+        fit()
+    return made
+
+
+@pytest.mark.parametrize("plain_keras", [False, True])
+def test_a_head_is_traced_once_because_its_training_state_exists_before_fit(plain_keras):
+    """A ``tf.function`` whose first trace creates variables is traced again: the head's optimizer
+    slots and metric variables are made before ``fit`` (the plain-Keras baseline makes them lazily)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 6)).astype(np.float32)
+    y = np.eye(10, dtype=np.float32)[np.arange(64) % 10]
+    data = train.PooledData(x[:48], y[:48], x[48:], y[48:])
+    params = {"n_layers": 1, "units_0": 8, "optimizer": "adamw", "learning_rate": 1e-3}
+    model = train.build_head_model(params, 6, 10, plain_keras=plain_keras)
+    made = _variables_created_in_functions(lambda: train.fit_head(model, data, 1, batch_size=16,
+                                                                  resident=not plain_keras))
+    if plain_keras:
+        assert any("momentum" in str(n) for n in made), made  # what build_training_state prevents
+    else:
+        assert made == []
+
+
+def test_the_tail_trainer_is_traced_once(maps_cache, tiny_splits, parts):
+    head = _head(parts)
+    params = {"bn_mode": "batch"}
+    train_data, val = train.tail_batches(maps_cache, tiny_splits, params, batch_size=32)
+    trainer = train.build_tail_trainer(parts, head, head.get_weights(), params, len(train_data), 1)
+    assert _variables_created_in_functions(lambda: train.fit_tail(trainer, train_data, val, 1)) == []
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_fused_optimizers_take_keras_steps(name):
+    """The fused kernels compute Keras's own update: same weights after a few steps, to float32 rounding."""
+    from search import heads
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((96, 12)).astype(np.float32)
+    y = np.eye(10, dtype=np.float32)[rng.integers(0, 10, 96)]
+    params = {"n_layers": 1, "units_0": 16, "optimizer": name, "learning_rate": 1e-2, "weight_decay": 1e-2}
+    weights = []
+    for fused in (False, True):
+        keras.utils.set_random_seed(0)
+        model = heads.compile_for(heads.build_head(params, (12,)), params, fused=fused)
+        assert (type(model.optimizer).__module__ == "search.heads") == fused
+        start = [np.array(w) for w in model.get_weights()]
+        model.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0)
+        weights.append(model.get_weights())
+    moved = max(np.abs(a - b).max() for a, b in zip(weights[0], start, strict=True))
+    assert moved > 1e-3
+    for keras_w, fused_w in zip(*weights, strict=True):
+        np.testing.assert_allclose(fused_w, keras_w, rtol=1e-4, atol=1e-6)
+
+
+def test_graph_rewrites_are_restored_after_the_block():
+    import tensorflow as tf
+
+    before = tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer", False)
+    with train.graph_rewrites(False):
+        assert tf.config.optimizer.get_experimental_options()["disable_meta_optimizer"] is True
+    assert tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer", False) == before

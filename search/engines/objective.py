@@ -44,7 +44,7 @@ class HeadObjective:
     mirrored: bool = False
     batch_size: int = space.HEAD_BATCH_SIZE
     release_graphs: bool = True  # False only to measure the leak it prevents (bench-memory)
-    plain_keras: bool = False  # True only as bench-search's baseline: numpy to every fit, no gc freeze
+    plain_keras: bool = False  # only bench-search's baseline: numpy to every fit, no gc freeze, Keras's optimizer
     phase: str = "head"
     _fit_data: train.PooledData | None = field(default=None, repr=False)
     _keep: frozenset = field(default=frozenset(), repr=False)
@@ -69,7 +69,8 @@ class HeadObjective:
         keras.backend.clear_session()
         keras.utils.set_random_seed(seed)
         self._seed = seed  # the batch order of the fit that follows
-        return train.build_head_model(params, self.data.x_train.shape[1], self.data.y_train.shape[1])
+        return train.build_head_model(params, self.data.x_train.shape[1], self.data.y_train.shape[1],
+                                      plain_keras=self.plain_keras)
 
     def fit(self, model: keras.Model, epochs: int, callbacks: list | None = None, initial_epoch: int = 0) -> float:
         history = train.fit_head(model, self._fit_data, epochs, callbacks, initial_epoch=initial_epoch,
