@@ -268,6 +268,7 @@ def stage_head(run: Run) -> None:
     run.head, history = train.train_head(data, run.params["head"], c.head_epochs, seed=c.seed,
                                          verbose=2 if c.progress else 0)
     run.extra["head_history"] = history
+    run.extra["head_optimizer"] = type(run.head.optimizer).__name__  # FusedAdamW etc. (heads.build_optimizer)
     frozen = run.val_accuracy(run.head, "none", "pool")
     frozen_tta = run.val_accuracy(run.head, "images", "pool") if c.mirror == "images" else None
     run.extra.update(frozen_val_accuracy=frozen, frozen_val_accuracy_tta=frozen_tta)

@@ -403,6 +403,33 @@ def _mirror_discussion(earlier: dict, final: dict) -> str:
     return text
 
 
+RERUN_FILE = "final_rerun_seed0.json"  # the reported recipe, seed and cache, run again by later code
+
+
+def _rerun_sentence(final: dict, rerun: dict | None) -> str:
+    """Which head optimizer class the reported run trained with (``head_optimizer``, recorded
+    since the fused updates came: a run without it predates them and the single trace), and the
+    reported run's recipe, seed and cache run again by later code (``results/`` +
+    :data:`RERUN_FILE`): that code's version, and validation and test accuracy beside the
+    reported run's. An error when the rerun's recipe, seed or cache differ (it would not be a
+    rerun of the reported run)."""
+    out = ("" if final.get("head_optimizer") else
+           "The reported run records no head optimizer class: it predates the fused updates and the single trace of "
+           "Methods, which change a trial's speed and the rounding of the head's updates, not their formula. ")
+    if not rerun:
+        return out
+    from search.compare import recipe_of
+
+    if (recipe_of(rerun), rerun["config"]["seed"], rerun["cache"]["key"]) != (
+            recipe_of(final), final["config"]["seed"], final["cache"]["key"]):
+        raise UserError(f"results/{RERUN_FILE} is not a rerun of the reported run: its recipe, seed or cache differ")
+    code = rerun.get("machine", {}).get("code_version") or "an unrecorded version"
+    return out + (f"Run again with the same recipe, seed and cache by the code at `{code}` (finished "
+                  f"{rerun['finished']}, `results/{RERUN_FILE}`), the recipe reached {_pct(rerun['val_accuracy'])} "
+                  f"on validation and {_pct(rerun['test_accuracy'])} on test, against the reported run's "
+                  f"{_pct(final['val_accuracy'])} and {_pct(final['test_accuracy'])}.")
+
+
 def build_context(results: Path) -> dict:
     """Everything the template may cite, read from ``results/`` and the code (missing files leave gaps)."""
     from search import space
@@ -416,6 +443,8 @@ def build_context(results: Path) -> dict:
             ctx[name] = read_json(path)
     if (results / "final_searched_seed0.json").exists():
         ctx["searched_run"] = read_json(results / "final_searched_seed0.json")
+    if (results / RERUN_FILE).exists():
+        ctx["rerun"] = read_json(results / RERUN_FILE)
     ctx["earlier"] = {kind: read_json(results / "v1" / name) for kind, name in
                       (("images", "final_seed0.json"), ("maps", "final_maps_seed0.json"))
                       if (results / "v1" / name).exists()}
@@ -515,6 +544,8 @@ def build_context(results: Path) -> dict:
             "the application builds them." if bench_cache.get("extraction_folds_batch_norm") else ""),
         "precision_sentence": _precision_sentence(final, bench_cache),
         "pruner_sentence": _pruner_sentence(),
+        "rerun_sentence": _rerun_sentence(final, ctx.get("rerun")),
+        "rerun_file": f"`results/{RERUN_FILE}` (its rerun), " if ctx.get("rerun") else "",
         "goal_sentence": ("Measured against the project's goals: " + "; ".join(goal) + ".") if goal else "",
         "n_train_all": final["data"]["train"] + final["data"]["val"],
         "image_side": final["data"].get("image_shape", [32])[0],

@@ -41,6 +41,7 @@ def test_summary_and_ablation_written(final_run):
     assert abs(np.trace(confusion) / 40 - summary["test_accuracy"]) < 1e-9
     assert set(summary["timings_seconds"]) >= {"cache", "head", "tail", "bn_reestimate", "test", "stitch_and_save"}
     assert summary["params_provenance"]["head"]["source"] == "default"  # no search in this results folder
+    assert summary["head_optimizer"] == "FusedAdamW"  # the default head's AdamW, fused (heads.build_optimizer)
     assert summary["params"]["tail"] == {**summary["params"]["tail"], "bn_mode": "batch"}
     assert len(summary["epochs"]) == config.tail_epochs
     rows = json.loads((tmp / "results" / "ablation.json").read_text())

@@ -251,3 +251,18 @@ def test_cut_and_resolution_are_reported_only_when_the_ablation_varies_them():
     runs["b"]["weights_fingerprint"] = "w2"
     assert "same backbone weights" not in _scope_sentence(_scopes(rows), runs)
     assert "makes no claim" not in text
+
+
+def test_a_rerun_is_reported_beside_the_run_and_an_older_run_says_it_predates_the_fused_updates(tiny_results):
+    from search.paper import _rerun_sentence
+
+    results, _, _ = tiny_results
+    final = json.loads((results / "final.json").read_text())
+    assert final["head_optimizer"].startswith("Fused") and _rerun_sentence(final, None) == ""
+    older = {k: v for k, v in final.items() if k != "head_optimizer"}
+    assert "predates the fused updates" in _rerun_sentence(older, None)
+    rerun = {**final, "val_accuracy": 0.4321, "test_accuracy": 0.1234, "machine": {"code_version": "abc1234"}}
+    text = _rerun_sentence(final, rerun)
+    assert "`abc1234`" in text and "43.21 %" in text and "12.34 %" in text and "predates" not in text
+    with pytest.raises(UserError, match="not a rerun"):
+        _rerun_sentence(final, {**rerun, "config": {**final["config"], "seed": final["config"]["seed"] + 1}})
