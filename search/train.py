@@ -214,9 +214,9 @@ def graph_rewrites(enabled: bool) -> Iterator[None]:
     block; the process-wide setting is restored on exit.
 
     A head's train function is optimized once when ``fit`` first runs it: about 0.1 s of a
-    phase-1 trial that trains it for two epochs, for no measurable gain in its steps (measured
-    here: steady epochs alike with and without). The tail's convolutions gain from the rewrites
-    (fused kernels); they are left on there.
+    phase-1 trial that trains it for two epochs, for no measurable gain in its steps (a scratch
+    probe here: steady epochs alike with and without). The tail's convolutions gain from the
+    rewrites (fused kernels); they are left on there.
     """
     import tensorflow as tf
 
@@ -474,7 +474,8 @@ def build_tail_trainer(parts: TailParts, head: keras.Model, head_weights: list[n
                        params: dict[str, Any], steps_per_epoch: int, epochs: int,
                        precision: str = "float32") -> TwoRateModel:
     """Reset tail and head to their starting weights and compile cut maps -> head for ``params``,
-    computing in ``precision`` (:func:`resolve_precision`; ``set_precision``).
+    computing in ``precision`` (:func:`resolve_precision`; ``set_precision``), with its training
+    state built (:func:`build_training_state`: the train function is traced once).
 
     The learning-rate schedules (linear warm-up, then cosine decay to 0) span ``epochs`` x
     ``steps_per_epoch`` steps: a trial stopped after fewer epochs has run a prefix of them.
