@@ -49,6 +49,14 @@ def _handle(variable: Any) -> Any:
     return (variable.value if isinstance(variable, keras.Variable) else variable).handle
 
 
+def _keras_update_needed(gradient: Any) -> bool:
+    """Whether a fused optimizer must take Keras's own update: a sparse gradient, or a backend
+    other than TensorFlow (the fused kernels are TensorFlow's)."""
+    import tensorflow as tf
+
+    return isinstance(gradient, tf.IndexedSlices) or keras.backend.backend() != "tensorflow"
+
+
 class _FusedAdamStep:
     """Adam's update of one variable as TensorFlow's single fused kernel (``ResourceApplyAdam``).
 
@@ -64,7 +72,7 @@ class _FusedAdamStep:
     def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
         import tensorflow as tf
 
-        if self.amsgrad or isinstance(gradient, tf.IndexedSlices) or keras.backend.backend() != "tensorflow":
+        if self.amsgrad or _keras_update_needed(gradient):
             return super().update_step(gradient, variable, learning_rate)
         dtype = variable.dtype
         step = tf.cast(self.iterations + 1, dtype)
@@ -92,7 +100,7 @@ class FusedSGD(keras.optimizers.SGD):
     def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
         import tensorflow as tf
 
-        if not self.momentum or isinstance(gradient, tf.IndexedSlices) or keras.backend.backend() != "tensorflow":
+        if not self.momentum or _keras_update_needed(gradient):
             return super().update_step(gradient, variable, learning_rate)
         dtype = variable.dtype
         tf.raw_ops.ResourceApplyKerasMomentum(
