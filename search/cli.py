@@ -15,9 +15,11 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+from search import selection
 from search.errors import UserError
 from search.space import BUDGETS, HEAD_BATCH_SIZE
 
@@ -119,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat", type=int, default=None,
                    help="Optuna trial heartbeat in seconds: trials of a killed worker are marked FAIL "
                         "after 2x this (default 30)")
+    p.add_argument("--folds", type=int, default=None,
+                   help=f"cross-validation folds of a phase-1 trial (default: {selection.FOLDS} below "
+                        f"{selection.SMALL_DATA_ROWS} training images, fewer if a class is too small; else 1, "
+                        "the validation split)")
+    p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+                   help="stop starting trials after this many minutes for the whole search (both phases; "
+                        "phase 2 gets what phase 1 left); default: no limit")
     p.add_argument("--mirrored-rows", dest="use_flips", action="store_true",
                    help="phase-1 trials also train on the cached mirror images as extra rows (default: originals "
                         "only, half the cost; the final head always uses them)")
@@ -252,6 +261,11 @@ def cmd_search(args: argparse.Namespace, argv: list[str]) -> int:
     from search import engines
 
     phases = ("head", "tail") if args.phase == "both" else (args.phase,)
+    if args.time_budget is not None and args.time_budget <= 0:
+        raise UserError(f"--time-budget must be a positive number of minutes, got {args.time_budget}")
+    if args.folds is not None and args.folds < 1:
+        raise UserError(f"--folds must be at least 1, got {args.folds}")
+    deadline = None if args.time_budget is None else time.monotonic() + 60 * args.time_budget
     engine = engines.make_engine(args.engine, storage=args.storage, pruner=args.pruner, oracle=args.oracle,
                                  heartbeat=args.heartbeat, seed=args.seed, worker_index=args.worker_index,
                                  default_trial=args.default_trial,
@@ -271,10 +285,12 @@ def cmd_search(args: argparse.Namespace, argv: list[str]) -> int:
         if args.engine == "kerastuner" and args.oracle == "hyperband":
             trials = args.trials if phase == "head" else args.tail_trials  # Hyperband refuses an explicit count
         objective = make_objective(phase, cache, splits, rows, max_epochs, backbone=model, results=args.results,
-                                   seed=args.seed, mirrored=args.use_flips, batch_size=args.head_batch_size)
+                                   seed=args.seed, mirrored=args.use_flips, batch_size=args.head_batch_size,
+                                   folds=args.folds)
         log.info("phase %s: %s trials, budget %s", phase, trials, objective.budget)
         name = f"{args.study_name}-{phase}" if args.study_name and len(phases) > 1 else args.study_name
-        summary = engine.run(objective, trials, study_name=name)
+        timeout = None if deadline is None else max(1.0, deadline - time.monotonic())
+        summary = engine.run(objective, trials, study_name=name, timeout=timeout)
         print(json.dumps({"phase": phase, **summary}, indent=2, default=str))
     return 0
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from search.errors import UserError
+from search.selection import default_val_size
 
 NUM_CLASSES = 10
 IMAGE_SHAPE = (32, 32, 3)
@@ -156,7 +157,8 @@ def make_splits(
     """Validate raw arrays and build :class:`Splits` (uint8 images, int64 labels).
 
     Images are ``(m, s, s, 3)`` with one ``s`` for both splits (CIFAR-10: 32); labels in
-    ``0..len(class_names) - 1``. ``val_size`` None: 10 % of the training images (5000 of 50k).
+    ``0..len(class_names) - 1``. ``val_size`` None: ``search.selection.default_val_size``: 10 % of
+    the training images (5000 of 50k), at least 50 per class, at most 30 % of them.
     """
     class_names = tuple(class_names)
     shape = np.shape(x_train)[1:]
@@ -167,7 +169,7 @@ def make_splits(
     y_train = validate_labels(y_train, len(x_train), "y_train", len(class_names))
     y_test = validate_labels(y_test, len(x_test), "y_test", len(class_names))
     if val_size is None:
-        val_size = max(len(class_names), int(round(0.1 * len(y_train))))
+        val_size = default_val_size(len(y_train), len(class_names))
     train_idx, val_idx = stratified_split(y_train, val_size, seed)
     fingerprint = fingerprint_arrays(x_train, y_train, x_test, y_test)
     if class_names != CLASS_NAMES:
@@ -203,7 +205,7 @@ def load_data(path: str | os.PathLike | None = None, val_size: int | None = None
             arrays of ``cifar10.load_data()``; default ``$CIFAR10_NPZ``, else
             ``keras.datasets.cifar10.load_data()``.
         val_size: validation images taken from the training images (equal per class);
-            default 10 % of them (5000 for CIFAR-10).
+            default 10 % of them (5000 for CIFAR-10), at least 50 per class, at most 30 %.
         seed: seed of the split.
         image_size: a folder's stored image side (see ``read_folder``); refused for an ``.npz``.
         cache_root: where a folder's decoded arrays are kept.

@@ -9,7 +9,9 @@ part runs over the data once, in :func:`stage_cache`, and never again):
    the phase-1 trial runner) = the frozen-feature accuracy;
 3. :func:`stage_tail`: the tail (layers after the cut) and the head together on the cached cut
    activations (``train.train_tail``, the phase-2 trial runner), best epoch restored; a killed
-   run resumes from its last finished epoch on rerun (``cache/checkpoints/``);
+   run resumes from its last finished epoch on rerun (``cache/checkpoints/``, and the log says
+   so); kept only if it beats the frozen-feature head on validation, else the head ships alone
+   on the pretrained tail;
 4. :func:`stage_bn`: the tail's BatchNormalization statistics re-estimated over the training
    split, *kept only if validation accuracy does not drop* (else the trained ones are restored);
 5. :func:`stage_tta`: mirror averaging (test-time augmentation: the mirrored image's cached
@@ -208,6 +210,7 @@ class Run:
     params: dict | None = None
     provenance: dict | None = None
     head: keras.Model | None = None
+    head_weights: list | None = None
     parts: train.TailParts | None = None
     trainer: keras.Model | None = None
     tta: str = "none"
@@ -259,7 +262,9 @@ def stage_params(run: Run) -> None:
 
     run.params, run.provenance = resolve_params(run.config.params, run.config.results, run.cache.path.name)
     for phase in space.PHASES:
-        log.info("%s parameters from %s: %s", phase, run.provenance[phase], run.params[phase])
+        p = run.provenance[phase]
+        log.info("%s parameters: %s%s: %s", phase, p["source"], f" ({p['why']})" if p.get("why") else
+                 f" ({p['decision']['why']})" if p.get("decision") else "", run.params[phase])
 
 
 def stage_head(run: Run) -> None:
@@ -267,6 +272,7 @@ def stage_head(run: Run) -> None:
     data = train.PooledData.from_cache(run.cache, run.splits, mirrored=c.mirror == "images")
     run.head, history = train.train_head(data, run.params["head"], c.head_epochs, seed=c.seed,
                                          verbose=2 if c.progress else 0)
+    run.head_weights = run.head.get_weights()  # the head alone, before the tail's training moves it
     run.extra["head_history"] = history
     run.extra["head_optimizer"] = type(run.head.optimizer).__name__  # FusedAdamW etc. (heads.build_optimizer)
     frozen = run.val_accuracy(run.head, "none", "pool")
@@ -295,15 +301,27 @@ def stage_tail(run: Run) -> None:
                                       c.tail_epochs, callbacks=[EpochLog()], seed=c.seed,
                                       batch_size=c.tail_batch_size, verbose=2 if c.progress else 0,
                                       backup_root=str(Path(c.cache_root) / "checkpoints"), mirror=c.mirror,
-                                      precision=run.precision)
+                                      precision=run.precision, on_resume=lambda k, n: log.info(
+                                          "tail: resuming from epoch %d of %d (a backup of a killed run)", k, n))
     best = max(run.epochs, key=lambda e: e["val_accuracy"])
-    run.row("tail fine-tuned", val_accuracy=run.val_accuracy(run.trainer), epochs=c.tail_epochs,
-            best_epoch=best["epoch"], tail=run.params["tail"])
+    tuned, frozen = run.val_accuracy(run.trainer), run.extra["frozen_val_accuracy"]
+    run.row("tail fine-tuned", val_accuracy=tuned, epochs=c.tail_epochs, best_epoch=best["epoch"],
+            tail=run.params["tail"])
+    keep = tuned > frozen
+    run.extra["tail_decision"] = {
+        "tail_val_accuracy": tuned, "head_val_accuracy": frozen, "shipped": "tail" if keep else "head",
+        "why": f"fine-tuned tail {tuned:.4f} {'>' if keep else '<='} frozen-feature head {frozen:.4f} on validation"}
+    if not keep:  # the pretrained tail in inference mode under the head as stage_head trained it
+        log.info("the fine-tuned tail (val %.4f) does not beat the frozen-feature head (val %.4f): the head ships "
+                 "alone on the pretrained tail", tuned, frozen)
+        run.trainer = train.build_tail_trainer(run.parts, run.head, run.head_weights,
+                                               {**run.params["tail"], "bn_mode": "frozen"}, 1, 1)
 
 
 def stage_bn(run: Run) -> None:
     c = run.config
-    if not c.bn_passes or c.tail_epochs == 0 or run.params["tail"]["bn_mode"] != "batch":
+    if (not c.bn_passes or c.tail_epochs == 0 or run.params["tail"]["bn_mode"] != "batch"
+            or run.extra["tail_decision"]["shipped"] == "head"):
         return
     tail = run.parts.tail
     before_val = run.val_accuracy(run.trainer)

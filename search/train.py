@@ -123,6 +123,22 @@ class PooledData:
             return self
         return PooledData(self.x_train[rows], self.y_train[rows], self.x_val, self.y_val, views)
 
+    def folds(self, k: int, seed: int = 0) -> list[PooledData]:
+        """``k`` stratified cross-validation splits of the training rows: each a
+        :class:`PooledData` that trains on ``k - 1`` folds (with their mirror rows, if any) and
+        validates on the original view of the remaining fold. The same ``seed`` gives the same
+        folds, so trials scored on them are compared fold by fold."""
+        from sklearn.model_selection import StratifiedKFold
+
+        n_orig = len(self.x_train) // self.views
+        labels = self.y_train[:n_orig].argmax(1)
+        out = []
+        for fit_rows, held in StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(n_orig), labels):
+            rows = np.concatenate([fit_rows + v * n_orig for v in range(self.views)])
+            out.append(PooledData(self.x_train[rows], self.y_train[rows], self.x_train[held], self.y_train[held],
+                                  self.views))
+        return out
+
     def tensors(self) -> tuple[Any, Any, Any, Any]:
         """``(x_train, y_train, x_val, y_val)`` as tensors, converted once per instance, not per fit."""
         import tensorflow as tf
@@ -538,19 +554,22 @@ class _EpochSeed(keras.callbacks.Callback):
 
 def fit_tail(trainer: keras.Model, train: CachedMaps, val: CachedMaps, epochs: int,
              callbacks: list | None = None, initial_epoch: int = 0, verbose: int = 0,
-             backup_dir: str | None = None) -> dict[str, list[float]]:
+             backup_dir: str | None = None, on_resume: Callable[[int, int], None] | None = None
+             ) -> dict[str, list[float]]:
     """Fit; the epoch with the best validation accuracy is restored at the end.
 
     With ``backup_dir``, Keras's ``BackupAndRestore`` saves weights and optimizer state after
     every epoch and a rerun after a kill resumes from the last finished epoch (the backup is
     deleted when training completes). After a resume, "best epoch" is chosen among the epochs
-    run since the resume.
+    run since the resume; ``on_resume(k, epochs)`` is called first when resuming from epoch ``k``.
     """
     train.epoch = initial_epoch
     metadata = Path(backup_dir, "training_metadata.json") if backup_dir else None
     if metadata is not None and metadata.exists():
         # resuming: batches prefetched before on_epoch_begin must already be the resumed epoch's
         train.epoch = int(json.loads(metadata.read_text())["epoch"])
+        if on_resume is not None:
+            on_resume(train.epoch, epochs)
     best = keras.callbacks.EarlyStopping("val_accuracy", patience=epochs + 1, mode="max", restore_best_weights=True)
     resume = [keras.callbacks.BackupAndRestore(backup_dir)] if backup_dir else []
     history = trainer.fit(train, epochs=epochs, initial_epoch=initial_epoch, validation_data=val,
@@ -561,7 +580,8 @@ def fit_tail(trainer: keras.Model, train: CachedMaps, val: CachedMaps, epochs: i
 def train_tail(cache: Cache, splits: Splits, parts: TailParts, head: keras.Model, params: dict[str, Any],
                epochs: int, rows: np.ndarray | None = None, callbacks: list | None = None, seed: int = 0,
                batch_size: int = 128, verbose: int = 0, backup_root: str | None = None,
-               mirror: str = "auto", precision: str = "float32") -> tuple[keras.Model, dict[str, list[float]]]:
+               mirror: str = "auto", precision: str = "float32",
+               on_resume: Callable[[int, int], None] | None = None) -> tuple[keras.Model, dict[str, list[float]]]:
     """Phase 2 in one call: the tail and ``head`` (from its current weights) fine-tuned on cut maps.
 
     Training (and the validation in it) computes in ``precision``; the layers are set back to
@@ -586,6 +606,7 @@ def train_tail(cache: Cache, splits: Splits, parts: TailParts, head: keras.Model
                   "seed": seed, "mirror": train.mirror, "precision": precision}
         digest = hashlib.sha1(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:16]
         backup_dir = str(Path(backup_root) / f"tail-{digest}")
-    history = fit_tail(trainer, train, val, epochs, callbacks, verbose=verbose, backup_dir=backup_dir)
+    history = fit_tail(trainer, train, val, epochs, callbacks, verbose=verbose, backup_dir=backup_dir,
+                       on_resume=on_resume)
     set_precision(parts.tail, head, "float32")  # its predict function is traced after this: float32
     return trainer, history

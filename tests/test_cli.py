@@ -42,7 +42,7 @@ def _in_process(capsys, *args):
     (["search", "--storage", "not a url"], ["malformed storage URL"]),
     (["search", "--pruner", "sometimes"], ["unknown pruner"]),
     (["search", "--engine", "kerastuner", "--pruner", "median"], ["KerasTuner cannot honour --pruner"]),
-    (["search", "--engine", "kerastuner", "--default-trial"], ["KerasTuner cannot honour --default-trial"]),
+    (["search", "--engine", "kerastuner", "--heartbeat", "5"], ["KerasTuner cannot honour --heartbeat"]),
     (["search", "--oracle", "hyperband"], ["--oracle is a KerasTuner option"]),
     (["search", "--workers", "2"], ["--workers > 1 needs --storage"]),
     (["final", "--params", "{not json"], ["--params"]),

@@ -32,9 +32,10 @@ def make_engine(name: str, *, storage: str | None = None, pruner: str | None = N
                 results: str | Path = "results", default_trial: bool | None = None) -> Any:
     """The engine ``name`` with its options checked; an option it cannot honour is an error.
 
-    ``default_trial``: run the phase's documented defaults as a new study's first trial (Optuna
-    ``enqueue_trial``; None means yes). KerasTuner's oracles cannot be given a first trial, so
-    it refuses ``True``."""
+    ``default_trial``: score the phase's documented defaults first in a new study (Optuna
+    ``enqueue_trial``; KerasTuner, whose oracles take no first trial, scores them through the
+    same objective before the tuner starts); None means yes. The shipping rule
+    (:func:`search.selection.decide`) compares the best trial with them."""
     if name == "optuna":
         if oracle is not None:
             raise UserError("--oracle is a KerasTuner option; Optuna takes --pruner (and TPE)")
@@ -45,13 +46,14 @@ def make_engine(name: str, *, storage: str | None = None, pruner: str | None = N
                             default_trial=default_trial is not False)
     if name == "kerastuner":
         given = [opt for opt, v in (("--storage", storage), ("--pruner", pruner), ("--heartbeat", heartbeat))
-                 if v is not None] + (["--default-trial"] if default_trial else [])
+                 if v is not None]
         if given or worker_index:
             raise UserError(f"KerasTuner cannot honour {', '.join(given) or '--worker-index'}: it keeps its "
                             "trials in a folder and stops trials through its oracle (--oracle)")
         from search.engines.kerastuner_engine import KerasTunerEngine
 
-        return KerasTunerEngine(oracle=oracle, seed=seed, progress=progress, results=results)
+        return KerasTunerEngine(oracle=oracle, seed=seed, progress=progress, results=results,
+                                default_trial=default_trial is not False)
     raise UserError(f"unknown engine {name!r}; choose one of {list(ENGINES)}")
 
 
@@ -113,11 +115,13 @@ def resolve_params(mode: str | dict, results: str | Path, cache_id: str,
                    phases: tuple[str, ...] | None = None) -> tuple[dict, dict]:
     """``({phase: params}, {phase: provenance})`` for cache ``cache_id``.
 
-    ``mode``: ``"auto"`` (each phase's best trial on this cache key if a search exists, else its
-    default), ``"default"``, ``"study"`` (error if a phase has no search), or a dict
-    ``{phase: params}``. Missing keys are filled from ``search.space.DEFAULTS``.
+    ``mode``: ``"auto"`` (each phase's best trial on this cache key if a search exists and it
+    beats the defaults' trial by more than the noise, :func:`search.selection.decide`; else the
+    defaults), ``"default"``, ``"study"`` (the best trial whatever its margin; error if a phase
+    has no search), or a dict ``{phase: params}``. Missing keys are filled from
+    ``search.space.DEFAULTS``. A searched phase's provenance holds the ``decision``.
     """
-    from search import space
+    from search import selection, space
 
     params, provenance = {}, {}
     for phase in phases or space.PHASES:
@@ -129,6 +133,18 @@ def resolve_params(mode: str | dict, results: str | Path, cache_id: str,
             try:
                 params[phase], found = best_params(results, phase, cache_id)
                 provenance[phase] = {"source": "search", **found}
+                if mode == "auto":
+                    score, default = found.get("score"), found.get("default_score")
+                    decision = selection.decide(
+                        selection.Score(**{k: score[k] for k in ("value", "scores", "n")}) if score
+                        else selection.Score(float(found["value"])),
+                        selection.Score(**{k: default[k] for k in ("value", "scores", "n")}) if default else None,
+                        best_is_default=bool(found.get("best_is_default")))
+                    provenance[phase]["decision"] = decision
+                    if decision["ship"] == "default":
+                        params[phase] = {}
+                        provenance[phase] = {"source": "default", "why": decision["why"], "search": found,
+                                             "decision": decision}
             except UserError as exc:
                 if mode == "study":
                     raise

@@ -15,6 +15,11 @@ objective freezes the objects alive at that point out of the garbage collector's
 Budget (multi-fidelity): a trial trains on ``rows`` stratified training rows for at most
 ``max_epochs`` epochs (a head trial in batches of ``batch_size`` rows); engines' pruners stop it
 earlier from its per-epoch validation accuracy.
+
+Noise (:mod:`search.selection`): after every ``fit`` the objective's ``last_score`` holds the
+trial's estimate with its spread; engines record its ``scores`` and ``n`` with the trial. On
+small data a head trial is cross-validated (``folds`` > 1): it trains one head per fold on the
+cached pooled features, the pruner watching the first fold's epochs, and its value is the mean.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from search import space, train
+from search import selection, space, train
 from search.cache import Cache
 from search.data import Splits
 from search.errors import UserError
@@ -45,8 +50,12 @@ class HeadObjective:
     batch_size: int = space.HEAD_BATCH_SIZE
     release_graphs: bool = True  # False only to measure the leak it prevents (bench-memory)
     plain_keras: bool = False  # only bench-search's baseline: numpy to every fit, no gc freeze, Keras's optimizer
+    folds: int = 1
     phase: str = "head"
+    last_score: selection.Score | None = None
     _fit_data: train.PooledData | None = field(default=None, repr=False)
+    _fold_data: list = field(default_factory=list, repr=False)
+    _params: dict = field(default_factory=dict, repr=False)
     _keep: frozenset = field(default=frozenset(), repr=False)
     _seed: int = field(default=0, repr=False)
 
@@ -54,6 +63,8 @@ class HeadObjective:
         if self.batch_size < 1:
             raise UserError(f"the head's batch size must be at least 1 row, got {self.batch_size}")
         self._fit_data = self.data.subset(self.rows, mirrored=self.mirrored)
+        if self.folds > 1:
+            self._fold_data = self._fit_data.folds(self.folds)
         self._keep = train.custom_gradients()
         if not self.plain_keras:
             train.freeze_long_lived_objects()
@@ -61,7 +72,7 @@ class HeadObjective:
     @property
     def budget(self) -> dict[str, Any]:
         return {"rows": len(self._fit_data.x_train), "max_epochs": self.max_epochs, "mirrored": self.mirrored,
-                "batch_size": self.batch_size}
+                "batch_size": self.batch_size, "folds": self.folds}
 
     def build(self, params: dict[str, Any], seed: int = 0) -> keras.Model:
         if self.release_graphs:
@@ -69,13 +80,30 @@ class HeadObjective:
         keras.backend.clear_session()
         keras.utils.set_random_seed(seed)
         self._seed = seed  # the batch order of the fit that follows
+        self._params = params
         return train.build_head_model(params, self.data.x_train.shape[1], self.data.y_train.shape[1],
                                       plain_keras=self.plain_keras)
 
     def fit(self, model: keras.Model, epochs: int, callbacks: list | None = None, initial_epoch: int = 0) -> float:
-        history = train.fit_head(model, self._fit_data, epochs, callbacks, initial_epoch=initial_epoch,
-                                 seed=self._seed, resident=not self.plain_keras, batch_size=self.batch_size)
-        return float(max(history["val_accuracy"]))
+        """Train ``model`` (and, cross-validated, one head per further fold with the same
+        parameters); the best validation accuracy, or its mean over the folds."""
+        if self.folds < 2:
+            history = train.fit_head(model, self._fit_data, epochs, callbacks, initial_epoch=initial_epoch,
+                                     seed=self._seed, resident=not self.plain_keras, batch_size=self.batch_size)
+            value = float(max(history["val_accuracy"]))
+            self.last_score = selection.Score(value, [value], len(self._fit_data.x_val))
+            return value
+        scores = []
+        for k, data in enumerate(self._fold_data):
+            if k:  # the engine's callbacks (pruning) watch the first fold only
+                model = train.build_head_model(self._params, data.x_train.shape[1], data.y_train.shape[1],
+                                               plain_keras=self.plain_keras)
+            history = train.fit_head(model, data, epochs, callbacks if k == 0 else None,
+                                     initial_epoch=initial_epoch if k == 0 else 0, seed=self._seed + k,
+                                     resident=not self.plain_keras, batch_size=self.batch_size)
+            scores.append(float(max(history["val_accuracy"])))
+        self.last_score = selection.Score(float(np.mean(scores)), scores, len(self._fold_data[0].x_val))
+        return self.last_score.value
 
 
 @dataclass
@@ -102,6 +130,7 @@ class TailObjective:
     precision: str = "auto"
     precise_bn_rows: int = 1024
     phase: str = "tail"
+    last_score: selection.Score | None = None
     _rows: np.ndarray | None = field(default=None, repr=False)
     _keep: frozenset = field(default=frozenset(), repr=False)
 
@@ -131,7 +160,9 @@ class TailObjective:
 
     def fit(self, model: keras.Model, epochs: int, callbacks: list | None = None, initial_epoch: int = 0) -> float:
         history = train.fit_tail(model, *self._data, epochs, callbacks, initial_epoch=initial_epoch)
-        return float(max(history["val_accuracy"]))
+        value = float(max(history["val_accuracy"]))
+        self.last_score = selection.Score(value, [value], len(self.splits.val_idx))
+        return value
 
 
 Objective = HeadObjective | TailObjective
@@ -139,9 +170,13 @@ Objective = HeadObjective | TailObjective
 
 def make_objective(phase: str, cache: Cache, splits: Splits, rows: int | None, max_epochs: int,
                    backbone: keras.Model | None = None, results: str = "results", seed: int = 0,
-                   mirrored: bool = False, batch_size: int | None = None) -> Objective:
+                   mirrored: bool = False, batch_size: int | None = None, folds: int | None = None) -> Objective:
     """The ``phase`` objective on ``cache`` with a budget of ``rows`` x ``max_epochs``; a head
     trial steps in batches of ``batch_size`` rows (None: ``space.BUDGETS["head"]``'s).
+
+    ``folds``: cross-validation folds of a head trial; None chooses (:func:`head_folds`): 1 from
+    :data:`search.selection.SMALL_DATA_ROWS` training images up, else :data:`search.selection.FOLDS`
+    or as many as the smallest class allows.
 
     The tail objective starts from the head of the best phase-1 trial on this cache key (or the
     default head when there is none), trained once here on all pooled features; ``backbone`` is
@@ -153,9 +188,31 @@ def make_objective(phase: str, cache: Cache, splits: Splits, rows: int | None, m
     data = train.PooledData.from_cache(cache, splits, mirrored=mirrored and phase == "head")
     if phase == "head":
         return HeadObjective(data, cache.path.name, rows=rows, max_epochs=max_epochs, mirrored=mirrored,
-                             batch_size=space.head_trial_batch_size() if batch_size is None else batch_size)
+                             batch_size=space.head_trial_batch_size() if batch_size is None else batch_size,
+                             folds=head_folds(splits, rows) if folds is None else folds)
     params, provenance = engines.resolve_params("auto", results, cache.path.name, phases=("head",))
     head, _ = train.train_head(data, params["head"], epochs=30, seed=seed)
     parts = train.TailParts.from_backbone(backbone, cache.key["cut_layer"])
     return TailObjective(cache, splits, parts, head, head.get_weights(), cache.path.name, rows=rows,
                          max_epochs=max_epochs, head_provenance=provenance["head"])
+
+
+def head_folds(splits: Splits, rows: int | None = None) -> int:
+    """Cross-validation folds of a phase-1 trial on ``splits`` (1: one validation split).
+
+    Below :data:`search.selection.SMALL_DATA_ROWS` training images (after ``rows``), a trial is
+    scored on :data:`search.selection.FOLDS` folds; fewer when a class has too few images for
+    them (:func:`search.selection.folds_for`; the log names the fallback)."""
+    import logging
+
+    labels = splits.y_train[splits.train_idx]
+    n = len(labels) if rows is None else min(rows, len(labels))
+    if n >= selection.SMALL_DATA_ROWS:
+        return 1
+    k = selection.folds_for(labels)
+    if k < selection.FOLDS:
+        logging.getLogger(__name__).warning(
+            "%d training images: phase-1 trials cross-validated on %d folds, not %d (the smallest class has %d "
+            "images; %d per fold needed)%s", n, k, selection.FOLDS, int(np.bincount(labels).min()),
+            selection.MIN_FOLD_ROWS_PER_CLASS, "; one validation split instead" if k < 2 else "")
+    return k

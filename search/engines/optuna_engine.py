@@ -17,7 +17,7 @@ from typing import Any
 import keras
 import optuna
 
-from search import space
+from search import selection, space
 from search.engines import METRIC, check_outcome, check_same_budget, default_study_name, write_pointer
 from search.errors import UserError
 
@@ -267,6 +267,10 @@ class OptunaEngine:
                 model = objective.build(params, seed=self.seed + trial.number)
                 value = objective.fit(model, objective.max_epochs,
                                       [epochs, pruning_callback(trial, objective.max_epochs)])
+                score = getattr(objective, "last_score", None)
+                if score is not None:  # the estimate's spread (search.selection)
+                    trial.set_user_attr("scores", score.scores)
+                    trial.set_user_attr("n", score.n)
             except optuna.TrialPruned:
                 raise
             except Exception as exc:
@@ -387,5 +391,11 @@ def best_params(storage: str, study_name: str) -> tuple[dict, dict]:
         best = study.best_trial
     except ValueError:
         raise UserError(f"study {study_name!r} has no completed trial yet") from None
-    return dict(best.params), {"engine": "optuna", "storage": storage, "study": study_name,
-                               "trial": best.number, "value": best.value}
+    defaults = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                if t.user_attrs.get("defaults")]
+    return dict(best.params), {
+        "engine": "optuna", "storage": storage, "study": study_name, "trial": best.number, "value": best.value,
+        "score": selection.Score.from_record(best.value, best.user_attrs).as_dict(),
+        "default_score": (selection.Score.from_record(defaults[0].value, defaults[0].user_attrs).as_dict()
+                          if defaults else None),
+        "best_is_default": bool(best.user_attrs.get("defaults"))}

@@ -1,0 +1,93 @@
+"""Selection that respects noise: the shipping rule, cross-validated head trials, the validation
+size, and `final --params auto` shipping the defaults when the search's margin is noise."""
+
+import numpy as np
+import optuna
+import pytest
+
+from search import engines, selection, space, train
+from search.engines.objective import HeadObjective, head_folds
+from search.selection import Score, decide
+
+
+def test_a_paired_fold_margin_larger_than_its_noise_ships_the_search():
+    default = Score(0.70, [0.68, 0.70, 0.72, 0.69, 0.71], 100)
+    best = Score(0.73, [0.71, 0.73, 0.75, 0.72, 0.74], 100)  # +0.03 on every fold: no spread
+    out = decide(best, default)
+    assert out["ship"] == "search" and out["test"].startswith("paired t") and out["margin"] == pytest.approx(0.03)
+
+
+def test_a_margin_within_the_fold_noise_ships_the_defaults():
+    default = Score(0.70, [0.66, 0.74, 0.70, 0.68, 0.72], 100)
+    best = Score(0.71, [0.74, 0.66, 0.75, 0.69, 0.71], 100)  # +0.01 on average, folds disagree
+    out = decide(best, default)
+    assert out["ship"] == "default" and out["margin"] < out["threshold"]
+    assert "does not beat" in out["why"]
+
+
+def test_on_one_split_the_noise_is_binomial_in_the_validation_size():
+    small = decide(Score(0.80, [0.80], 100), Score(0.75, [0.75], 100))
+    large = decide(Score(0.80, [0.80], 5000), Score(0.75, [0.75], 5000))
+    assert small["ship"] == "default" and large["ship"] == "search"
+    assert small["se"] == pytest.approx(np.sqrt(0.8 * 0.2 / 100 + 0.75 * 0.25 / 100))
+
+
+def test_no_defaults_trial_or_the_defaults_winning_ships_the_defaults():
+    best = Score(0.9, [0.9], 1000)
+    assert decide(best, None)["ship"] == "default"
+    assert decide(best, Score(0.5, [0.5], 1000), best_is_default=True)["ship"] == "default"
+    assert decide(Score(0.9), Score(0.5))["ship"] == "default"  # no sample size: noise unknown
+
+
+def test_validation_size_scales_with_a_floor_per_class_and_a_cap():
+    assert selection.default_val_size(50000, 10) == 5000  # CIFAR-10: 10 %
+    assert selection.default_val_size(1000, 4) == 200  # 50 per class
+    assert selection.default_val_size(1000, 10) == 300  # capped at 30 %
+
+
+def test_folds_fall_back_when_a_class_is_too_small():
+    assert selection.folds_for(np.repeat(np.arange(3), 40)) == 5
+    assert selection.folds_for(np.r_[np.repeat(np.arange(3), 40), [3] * 6]) == 3  # 6 images: 3 folds of 2
+    assert selection.folds_for(np.r_[np.repeat(np.arange(3), 40), [3]]) == 1  # one image: no cross-validation
+
+
+def test_small_data_head_trials_are_cross_validated_on_shared_stratified_folds(tiny_cache, tiny_splits):
+    assert head_folds(tiny_splits) == 5  # 100 training images, 10 per class
+    data = train.PooledData.from_cache(tiny_cache, tiny_splits, mirrored=False)
+    folds = data.folds(5)
+    held = np.concatenate([f.x_val for f in folds])
+    assert len(held) == len(data.x_train) and len(np.unique(held, axis=0)) == len(np.unique(data.x_train, axis=0))
+    assert all(np.bincount(f.y_val.argmax(1), minlength=10).min() == 2 for f in folds)  # stratified
+    objective = HeadObjective(data, "tiny", max_epochs=2, batch_size=16, folds=5)
+    value = objective.fit(objective.build(space.DEFAULTS["head"]), 2)
+    score = objective.last_score
+    assert score.folds == 5 and score.n == 20 and value == pytest.approx(np.mean(score.scores))
+    assert objective.budget["folds"] == 5
+
+
+def _study_with(tmp_path, default_scores, best_scores, cache_id="c1"):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(storage=storage, study_name=f"head-{cache_id}", direction="maximize")
+    dist = {"dropout": optuna.distributions.FloatDistribution(0.0, 0.5)}
+    for scores, extra in ((default_scores, {"defaults": True}), (best_scores, {})):
+        study.add_trial(optuna.trial.create_trial(
+            params={"dropout": space.DEFAULTS["head"]["dropout"] if extra else 0.1}, distributions=dist,
+            value=float(np.mean(scores)), user_attrs={"scores": scores, "n": 20, **extra}))
+    engines.write_pointer(tmp_path, "head", cache_id, {"engine": "optuna", "storage": storage,
+                                                       "study_name": study.study_name})
+
+
+def test_final_auto_ships_the_search_only_beyond_the_noise_and_says_why(tmp_path):
+    _study_with(tmp_path, [0.6, 0.7, 0.65, 0.7, 0.6], [0.7, 0.6, 0.7, 0.65, 0.7])  # +0.02, folds disagree
+    params, prov = engines.resolve_params("auto", tmp_path, "c1", phases=("head",))
+    assert prov["head"]["source"] == "default" and params["head"] == space.DEFAULTS["head"]
+    assert prov["head"]["decision"]["ship"] == "default" and "noise" in prov["head"]["why"]
+    params, prov = engines.resolve_params("study", tmp_path, "c1", phases=("head",))  # the best, whatever
+    assert prov["head"]["source"] == "search" and params["head"]["dropout"] == 0.1
+
+
+def test_final_auto_ships_a_clear_win(tmp_path):
+    _study_with(tmp_path, [0.6, 0.62, 0.61, 0.6, 0.63], [0.7, 0.73, 0.71, 0.7, 0.72])
+    params, prov = engines.resolve_params("auto", tmp_path, "c1", phases=("head",))
+    assert prov["head"]["source"] == "search" and prov["head"]["decision"]["ship"] == "search"
+    assert params["head"]["dropout"] == 0.1
