@@ -34,7 +34,7 @@ SEARCH_ARGS := $(if $(TRIALS),--trials $(TRIALS),) $(if $(TAIL_TRIALS),--tail-tr
   $(if $(PRUNER),--pruner $(PRUNER),) $(if $(ORACLE),--oracle $(ORACLE),) \
   $(if $(STORAGE),--storage $(STORAGE),) $(if $(STUDY),--study-name $(STUDY),)
 
-.PHONY: help setup offline final search report paper evaluate test lint bench bench-cache bench-search bench-memory reliability \
+.PHONY: help setup offline final search search-effect report paper evaluate test lint bench bench-cache bench-search bench-memory reliability \
   clean-cache dashboard
 
 help:  ## list the verbs
@@ -79,6 +79,9 @@ bench-search: setup  ## phase-1/phase-2 trial seconds, fidelity Kendall tau, end
 
 bench-memory: setup  ## resident memory over a 200-trial phase-1 search (and a baseline) -> results/bench_memory.json
 	$(PY) -m search.cli bench-memory $(ARGS)
+
+search-effect: setup  ## search+final vs final --params default on lowdata and digits, seeds 0 and 1 -> results/search_effect.json
+	$(PY) -m search.cli effect $(ARGS)
 
 TEST_WORKERS ?= 2
 test: setup  ## the test suite (tiny data, tiny backbones; < 10 min) in TEST_WORKERS processes, a file per process

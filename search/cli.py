@@ -179,6 +179,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--searched", dest="searched_run", default=None, help="label of the run with searched parameters")
     p.add_argument("--results", default="results", help="where the JSON files go (default results/)")
 
+    p = sub.add_parser("effect", help="search + final against final --params default, per dataset and seed "
+                                      "-> results/search_effect.json",
+                       description="For each dataset and seed: `search` then `final` (the shipping rule decides), "
+                                   "and `final --params default`, in fresh processes on one shared cache; writes "
+                                   "test accuracies with 95%% intervals, search wall time and trial counts.")
+    p.add_argument("--datasets", default="lowdata,digits",
+                   help="comma-separated among lowdata (6 CIFAR-10 classes x 300 images from ../shared's archive), "
+                        "digits (scikit-learn's digits as PNG folders), cifar10 (hours); default lowdata,digits")
+    p.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
+    p.add_argument("--results", default="results", help="results folder (default results/)")
+    p.add_argument("--cache-dir", default="cache", help="folder of feature caches (default cache/)")
+    p.add_argument("--shared", default="../shared", help="the shared folder with data/cifar10-jpeg.tar.xz")
+    p.add_argument("--search-args", default="", help="extra arguments of every `search` (quoted), e.g. '--trials 20'")
+
     p = sub.add_parser("bench-cache",
                        help="extraction vs raw predict, CPU seconds, allocators -> results/bench_cache.json")
     _add_data_args(p)
@@ -395,6 +409,23 @@ def cmd_compare(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def cmd_effect(args: argparse.Namespace, argv: list[str]) -> int:
+    import shlex
+
+    from search.effect import run_effect
+
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--seeds takes comma-separated integers, got {args.seeds!r}") from None
+    out = run_effect([d.strip() for d in args.datasets.split(",") if d.strip()], seeds, args.results,
+                     args.cache_dir, Path(args.cache_dir) / "effect-data", args.shared, shlex.split(args.search_args))
+    for d in out["datasets"]:
+        print(f"{d['name']}: searched {d['mean_searched_test']:.4f} vs default {d['mean_default_test']:.4f} "
+              f"(mean of seeds {seeds}; difference {d['mean_difference']:+.4f})")
+    return 0
+
+
 def cmd_bench_cache(args: argparse.Namespace, argv: list[str]) -> int:
     from search import bench
 
@@ -432,7 +463,8 @@ def cmd_bench_memory(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 COMMANDS = {"extract": cmd_extract, "search": cmd_search, "final": cmd_final, "evaluate": cmd_evaluate,
-            "report": cmd_report, "paper": cmd_paper, "compare": cmd_compare, "bench-cache": cmd_bench_cache,
+            "report": cmd_report, "paper": cmd_paper, "compare": cmd_compare, "effect": cmd_effect,
+            "bench-cache": cmd_bench_cache,
             "bench-search": cmd_bench_search, "bench-memory": cmd_bench_memory}
 
 
