@@ -83,6 +83,13 @@ class BackboneSpec:
         """``(cut layer name, input side)`` for a cut name and resolution, both checked, defaults filled."""
         return self.cut_layer(cut), self.resolution(resolution)
 
+    def tail_blocks(self, cut_layer: str) -> tuple[str, ...]:
+        """The block boundaries inside the tail of ``cut_layer``: the layer names of the cut points
+        after it, nearest the cut first (cut ``last2``: ``(cuts["last1"],)``). A tail of ``k``
+        blocks has ``k - 1`` of them; a cut given by no cut name has none (one block)."""
+        names = [self.cuts[c] for c in sorted(self.cuts, key=lambda c: -int(c[len("last"):]))]
+        return tuple(names[names.index(cut_layer) + 1:]) if cut_layer in names else ()
+
     def build(self, weights: str | None = "imagenet", size: int | None = None) -> keras.Model:
         """Construct the application, ``include_top=False``, global-average-pooled output.
 

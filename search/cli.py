@@ -330,7 +330,13 @@ def _spawn_workers(args: argparse.Namespace, argv: list[str], phases: tuple[str,
     for phase in phases:
         name = f"{args.study_name}-{phase}" if len(phases) > 1 else args.study_name
         # created here: concurrent first-time creation races (and so would the defaults' trial)
-        engine.enqueue_defaults(open_study(args.storage, name, heartbeat=args.heartbeat), phase)
+        options = {}
+        if phase == "tail":
+            from search.backbones import get_backbone
+
+            spec = get_backbone(args.backbone)
+            options = {"max_unfreeze": len(spec.tail_blocks(spec.cut_layer(args.cut))) + 1}
+        engine.enqueue_defaults(open_study(args.storage, name, heartbeat=args.heartbeat), phase, options)
         procs = [subprocess.Popen([sys.executable, "-m", "search.cli", *rest, "--phase", phase, "--study-name", name,
                                    "--quiet", "--worker-index", str(w)], cwd=os.getcwd())
                  for w in range(args.workers)]

@@ -284,11 +284,11 @@ def stage_head(run: Run) -> None:
 
 def stage_tail(run: Run) -> None:
     c = run.config
-    run.parts = train.TailParts.from_backbone(run.backbone, run.cut_layer)
+    run.parts = train.TailParts.from_backbone(run.backbone, run.cut_layer, run.spec.tail_blocks(run.cut_layer))
     if c.tail_epochs == 0:
         # head only: the tail keeps its pretrained weights, BN in inference mode
         run.trainer = train.build_tail_trainer(run.parts, run.head, run.head.get_weights(),
-                                               {**run.params["tail"], "bn_mode": "frozen"}, 1, 1)
+                                               {**run.params["tail"], "bn_mode": "frozen", "unfreeze_blocks": 0}, 1, 1)
         return
     start = time.perf_counter()
 
@@ -315,7 +315,7 @@ def stage_tail(run: Run) -> None:
         log.info("the fine-tuned tail (val %.4f) does not beat the frozen-feature head (val %.4f): the head ships "
                  "alone on the pretrained tail", tuned, frozen)
         run.trainer = train.build_tail_trainer(run.parts, run.head, run.head_weights,
-                                               {**run.params["tail"], "bn_mode": "frozen"}, 1, 1)
+                                               {**run.params["tail"], "bn_mode": "frozen", "unfreeze_blocks": 0}, 1, 1)
 
 
 def stage_bn(run: Run) -> None:

@@ -67,7 +67,9 @@ DEFAULT_TAIL: dict[str, Any] = {
     "bn_mode": "batch",
     "bn_momentum": 0.9,
     "head_lr_multiplier": 1.0,
+    "unfreeze_blocks": 2,  # the whole tail of the default cut (last2); fewer if the cut leaves fewer
 }
+MAX_UNFREEZE = 2  # blocks of the default cut's tail (MobileNet last2)
 DEFAULTS: dict[str, dict[str, Any]] = {"head": DEFAULT_HEAD, "tail": DEFAULT_TAIL}
 
 
@@ -189,8 +191,11 @@ def suggest_head(s: Source) -> dict[str, Any]:
     return p
 
 
-def suggest_tail(s: Source) -> dict[str, Any]:
-    """Tail fine-tuning: AdamW peak rate, decay, warm-up, smoothing, shifts, BN mode, head rate.
+def suggest_tail(s: Source, max_unfreeze: int = MAX_UNFREEZE) -> dict[str, Any]:
+    """Tail fine-tuning: how many of the tail's last blocks train (0: the head alone on the
+    frozen tail; ``max_unfreeze``: the whole tail of the cache's cut, the blocks before the
+    unfrozen ones running frozen), AdamW peak rate, decay, warm-up, smoothing, shifts, BN mode,
+    head rate.
 
     The BN momentum is not searched: a phase-2 trial validates after PreciseBN
     (``train.precise_bn``) has replaced the moving statistics, so its score cannot depend on
@@ -199,6 +204,7 @@ def suggest_tail(s: Source) -> dict[str, Any]:
     0.99 this way and its final lagged). It stays fixed at ``DEFAULT_TAIL["bn_momentum"]``.
     """
     p: dict[str, Any] = {
+        "unfreeze_blocks": s.int("unfreeze_blocks", 0, max_unfreeze),
         "tail_learning_rate": s.float("tail_learning_rate", 5e-5, 3e-3, log=True),
         "weight_decay": s.float("weight_decay", 1e-3, 0.2, log=True),
         "warmup_fraction": s.float("warmup_fraction", 0.0, 0.3),
@@ -213,9 +219,11 @@ def suggest_tail(s: Source) -> dict[str, Any]:
 SUGGEST: dict[str, Callable[[Source], dict[str, Any]]] = {"head": suggest_head, "tail": suggest_tail}
 
 
-def suggest(phase: str, source: Any) -> dict[str, Any]:
-    """Sample one configuration of ``phase`` from an Optuna trial or KerasTuner ``hp``."""
-    return SUGGEST[check_phase(phase)](_adapt(source))
+def suggest(phase: str, source: Any, **options: Any) -> dict[str, Any]:
+    """Sample one configuration of ``phase`` from an Optuna trial or KerasTuner ``hp``;
+    ``options`` bound the space by what the cache allows (an objective's ``space_options``:
+    the tail's ``max_unfreeze`` blocks)."""
+    return SUGGEST[check_phase(phase)](_adapt(source), **options)
 
 
 class _Recorder:
@@ -262,15 +270,18 @@ def check_phase(phase: str) -> str:
     return phase
 
 
-def default_trial(phase: str) -> dict[str, Any]:
+def default_trial(phase: str, **options: Any) -> dict[str, Any]:
     """``DEFAULTS[phase]`` as a trial of the phase's space would record it: only the parameters
     the space samples (and only those active for these values), e.g. for Optuna's
     ``enqueue_trial``. A fixed setting such as ``bn_momentum`` is left out. (Optuna's
     ``FixedTrial`` answers the space from the defaults and records what was asked.)"""
     import optuna
 
-    trial = optuna.trial.FixedTrial(DEFAULTS[check_phase(phase)])
-    suggest(phase, trial)
+    values = dict(DEFAULTS[check_phase(phase)])
+    if "max_unfreeze" in options:
+        values["unfreeze_blocks"] = min(values["unfreeze_blocks"], options["max_unfreeze"])
+    trial = optuna.trial.FixedTrial(values)
+    suggest(phase, trial, **options)
     return dict(trial.params)
 
 

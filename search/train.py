@@ -395,7 +395,9 @@ class TwoRateModel(keras.Model):
         variables = self.trainable_variables
         grads = tape.gradient(loss, variables)
         pairs = list(zip(grads, variables, strict=True))
-        self.optimizer.apply_gradients([(g, v) for g, v in pairs if id(v) not in self._head_ids])
+        tail_pairs = [(g, v) for g, v in pairs if id(v) not in self._head_ids]
+        if tail_pairs:  # none when every block of the tail stays frozen (unfreeze_blocks 0)
+            self.optimizer.apply_gradients(tail_pairs)
         self.head_optimizer.apply_gradients([(g, v) for g, v in pairs if id(v) in self._head_ids])
         return self.compute_metrics(x, y, y_pred)
 
@@ -406,17 +408,38 @@ class TailParts:
 
     ``tail``: ``(b, h, w, c)`` cut activations -> ``(b, features)`` pooled, sharing its layers
     (and so its weights) with the backbone it was cut from (``backbones.split_at_cut``).
+    ``blocks``: the layer names where the tail's blocks end, nearest the cut first
+    (``BackboneSpec.tail_blocks``): the tail has ``len(blocks) + 1`` blocks, and unfreezing the
+    last ``d`` of them (:meth:`frozen_prefix`) keeps the others frozen in inference mode.
     """
 
     tail: keras.Model
     initial_weights: list[np.ndarray]
+    blocks: tuple[str, ...] = ()
 
     @classmethod
-    def from_backbone(cls, backbone: keras.Model, cut_layer: str) -> TailParts:
+    def from_backbone(cls, backbone: keras.Model, cut_layer: str, blocks: tuple[str, ...] = ()) -> TailParts:
         from search import backbones
 
         tail = backbones.split_at_cut(backbone, cut_layer)
-        return cls(tail, [np.array(w) for w in tail.get_weights()])
+        return cls(tail, [np.array(w) for w in tail.get_weights()], tuple(blocks))
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.blocks) + 1
+
+    def frozen_prefix(self, unfreeze: int) -> list[keras.layers.Layer]:
+        """The tail's layers that stay frozen when only its last ``unfreeze`` blocks train (all of
+        them for 0, none for :attr:`n_blocks` or more)."""
+        from search import backbones
+
+        layers = [la for la in self.tail.layers if la.weights]
+        if unfreeze <= 0:
+            return layers
+        if unfreeze >= self.n_blocks:
+            return []
+        frozen = {id(la) for la in backbones.frozen_layers(self.tail, self.blocks[self.n_blocks - 1 - unfreeze])}
+        return [la for la in layers if id(la) in frozen]
 
     def reset(self) -> None:
         self.tail.set_weights(self.initial_weights)
@@ -502,10 +525,11 @@ def build_tail_trainer(parts: TailParts, head: keras.Model, head_weights: list[n
     parts.reset()
     head.set_weights(head_weights)
     set_precision(parts.tail, head, resolve_precision(precision))
+    frozen = {id(la) for la in parts.frozen_prefix(int(params["unfreeze_blocks"]))}
     for layer in parts.tail.layers:
-        layer.trainable = True
+        layer.trainable = id(layer) not in frozen
         if isinstance(layer, keras.layers.BatchNormalization):
-            layer.trainable = params["bn_mode"] == "batch"
+            layer.trainable = layer.trainable and params["bn_mode"] == "batch"
             layer.momentum = float(params["bn_momentum"])
     steps = steps_per_epoch * epochs
     lr, wd = float(params["tail_learning_rate"]), float(params["weight_decay"])

@@ -210,7 +210,7 @@ def test_tpe_startup_is_sized_to_the_budget():
 
 
 class Failing:
-    phase, cache_id, max_epochs, budget = "head", "tiny", 1, {}
+    phase, cache_id, max_epochs, budget, space_options = "head", "tiny", 1, {}, {}
 
     def build(self, params, seed=0):
         raise RuntimeError("out of memory (simulated)")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY_RES
-from search import train
+from search import backbones, heads, space, train
 from search.cache import Cache
 from search.errors import UserError
 
@@ -435,3 +435,28 @@ def test_graph_rewrites_are_restored_after_the_block():
     with train.graph_rewrites(False):
         assert tf.config.optimizer.get_experimental_options()["disable_meta_optimizer"] is True
     assert tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer", False) == before
+
+
+@pytest.mark.parametrize("unfreeze", [0, 1, 2])
+def test_only_the_last_unfrozen_blocks_of_the_tail_train(unfreeze, spec, tiny_cache, tiny_splits):
+    """unfreeze_blocks d: the tail's last d blocks train; the blocks before them keep their
+    pretrained weights and BN statistics (they run frozen, in inference mode); 0 is the head alone."""
+    keras.utils.set_random_seed(0)
+    backbone = spec.build(weights=None, size=TINY_RES)
+    cut = spec.cut_layer("last2")
+    parts = train.TailParts.from_backbone(backbone, cut, spec.tail_blocks(cut))
+    assert parts.n_blocks == 2 and parts.blocks == (spec.cuts["last1"],)
+    head = heads.build_head(space.DEFAULTS["head"], (backbone.output.shape[-1],), num_classes=10)
+    params = {"unfreeze_blocks": unfreeze, "tail_learning_rate": 1e-2, "warmup_fraction": 0.0}
+    data = train.tail_batches(tiny_cache, tiny_splits, params, batch_size=32)
+    trainer = train.build_tail_trainer(parts, head, head.get_weights(), params, len(data[0]), 1)
+    before = {la.name: [np.array(w) for w in la.get_weights()] for la in parts.tail.layers}
+    train.fit_tail(trainer, *data, 1)
+    moved = {la.name for la in parts.tail.layers if la.weights and any(
+        not np.array_equal(w, w0) for w, w0 in zip(la.get_weights(), before[la.name], strict=True))}
+    block1 = {la.name for la in backbones.frozen_layers(parts.tail, spec.cuts["last1"]) if la.weights}
+    tail = {la.name for la in parts.tail.layers if la.weights}
+    expected = {0: set(), 1: tail - block1, 2: tail}[unfreeze]
+    assert moved == expected and (unfreeze == 0 or moved)
+    assert len([v for v in trainer.trainable_variables if id(v) not in trainer._head_ids]) == sum(
+        len(la.trainable_weights) for la in parts.tail.layers if la.name in expected)

@@ -39,7 +39,8 @@ def _hypermodel(objective: Any, seed: int):
 
         def build(self, hp: Any) -> Any:
             self.trials += 1
-            return objective.build(space.suggest(objective.phase, hp), seed=seed + self.trials)
+            return objective.build(space.suggest(objective.phase, hp, **objective.space_options),
+                                   seed=seed + self.trials)
 
         def fit(self, hp: Any, model: Any, *args: Any, epochs: int | None = None, callbacks: list | None = None,
                 initial_epoch: int = 0, **kwargs: Any) -> float:
@@ -100,11 +101,11 @@ class KerasTunerEngine:
             return read_json(path)
         if not self.default_trial:
             return None
-        model = objective.build(space.default_trial(objective.phase), seed=self.seed)
+        model = objective.build(space.default_trial(objective.phase, **objective.space_options), seed=self.seed)
         value = objective.fit(model, objective.max_epochs)
         score = getattr(objective, "last_score", None)
         record = score.as_dict() if score is not None else {"value": value, "scores": [value], "n": None}
-        write_json(path, {**record, "params": space.default_trial(objective.phase)})
+        write_json(path, {**record, "params": space.default_trial(objective.phase, **objective.space_options)})
         return record
 
     def run(self, objective: Any, n_trials: int | None, study_name: str | None = None,

@@ -70,6 +70,11 @@ class HeadObjective:
             train.freeze_long_lived_objects()
 
     @property
+    def space_options(self) -> dict[str, Any]:
+        """What bounds this phase's search space here (``space.suggest``'s options): nothing."""
+        return {}
+
+    @property
     def budget(self) -> dict[str, Any]:
         return {"rows": len(self._fit_data.x_train), "max_epochs": self.max_epochs, "mirrored": self.mirrored,
                 "batch_size": self.batch_size, "folds": self.folds}
@@ -140,6 +145,11 @@ class TailObjective:
         self.precision = train.resolve_precision(self.precision)
 
     @property
+    def space_options(self) -> dict[str, Any]:
+        """The tail's blocks bound how many can be unfrozen (``space.suggest_tail``)."""
+        return {"max_unfreeze": self.parts.n_blocks}
+
+    @property
     def budget(self) -> dict[str, Any]:
         return {"rows": len(self._rows), "max_epochs": self.max_epochs, "batch_size": self.batch_size,
                 "precision": self.precision, "precise_bn_rows": self.precise_bn_rows, "head": self.head_provenance}
@@ -192,7 +202,11 @@ def make_objective(phase: str, cache: Cache, splits: Splits, rows: int | None, m
                              folds=head_folds(splits, rows) if folds is None else folds)
     params, provenance = engines.resolve_params("auto", results, cache.path.name, phases=("head",))
     head, _ = train.train_head(data, params["head"], epochs=30, seed=seed)
-    parts = train.TailParts.from_backbone(backbone, cache.key["cut_layer"])
+    from search.backbones import get_backbone
+
+    cut_layer = cache.key["cut_layer"]
+    blocks = get_backbone(cache.key["backbone"]).tail_blocks(cut_layer)
+    parts = train.TailParts.from_backbone(backbone, cut_layer, blocks)
     return TailObjective(cache, splits, parts, head, head.get_weights(), cache.path.name, rows=rows,
                          max_epochs=max_epochs, head_provenance=provenance["head"])
 

@@ -188,7 +188,7 @@ class OptunaEngine:
         study = self.open(objective, n_trials, study_name)
         fail_trials_without_heartbeat(study, 2 * self.heartbeat)
         if self.worker_index == 0:
-            self.enqueue_defaults(study, objective.phase)
+            self.enqueue_defaults(study, objective.phase, objective.space_options)
         write_pointer(self.results, objective.phase, objective.cache_id,
                       {"engine": "optuna", "storage": self.storage, "study_name": study.study_name})
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -233,12 +233,13 @@ class OptunaEngine:
                 self._fail_broken_trial(study)
         return check_outcome(summarize(study))
 
-    def enqueue_defaults(self, study: optuna.Study, phase: str) -> None:
+    def enqueue_defaults(self, study: optuna.Study, phase: str, options: dict | None = None) -> None:
         """Make a new study's first trial the documented defaults (``space.default_trial``), so
         the search measures them at its own budget and its best can be compared with them there
         (with ``default_trial``; a study that has trials is left as it is)."""
         if self.default_trial and not study.trials:
-            study.enqueue_trial(space.default_trial(phase), user_attrs={"defaults": True}, skip_if_exists=True)
+            study.enqueue_trial(space.default_trial(phase, **(options or {})), user_attrs={"defaults": True},
+                                skip_if_exists=True)
 
     def _fail_broken_trial(self, study: optuna.Study) -> None:
         """After a reconnect, tell FAIL the trial this process was running when the database went
@@ -257,7 +258,7 @@ class OptunaEngine:
     def objective_fn(self, objective: Any):
         def run_trial(trial: optuna.Trial) -> float:
             self._trial_number = trial.number
-            params = space.suggest(objective.phase, trial)
+            params = space.suggest(objective.phase, trial, **objective.space_options)
             start = time.perf_counter()
             trial.set_user_attr("cache", objective.cache_id)
             trial.set_user_attr("phase", objective.phase)
