@@ -33,6 +33,7 @@ import keras
 import numpy as np
 
 from search import backbones
+from search.config import CHUNK_SIZE
 from search.data import CLASS_NAMES, IMAGE_SHAPE, NUM_CLASSES, Splits
 from search.errors import UserError
 from search.io import read_json, write_json
@@ -195,11 +196,11 @@ def ensure_cache(
     splits: Splits,
     cut: str | None = None,
     resolution: int | None = None,
-    flip: bool = True,
+    flip: bool = False,
     weights: str | None = "imagenet",
     root: str | os.PathLike = DEFAULT_ROOT,
     build: bool = True,
-    chunk_size: int = 2000,
+    chunk_size: int = CHUNK_SIZE,
     batch_size: int = 100,
     progress: bool = True,
     model: keras.Model | None = None,

@@ -1,10 +1,12 @@
-"""Command line: the Makefile's verbs. ``python -m search.cli --help``.
+"""Command line: ``transfer-search VERB`` (or ``python -m search.cli VERB``), the Makefile's verbs.
 
 Verbs: ``extract`` (build the feature cache), ``search`` (both phases, Optuna or KerasTuner, on
 the cache), ``final`` (train, stitch, save ``cifar10.h5``), ``evaluate`` (the classic
 evaluation script), ``report``, ``paper``, ``bench-cache``, ``bench-search``, ``bench-memory``.
-This module only parses and dispatches: every check lives where the thing it checks is made. Bad input exits
-with status 2 and one line ``error: ...`` (no traceback).
+This module only parses and dispatches: every check lives where the thing it checks is made, and
+every default is read from where it is stated (``FinalConfig``, ``space.BUDGETS``). Bad input exits
+with status 2 and one line ``error: ...``; any other failure with status 1 and one line naming
+the exception (``--debug`` prints the traceback).
 """
 
 from __future__ import annotations
@@ -20,10 +22,24 @@ from pathlib import Path
 from typing import Any
 
 from search import selection
+from search.config import CHUNK_SIZE, FinalConfig
 from search.errors import UserError
 from search.space import BUDGETS, HEAD_BATCH_SIZE
 
 log = logging.getLogger("search")
+
+
+PROG = "transfer-search"
+
+
+FINAL = FinalConfig()  # the defaults of `final`, stated once in search.config
+
+
+def _add_precision_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tail-precision", default=FINAL.tail_precision, choices=("auto", "float32", "mixed_bfloat16"),
+                   help=f"compute precision of the tail's training (default {FINAL.tail_precision}): 'auto' is "
+                        "mixed_bfloat16 on a CPU with AMX bfloat16 and no GPU, else float32; a saved model is "
+                        "float32 either way")
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -65,17 +81,19 @@ def _add_cache_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m search.cli",
+        prog=PROG,
         description="Transfer-learning hyperparameter search for CIFAR-10 on Keras Applications: "
                     "the frozen backbone runs once into cache/; phase 1 searches the head on the cached "
                     "pooled features, phase 2 how the backbone's last block(s) are fine-tuned on the cached "
                     "cut activations; `final` trains both phases' best parameters and saves the model.")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an unexpected failure")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     p = sub.add_parser("extract", help="run the frozen part once over train+test into cache/")
     _add_data_args(p)
     _add_cache_args(p)
-    p.add_argument("--chunk-size", type=int, default=2000, help="images per resumable chunk (default 2000)")
+    p.add_argument("--chunk-size", type=int, default=CHUNK_SIZE,
+                   help=f"images per resumable chunk (default {CHUNK_SIZE})")
 
     p = sub.add_parser("search", help="search both phases on the cache (head, then tail fine-tuning)",
                        description="Phase 1 (head): architecture and optimizer of the head on cached pooled "
@@ -125,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"cross-validation folds of a phase-1 trial (default: {selection.FOLDS} below "
                         f"{selection.SMALL_DATA_ROWS} training images, fewer if a class is too small; else 1, "
                         "the validation split)")
+    _add_precision_arg(p)
     p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
                    help="stop starting trials after this many minutes for the whole search (both phases; "
                         "phase 2 gets what phase 1 left); default: no limit")
@@ -139,18 +158,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'auto' (each phase's best trial of the search on this cache key, else the default), "
                         "'default', 'study' (error if a phase has no search) or JSON {\"head\": {...}, "
                         "\"tail\": {...}}")
-    p.add_argument("--tail-epochs", type=int, default=7, help="epochs of tail fine-tuning (0: head only; default 7)")
-    p.add_argument("--head-epochs", type=int, default=30, help="max epochs of the head on pooled features")
-    p.add_argument("--tail-precision", default="auto", choices=("auto", "float32", "mixed_bfloat16"),
-                   help="compute precision of the tail's training: 'auto' (default) is mixed_bfloat16 on a CPU "
-                        "with AMX bfloat16 and no GPU, else float32; the saved model is float32 either way")
-    p.add_argument("--bn-passes", type=int, default=0,
+    p.add_argument("--tail-epochs", type=int, default=FINAL.tail_epochs,
+                   help=f"epochs of tail fine-tuning (0: head only; default {FINAL.tail_epochs})")
+    p.add_argument("--head-epochs", type=int, default=FINAL.head_epochs,
+                   help=f"max epochs of the head on pooled features (default {FINAL.head_epochs})")
+    _add_precision_arg(p)
+    p.add_argument("--bn-passes", type=int, default=FINAL.bn_passes,
                    help="passes re-estimating the tail's BN statistics after training; the new statistics "
-                        "are kept only if validation accuracy does not drop (default 0: skipped, it lowered "
-                        "validation in the recorded run)")
+                        f"are kept only if validation accuracy does not drop (default {FINAL.bn_passes})")
+    p.add_argument("--name", default=None,
+                   help="name this run: its final.json and stage rows go to RESULTS/runs/NAME/ (the searches are "
+                        "still read from RESULTS/), and the model to RESULTS/runs/NAME/model.h5 unless --output")
     p.add_argument("--no-tta", dest="tta", action="store_false",
                    help="never average the mirrored image's prediction in the saved model")
-    p.add_argument("--output", default="cifar10.h5", help="where to save the model (default ./cifar10.h5)")
+    p.add_argument("--output", default=None, help=f"where to save the model (default ./{FINAL.output}, or the "
+                                                   "run's folder with --name)")
 
     p = sub.add_parser("evaluate", help="run the classic evaluation script, unmodified, on ./cifar10.h5")
     p.add_argument("--model", default="cifar10.h5", help="model to evaluate (default ./cifar10.h5)")
@@ -171,10 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="CIFAR-10 .npz for the figure (default $CIFAR10_NPZ)")
 
     p = sub.add_parser("compare", help="frontier, seeds and search effect of finished final runs -> results/",
-                       description="Reads copies of results/final.json (LABEL=PATH ...) and writes frontier.json "
-                                   "(+ .png), seeds.json (runs sharing the first run's recipe) and, with --default and "
-                                   "--searched, search_effect.json. Trains and scores nothing.")
-    p.add_argument("runs", nargs="+", metavar="LABEL=PATH", help="a final run's JSON and its label")
+                       description="Reads final runs (NAME of `final --name NAME`, or LABEL=PATH of a final.json) "
+                                   "and writes frontier.json (+ .png), seeds.json (runs sharing the first run's "
+                                   "recipe) and, with --default and --searched, search_pair.json. Trains and scores "
+                                   "nothing.")
+    p.add_argument("runs", nargs="+", metavar="NAME|LABEL=PATH",
+                   help="a named run (RESULTS/runs/NAME/final.json), or a final run's JSON and its label")
     p.add_argument("--default", dest="default_run", default=None, help="label of the run with default parameters")
     p.add_argument("--searched", dest="searched_run", default=None, help="label of the run with searched parameters")
     p.add_argument("--results", default="results", help="where the JSON files go (default results/)")
@@ -256,12 +280,12 @@ def _weights(args: argparse.Namespace) -> str | None:
     return "imagenet"
 
 
-def _cache(args: argparse.Namespace, splits, spec, chunk_size: int = 2000, model=None):
+def _cache(args: argparse.Namespace, splits, spec, chunk_size: int | None = None, model=None):
     from search.cache import ensure_cache
 
     return ensure_cache(spec, splits, cut=args.cut, resolution=args.resolution, flip=args.mirror == "images",
                         weights=_weights(args), root=args.cache_dir, build=args.build,
-                        chunk_size=chunk_size, progress=not args.quiet, model=model)
+                        chunk_size=chunk_size or CHUNK_SIZE, progress=not args.quiet, model=model)
 
 
 def cmd_extract(args: argparse.Namespace, argv: list[str]) -> int:
@@ -300,7 +324,7 @@ def cmd_search(args: argparse.Namespace, argv: list[str]) -> int:
             trials = args.trials if phase == "head" else args.tail_trials  # Hyperband refuses an explicit count
         objective = make_objective(phase, cache, splits, rows, max_epochs, backbone=model, results=args.results,
                                    seed=args.seed, mirrored=args.use_flips, batch_size=args.head_batch_size,
-                                   folds=args.folds)
+                                   folds=args.folds, precision=args.tail_precision)
         log.info("phase %s: %s trials, budget %s", phase, trials, objective.budget)
         name = f"{args.study_name}-{phase}" if args.study_name and len(phases) > 1 else args.study_name
         timeout = None if deadline is None else max(1.0, deadline - time.monotonic())
@@ -344,7 +368,16 @@ def _spawn_workers(args: argparse.Namespace, argv: list[str], phases: tuple[str,
         print(f"phase {phase}: {args.workers} workers finished with exit codes {codes[-args.workers:]}")
         if any(codes):
             break
-    return max(codes)
+    return workers_status(codes)
+
+
+def workers_status(codes: list[int]) -> int:
+    """The exit status of a multi-worker search: 0 only if every worker exited 0; else the first
+    failure's code, a worker killed by signal N (code -N, as ``Popen`` reports it) as 128 + N."""
+    failed = [c for c in codes if c != 0]
+    if not failed:
+        return 0
+    return 128 - failed[0] if failed[0] < 0 else failed[0]
 
 
 def _params(text: str) -> str | dict:
@@ -362,19 +395,33 @@ def _params(text: str) -> str | dict:
 def cmd_final(args: argparse.Namespace, argv: list[str]) -> int:
     from search.final import FinalConfig, build_final
 
+    run_dir = run_folder(args.results, args.name) if args.name is not None else None
+    output = args.output or (str(run_dir / "model.h5") if run_dir else FINAL.output)
     config = FinalConfig(
         backbone=args.backbone, weights=_weights(args), cut=args.cut, resolution=args.resolution,
         mirror=args.mirror, data=args.data, image_size=args.image_size, val_size=args.val_size, seed=args.seed,
         params=_params(args.params),
         head_epochs=args.head_epochs, tail_epochs=args.tail_epochs, bn_passes=args.bn_passes, tta=args.tta,
-        tail_precision=args.tail_precision,
-        output=args.output, results=args.results, cache_root=args.cache_dir, build_cache=args.build,
+        tail_precision=args.tail_precision, output=output, results=args.results,
+        run_dir=str(run_dir) if run_dir else None, cache_root=args.cache_dir, build_cache=args.build,
         progress=not args.quiet)
     splits, _ = _setup(args)
     summary = build_final(config, splits)
+    shipped = "; ".join(f"{phase}: {p['source']}" + (f" ({p['why']})" if p.get("why") else "")
+                        for phase, p in summary["params_provenance"].items())
+    print(f"parameters shipped: {shipped}")
     print(f"saved {summary['model_path']}: val accuracy {summary['val_accuracy']:.4f}, "
           f"test accuracy {summary['test_accuracy']:.4f}")
     return 0
+
+
+def run_folder(results: str | os.PathLike, name: str) -> Path:
+    """``RESULTS/runs/NAME``: where a named final run writes; NAME is one plain folder name."""
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name):
+        raise UserError(f"--name must be letters, digits, '.', '_' or '-' (at most 100), got {name!r}")
+    return Path(results) / "runs" / name
 
 
 def cmd_evaluate(args: argparse.Namespace, argv: list[str]) -> int:
@@ -407,8 +454,12 @@ def cmd_compare(args: argparse.Namespace, argv: list[str]) -> int:
     runs = {}
     for item in args.runs:
         label, sep, path = item.partition("=")
-        if not sep or not label or not path:
-            raise UserError(f"runs are LABEL=PATH, got {item!r}")
+        if not sep:  # a named run
+            path = str(run_folder(args.results, item) / "final.json")
+            if not Path(path).exists():
+                raise UserError(f"no run named {item!r} ({path} missing); `final --name {item}` makes one")
+        elif not label or not path:
+            raise UserError(f"runs are NAME or LABEL=PATH, got {item!r}")
         runs[label] = path
     out = compare_runs(runs, args.results, args.default_run, args.searched_run)
     print(json.dumps({k: v for k, v in out.items() if k != "frontier"}, indent=2, default=str))
@@ -481,11 +532,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.verb](args, argv)
     except UserError as exc:
+        if args.debug:
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # anything unforeseen: one line, the traceback on request
+        if args.debug:
+            raise
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        print(f"error: {args.verb} failed: {type(exc).__name__}: {first} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -9,9 +9,9 @@ Entry point: :func:`compare_runs`, behind ``python -m search.cli compare``. It w
 - ``seeds.json``: the runs of one recipe under different seeds: test accuracy of each with its
   95 % interval (Wilson, binomial on the test images), their mean, and the bars of the
   final-model issue (each >= 87.0 %, mean >= 87.5 %);
-- ``search_effect.json`` when given a run with default parameters and one with searched ones:
+- ``search_pair.json`` when given a run with default parameters and one with searched ones:
   under the keys ``default`` and ``searched`` (each with its run's label), validation and test
-  accuracy of each (the searched run should win on validation).
+  accuracy of each. (``search_effect.json``, across datasets and seeds, is ``search.effect``'s.)
 
 Nothing here trains or scores a model: every figure is read from the runs' JSON files.
 """
@@ -82,7 +82,7 @@ def recipe_of(run: dict) -> dict:
 def compare_runs(runs: dict[str, str | os.PathLike], results: str | os.PathLike = "results",
                  default_run: str | None = None, searched_run: str | None = None) -> dict:
     """Write ``frontier.json``/``.png``, ``seeds.json`` (runs sharing the first run's recipe) and,
-    with ``default_run`` and ``searched_run`` (labels of ``runs``), ``search_effect.json``.
+    with ``default_run`` and ``searched_run`` (labels of ``runs``), ``search_pair.json``.
 
     Args:
         runs: label -> path of a final run's JSON.
@@ -128,8 +128,8 @@ def compare_runs(runs: dict[str, str | os.PathLike], results: str | os.PathLike 
         effect["searched_wins_on_validation"] = s["val_accuracy"] > d["val_accuracy"]
         effect["val_difference"] = s["val_accuracy"] - d["val_accuracy"]
         effect["test_difference"] = s["test_accuracy"] - d["test_accuracy"]
-        write_json(results / "search_effect.json", effect)
-        out["search_effect"] = effect
+        write_json(results / "search_pair.json", effect)
+        out["search_pair"] = effect
     return out
 
 

@@ -43,71 +43,12 @@ import numpy as np
 
 from search import backbones, heads, space, train
 from search.cache import Cache, build_extractor, ensure_cache, frozen_pass
+from search.config import PARAM_MODES, FinalConfig  # noqa: F401  (FinalConfig: this module's input)
 from search.data import IMAGE_SHAPE, Splits, load_data
 from search.errors import UserError
 from search.io import append_row, atomic_path, write_json
 
 log = logging.getLogger(__name__)
-PARAM_MODES = ("auto", "default", "study")
-
-
-@dataclass
-class FinalConfig:
-    """Everything ``make final`` can change; the defaults are the documented recipe.
-
-    ``params``: ``"auto"`` (each phase's best trial on this cache key if a search exists, else
-    its default), ``"default"``, ``"study"`` (error if a phase has no search), or a dict
-    ``{"head": {...}, "tail": {...}}`` (missing keys take the defaults).
-
-    ``mirror``: how images are mirrored for augmentation (``train.MIRRORS`` less ``"auto"``).
-    ``"maps"`` (default) mirrors the cached activation maps (the frozen pass runs over the 60,000
-    images once); ``"images"`` also caches the mirrored images' activations (120,000 images,
-    twice the extraction and the disk). Test-time averaging (``tta``) is chosen on validation
-    among :func:`tta_candidates`; without cached mirror images, the mirrored images' activations
-    are computed at test time for the validation and test splits only.
-    ``tail_precision``: ``train.PRECISIONS``; ``"auto"`` trains the tail in mixed bfloat16 on
-    CPUs with AMX (``train.resolve_precision``).
-    ``bn_passes`` defaults to 0: re-estimating the tail's BN statistics lowered
-    validation accuracy in the run recorded in ``results/ablation.json`` and costs minutes.
-    """
-
-    backbone: str = "MobileNet"
-    weights: str | None = "imagenet"
-    cut: str | None = None
-    resolution: int | None = None
-    mirror: str = "maps"
-    data: str | None = None
-    image_size: int | None = None
-    val_size: int | None = None
-    seed: int = 0
-    params: str | dict = "auto"
-    head_epochs: int = 30
-    tail_epochs: int = 7
-    tail_batch_size: int = 128
-    tail_precision: str = "auto"
-    bn_passes: int = 0
-    tta: bool = True
-    output: str = "cifar10.h5"
-    results: str = "results"
-    cache_root: str = "cache"
-    build_cache: bool = True
-    parity_images: int = 500
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if isinstance(self.params, str) and self.params not in PARAM_MODES:
-            raise UserError(f"params must be one of {list(PARAM_MODES)} or a dict, got {self.params!r}")
-        if isinstance(self.params, dict) and set(self.params) - set(space.PHASES):
-            raise UserError(f"params takes the phases {list(space.PHASES)}, got {sorted(self.params)}")
-        if self.mirror not in ("images", "maps", "none"):
-            raise UserError(f"mirror must be 'images', 'maps' or 'none', got {self.mirror!r}")
-        if self.tail_precision not in train.PRECISIONS:
-            raise UserError(f"tail_precision must be one of {list(train.PRECISIONS)}, got {self.tail_precision!r}")
-        for name in ("head_epochs", "tail_epochs", "bn_passes"):
-            if getattr(self, name) < 0:
-                raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
-
-
 def _predict(model: keras.Model, x: Any, batch_size: int = 256) -> np.ndarray:
     return model.predict(x, batch_size=batch_size, verbose=0)
 
@@ -437,6 +378,7 @@ def build_final(config: FinalConfig, splits: Splits | None = None, model: keras.
         model = spec.build(weights=config.weights, size=resolution)
     run = Run(config, spec, splits, model, cut_layer, resolution,
               precision=train.resolve_precision(config.tail_precision))
+    run.extra["reference_speed"] = reference_speed(model, cut_layer, resolution)
     run.extra["tail_precision_resolved"] = run.precision
     _timed(run, "cache", stage_cache)
     stage_params(run)
@@ -486,24 +428,41 @@ def machine(code: str | None) -> dict:
 REFERENCE_IMAGES_PER_SECOND = 60.0
 
 
-def normalized_time(seconds: float, bench_cache: Path) -> dict | None:
-    """Wall time normalized to a machine whose raw frozen pass (Keras ``predict`` of the frozen
-    part as the application builds it) runs at 60 images/s: ``minutes x measured / 60``, with the
-    speed ``bench-cache`` measured (run it on the same machine right before); None without it."""
-    if not bench_cache.exists():
-        return None
-    from search.io import read_json
+def reference_speed(backbone: keras.Model, cut_layer: str, resolution: int, batch: int = 32,
+                    repeats: int = 5) -> dict:
+    """This machine's speed now: Keras ``predict`` of the frozen part as the application builds
+    it (input to ``cut_layer``, unfolded) on one fixed batch of ``batch`` images, after one
+    warm-up call; the median of ``repeats`` timed calls, with their spread. Measured inside the
+    run it normalizes (:func:`normalized_time`), never taken from another run or machine."""
+    frozen = keras.Model(backbone.inputs, backbones.cut_layer_of(backbone, cut_layer).output)
+    x = np.random.default_rng(0).uniform(-1, 1, (batch, resolution, resolution, 3)).astype(np.float32)
+    frozen.predict(x, batch_size=batch, verbose=0)
+    speeds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        frozen.predict(x, batch_size=batch, verbose=0)
+        speeds.append(batch / (time.perf_counter() - start))
+    return {"images_per_second": float(np.median(speeds)), "min": float(min(speeds)), "max": float(max(speeds)),
+            "repeats": repeats, "batch": batch, "resolution": resolution, "cut_layer": cut_layer}
 
-    bench = read_json(bench_cache)
-    speed = float(bench["raw_predict_images_per_second"])
-    return {"wall_minutes": seconds / 60, "raw_predict_images_per_second": speed,
-            "bench_cache_recorded": bench.get("recorded"), "reference_images_per_second": REFERENCE_IMAGES_PER_SECOND,
-            "normalized_minutes": seconds / 60 * speed / REFERENCE_IMAGES_PER_SECOND}
+
+def normalized_time(seconds: float, reference: dict) -> dict:
+    """Wall time normalized to a machine whose raw frozen pass runs at 60 images/s:
+    ``minutes x measured / 60``, ``measured`` the in-run :func:`reference_speed` (its spread
+    gives the normalized minutes' range)."""
+    speed = float(reference["images_per_second"])
+    minutes = seconds / 60
+    return {"wall_minutes": minutes, "reference": reference, "measured": "in this run, before its stages",
+            "reference_images_per_second": REFERENCE_IMAGES_PER_SECOND,
+            "normalized_minutes": minutes * speed / REFERENCE_IMAGES_PER_SECOND,
+            "normalized_minutes_range": [minutes * reference["min"] / REFERENCE_IMAGES_PER_SECOND,
+                                         minutes * reference["max"] / REFERENCE_IMAGES_PER_SECOND]}
 
 
 def write_summary(run: Run, saved: Path) -> dict:
-    """``results/final.json`` (and the stage rows appended to ``results/ablation.json``)."""
-    results = Path(run.config.results)
+    """``final.json`` (and the stage rows appended to ``ablation.json``) in the results folder, or
+    in the run's own folder ``RESULTS/runs/NAME/`` for a named run (``run_dir``)."""
+    results = Path(run.config.run_dir or run.config.results)
     # which parameters the run used, per phase ("default" or "search"), so rows of default and
     # searched runs are told apart in the ablation table
     params = space.params_label(run.provenance)
@@ -526,7 +485,8 @@ def write_summary(run: Run, saved: Path) -> dict:
         "tta": run.tta != "none", "tta_chosen": run.tta, **extra, "epochs": run.epochs, "timings_seconds": run.timings,
         "model_path": str(saved.resolve()), "stages": run.rows, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    summary["normalized_time"] = normalized_time(run.timings["total"], results / "bench_cache.json")
+    summary["normalized_time"] = normalized_time(run.timings["total"], run.extra.pop("reference_speed"))
+    summary.pop("reference_speed", None)
     write_json(results / "final.json", summary)
     log.info("val %.4f, test %.4f (cached path); stitched %.4f vs cached %.4f on %d test images; saved %s",
              summary["val_accuracy"], summary["test_accuracy"], summary["parity"]["stitched_accuracy"],

@@ -106,9 +106,22 @@ def listings() -> dict[str, str]:
             "listing_preprocess": ast.get_source_segment(source, fn)}
 
 
+def _effect_sentence(effect: dict) -> str:
+    """What the search changed on each dataset of ``results/search_effect.json``, beside the seed spread."""
+    parts = []
+    for d in effect["datasets"]:
+        n = len(d["seeds"])
+        diff, spread = d["mean_difference"], max(d["seed_spread_default"], d["seed_spread_searched"])
+        verdict = ("an effect larger than the seed spread" if abs(diff) > spread
+                   else "within the seed spread, so not an effect")
+        parts.append(f"on {d['name']} the searched models averaged {_pct(d['mean_searched_test'])} test accuracy "
+                     f"against {_pct(d['mean_default_test'])} with the defaults over {n} seeds ({verdict})")
+    return "Searched against default parameters, " + "; ".join(parts) + "."
+
+
 def _search_texts(ctx: dict) -> dict[str, str]:
     """Sentences about the searches, the importance basis and the BN mode, from the study files."""
-    head, tail, effect = ctx.get("study_head"), ctx.get("study_tail"), ctx.get("search_effect")
+    head, tail, effect = ctx.get("study_head"), ctx.get("study_tail"), ctx.get("search_pair")
     out = {}
     if head:
         pruners = " then ".join(head.get("pruners") or []) or "a pruner not recorded with the study"
@@ -148,7 +161,10 @@ def _search_texts(ctx: dict) -> dict[str, str]:
     else:
         out["bn_sentence"] = ("we did not measure frozen statistics against batch statistics in this run's searches "
                               "(an earlier session's exploratory runs favoured batch statistics).")
-    if effect:
+    if ctx.get("search_effect", {}).get("datasets"):
+        out["search_discussion"] = _effect_sentence(ctx["search_effect"])
+        out["search_effect_file"] = "and `results/search_effect.json` (searched against default parameters)"
+    elif effect:
         d, s_ = effect["default"], effect["searched"]
         margin = _margin(effect, ctx)
         out["search_discussion"] = (
@@ -336,6 +352,12 @@ def _cold_sentence(cold: float, final: dict) -> str:
     norm = final.get("normalized_time")
     if not norm or final["cache"]["reused"]:
         return text + "."
+    if "reference" in norm:  # measured in the run itself
+        lo, hi = norm["normalized_minutes_range"]
+        return (text + f"; normalized to a machine whose raw frozen pass runs at "
+                f"{norm['reference_images_per_second']:.0f} images/s by the speed the run measured at its start "
+                f"({norm['reference']['images_per_second']:.1f} images/s), {norm['normalized_minutes']:.1f} min "
+                f"({lo:.1f} to {hi:.1f} over the repeats).")
     return (text + f"; normalized to a machine whose raw frozen pass runs at "
             f"{norm['reference_images_per_second']:.0f} images/s (`bench-cache` measured "
             f"{norm['raw_predict_images_per_second']:.1f} images/s here, "
@@ -345,7 +367,9 @@ def _cold_sentence(cold: float, final: dict) -> str:
 
 def _indicative(norm: dict, final: dict, joiner: str = ", so ") -> str:
     """The caveat for a normalization whose ``bench-cache`` did not run just before the run,
-    after ``joiner``."""
+    after ``joiner`` (none for a speed measured in the run)."""
+    if "reference" in norm:
+        return ""
     if bench_cache_when(norm.get("bench_cache_recorded"), final) == "just before the run":
         return ""
     return joiner + "the normalization is indicative: this machine's speed changes from hour to hour"
@@ -437,7 +461,7 @@ def build_context(results: Path) -> dict:
 
     ctx: dict[str, Any] = {}
     for name in ("final", "bench_cache", "bench_search", "bench_memory", "ablation", "evaluate", "seeds", "frontier",
-                 "search_effect", "study_head", "study_tail"):
+                 "search_effect", "search_pair", "study_head", "study_tail"):
         path = results / f"{name}.json"
         if path.exists():
             ctx[name] = read_json(path)

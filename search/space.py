@@ -270,19 +270,65 @@ def check_phase(phase: str) -> str:
     return phase
 
 
+class _Fixed:
+    """A :class:`Source` that answers every parameter from ``values`` and records which were
+    asked (the active ones), as Optuna's ``FixedTrial`` does, without an engine."""
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.values, self.params = values, {}
+
+    def _get(self, name: str) -> Any:
+        if name not in self.values:
+            raise KeyError(name)
+        self.params[name] = self.values[name]
+        return self.values[name]
+
+    def int(self, name: str, low: int, high: int) -> int:
+        return self._get(name)
+
+    def float(self, name: str, low: float, high: float, log: bool = False) -> float:
+        return self._get(name)
+
+    def choice(self, name: str, values: tuple) -> Any:
+        return self._get(name)
+
+    def when(self, parent: str, value: Any, active: tuple, draw: Callable[[], Any]) -> Any:
+        return draw() if value in active else None
+
+
 def default_trial(phase: str, **options: Any) -> dict[str, Any]:
     """``DEFAULTS[phase]`` as a trial of the phase's space would record it: only the parameters
     the space samples (and only those active for these values), e.g. for Optuna's
-    ``enqueue_trial``. A fixed setting such as ``bn_momentum`` is left out. (Optuna's
-    ``FixedTrial`` answers the space from the defaults and records what was asked.)"""
-    import optuna
-
+    ``enqueue_trial``. A fixed setting such as ``bn_momentum`` is left out. ``options``: as
+    :func:`suggest` (``max_unfreeze`` caps the default's unfrozen blocks)."""
     values = dict(DEFAULTS[check_phase(phase)])
     if "max_unfreeze" in options:
         values["unfreeze_blocks"] = min(values["unfreeze_blocks"], options["max_unfreeze"])
-    trial = optuna.trial.FixedTrial(values)
-    suggest(phase, trial, **options)
-    return dict(trial.params)
+    fixed = _Fixed(values)
+    SUGGEST[phase](fixed, **options)
+    return fixed.params
+
+
+def active(phase: str, params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` (complete: :func:`with_defaults`) less the conditional parameters their values
+    make inactive (``units_1`` with one layer, ``weight_decay`` with Adam); fixed settings
+    (keys of ``DEFAULTS`` the space does not sample, such as ``bn_momentum``) are kept."""
+    fixed = _Fixed(params)
+    SUGGEST[check_phase(phase)](fixed)
+    declared = {row["name"] for row in describe(phase)}
+    return {k: v for k, v in params.items() if k in fixed.params or k not in declared}
+
+
+def check_params(phase: str, params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` if every key is a parameter or fixed setting of ``phase``; else one
+    :class:`~search.errors.UserError` naming the unknown keys and the valid ones."""
+    from search.errors import UserError
+
+    valid = {row["name"] for row in describe(check_phase(phase))} | set(DEFAULTS[phase])
+    unknown = sorted(set(params) - valid)
+    if unknown:
+        raise UserError(f"unknown {phase} parameter(s) {unknown}; valid: {sorted(valid)}")
+    return params
 
 
 def with_defaults(phase: str, params: dict[str, Any]) -> dict[str, Any]:

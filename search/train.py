@@ -24,6 +24,7 @@ import numpy as np
 
 from search import heads, space
 from search.cache import Cache
+from search.config import PRECISIONS
 from search.data import Splits, one_hot
 from search.errors import UserError
 
@@ -445,7 +446,6 @@ class TailParts:
         self.tail.set_weights(self.initial_weights)
 
 
-PRECISIONS = ("auto", "float32", "mixed_bfloat16")
 
 
 def resolve_precision(precision: str = "auto") -> str:

@@ -111,3 +111,59 @@ def test_help_explains(capsys):
         assert info.value.code == 0
         out = capsys.readouterr().out
         assert all(n in out for n in needles), out
+
+
+def test_a_typo_in_params_exits_2_naming_the_valid_keys(capsys, tmp_path):
+    out = _in_process(capsys, "final", "--params", '{"tail": {"learning_rate": 0.1}}', "--output",
+                      str(tmp_path / "m.h5"))
+    assert out.returncode == 2
+    _one_line_error(out, "unknown tail parameter(s) ['learning_rate']", "tail_learning_rate")
+    assert not (tmp_path / "m.h5").exists()
+
+
+def test_only_active_parameters_are_recorded(tmp_path):
+    from search import engines
+
+    params, provenance = engines.resolve_params({"head": {"n_layers": 1, "optimizer": "adam"}}, tmp_path, "any")
+    assert params["head"]["n_layers"] == 1 and "units_0" in params["head"]
+    assert "units_1" not in params["head"] and "weight_decay" not in params["head"]  # inactive: not recorded
+    assert params["tail"]["bn_momentum"] == 0.9  # a fixed setting stays
+
+
+def test_an_unexpected_failure_is_one_line_and_debug_shows_the_traceback(capsys, monkeypatch):
+    from search import cli
+
+    def boom(args, argv):
+        raise RuntimeError("disk on fire\nsecond line")
+
+    monkeypatch.setitem(cli.COMMANDS, "report", boom)
+    out = _in_process(capsys, "report")
+    assert out.returncode == 1
+    _one_line_error(out, "report failed: RuntimeError: disk on fire", "--debug")
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        cli.main(["--debug", "report"])
+
+
+def test_a_worker_killed_by_a_signal_fails_the_search():
+    from search.cli import workers_status
+
+    assert workers_status([0, 0, 0]) == 0
+    assert workers_status([0, -9, 0]) == 137  # max() of these was 0: a killed worker went unseen
+    assert workers_status([0, 2, -15]) == 2
+
+
+def test_compare_reads_runs_by_name(tmp_path, capsys):
+    import json
+
+    from test_compare import _run
+
+    for name, seed in (("a", 0), ("b", 1)):
+        folder = tmp_path / "runs" / name
+        folder.mkdir(parents=True)
+        (folder / "final.json").write_text(json.dumps(_run(seed, 0.88, 0.87)))
+    out = _in_process(capsys, "compare", "a", "b", "--results", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    seeds = json.loads((tmp_path / "seeds.json").read_text())
+    assert [r["label"] for r in seeds["runs"]] == ["a", "b"]
+    _one_line_error(_in_process(capsys, "compare", "nosuch", "--results", str(tmp_path)), "no run named 'nosuch'")
+    _one_line_error(_in_process(capsys, "final", "--name", "../escape"), "--name must be")

@@ -58,7 +58,8 @@ def test_search_effect_needs_one_seed_and_cache(tmp_path):
     runs = {k: tmp_path / f"{k}.json" for k in ("default", "searched")}
     out = compare_runs({"d0": runs["default"], "s0": runs["searched"]}, tmp_path / "r", default_run="d0",
                        searched_run="s0")
-    effect = out["search_effect"]
+    effect = out["search_pair"]
+    assert json.loads((tmp_path / "r" / "search_pair.json").read_text()) == json.loads(json.dumps(effect))
     assert effect["searched_wins_on_validation"] is True
     assert (effect["default"]["label"], effect["searched"]["label"]) == ("d0", "s0")  # roles, not labels, are keys
     assert effect["searched"]["val_accuracy"] > effect["default"]["val_accuracy"]

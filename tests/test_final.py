@@ -10,14 +10,20 @@ import pytest
 from conftest import TINY_RES
 from search import backbones
 from search.final import FinalConfig, build_final
+from search.io import write_json
+
+PLANTED_SPEED = 1e9
 
 
 @pytest.fixture(scope="module")
 def final_run(tmp_path_factory, tiny_splits):
     tmp = tmp_path_factory.mktemp("final")
+    # a bench from another run: the run must not normalize by it
+    write_json(tmp / "results" / "bench_cache.json", {"raw_predict_images_per_second": PLANTED_SPEED})
     config = FinalConfig(weights=None, resolution=TINY_RES, cache_root=str(tmp / "cache"),
                          results=str(tmp / "results"), output=str(tmp / "cifar10.h5"), head_epochs=3,
-                         tail_epochs=1, tail_batch_size=32, bn_passes=1, parity_images=40, progress=False)
+                         tail_epochs=1, tail_batch_size=32, bn_passes=1, parity_images=40, progress=False,
+                         tail_precision="float32")
     summary = build_final(config, tiny_splits)
     return config, summary, tmp
 
@@ -153,14 +159,19 @@ def lively_root(lively):
     return lively[1].path.parent
 
 
-def test_normalized_time_scales_wall_time_by_the_measured_raw_speed(tmp_path):
+def test_normalized_time_scales_wall_time_by_the_speed_measured_in_the_run(final_run):
     from search.final import normalized_time
-    from search.io import write_json
 
-    assert normalized_time(600.0, tmp_path / "bench_cache.json") is None
-    write_json(tmp_path / "bench_cache.json", {"raw_predict_images_per_second": 90.0, "recorded": "t"})
-    out = normalized_time(600.0, tmp_path / "bench_cache.json")
-    assert out["wall_minutes"] == 10.0 and out["normalized_minutes"] == 15.0 and out["bench_cache_recorded"] == "t"
+    out = normalized_time(600.0, {"images_per_second": 90.0, "min": 80.0, "max": 100.0})
+    assert out["wall_minutes"] == 10.0 and out["normalized_minutes"] == 15.0
+    assert out["normalized_minutes_range"] == pytest.approx([80 / 6, 100 / 6])
+    # the run measured its own reference, and ignored the bench file planted in its results folder
+    _, summary, _ = final_run
+    norm = summary["normalized_time"]
+    speed = norm["reference"]["images_per_second"]
+    assert norm["reference"]["repeats"] >= 3 and norm["reference"]["min"] <= speed <= norm["reference"]["max"]
+    assert norm["normalized_minutes"] == pytest.approx(summary["timings_seconds"]["total"] / 60 * speed / 60)
+    assert speed < PLANTED_SPEED
 
 
 def test_ablation_label_names_what_given_parameters_change(tmp_path):

@@ -57,6 +57,7 @@ def test_both_engines_run_both_phases_through_the_same_objective(engine_name, ti
     engine = engines.make_engine(engine_name, progress=False, results=tmp_path)
     for phase in space.PHASES:
         objective = make_objective(phase, tiny_cache, tiny_splits, rows=60, max_epochs=1, backbone=backbone,
+                                   precision="float32",
                                    results=str(tmp_path))
         assert isinstance(objective, HeadObjective if phase == "head" else TailObjective)
         spy = Spy(objective)
@@ -270,7 +271,8 @@ def test_final_takes_both_phases_of_its_own_cache_key_only(spec, tiny_splits, tm
         study.tell(trial, 0.5)
         engines.write_pointer(results, phase, own, {"engine": "optuna", "storage": storage,
                                                     "study_name": f"{phase}-{own}"})
-    config = FinalConfig(weights=None, resolution=TINY_RES, cache_root=str(tmp_path / "cache"),
+    config = FinalConfig(weights=None, resolution=TINY_RES, tail_precision="float32",
+                         cache_root=str(tmp_path / "cache"),
                          results=str(results), output=str(tmp_path / "m.h5"), head_epochs=1, tail_epochs=1,
                          tail_batch_size=32, bn_passes=1, parity_images=8, progress=False, params="study")
     summary = build_final(config, tiny_splits, model=model)

@@ -149,5 +149,5 @@ def resolve_params(mode: str | dict, results: str | Path, cache_id: str,
                 if mode == "study":
                     raise
                 params[phase], provenance[phase] = {}, {"source": "default", "why": str(exc)}
-        params[phase] = space.with_defaults(phase, params[phase])
+        params[phase] = space.active(phase, space.with_defaults(phase, params[phase]))
     return params, provenance

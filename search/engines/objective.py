@@ -32,6 +32,7 @@ import numpy as np
 
 from search import selection, space, train
 from search.cache import Cache
+from search.config import FinalConfig
 from search.data import Splits
 from search.errors import UserError
 
@@ -180,13 +181,14 @@ Objective = HeadObjective | TailObjective
 
 def make_objective(phase: str, cache: Cache, splits: Splits, rows: int | None, max_epochs: int,
                    backbone: keras.Model | None = None, results: str = "results", seed: int = 0,
-                   mirrored: bool = False, batch_size: int | None = None, folds: int | None = None) -> Objective:
+                   mirrored: bool = False, batch_size: int | None = None, folds: int | None = None,
+                   precision: str = FinalConfig.tail_precision) -> Objective:
     """The ``phase`` objective on ``cache`` with a budget of ``rows`` x ``max_epochs``; a head
     trial steps in batches of ``batch_size`` rows (None: ``space.BUDGETS["head"]``'s).
 
     ``folds``: cross-validation folds of a head trial; None chooses (:func:`head_folds`): 1 from
     :data:`search.selection.SMALL_DATA_ROWS` training images up, else :data:`search.selection.FOLDS`
-    or as many as the smallest class allows.
+    or as many as the smallest class allows. ``precision``: the tail trials' compute precision.
 
     The tail objective starts from the head of the best phase-1 trial on this cache key (or the
     default head when there is none), trained once here on all pooled features; ``backbone`` is
@@ -201,14 +203,14 @@ def make_objective(phase: str, cache: Cache, splits: Splits, rows: int | None, m
                              batch_size=space.head_trial_batch_size() if batch_size is None else batch_size,
                              folds=head_folds(splits, rows) if folds is None else folds)
     params, provenance = engines.resolve_params("auto", results, cache.path.name, phases=("head",))
-    head, _ = train.train_head(data, params["head"], epochs=30, seed=seed)
+    head, _ = train.train_head(data, params["head"], epochs=FinalConfig.head_epochs, seed=seed)
     from search.backbones import get_backbone
 
     cut_layer = cache.key["cut_layer"]
     blocks = get_backbone(cache.key["backbone"]).tail_blocks(cut_layer)
     parts = train.TailParts.from_backbone(backbone, cut_layer, blocks)
     return TailObjective(cache, splits, parts, head, head.get_weights(), cache.path.name, rows=rows,
-                         max_epochs=max_epochs, head_provenance=provenance["head"])
+                         max_epochs=max_epochs, head_provenance=provenance["head"], precision=precision)
 
 
 def head_folds(splits: Splits, rows: int | None = None) -> int:

@@ -1,0 +1,82 @@
+"""What a run can change, stated once: the final model's configuration and its defaults.
+
+Light on purpose (no TensorFlow): the CLI reads its defaults from here, ``search.final`` trains
+from it, ``search.train`` checks precisions against :data:`PRECISIONS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from search import space
+from search.errors import UserError
+
+PRECISIONS = ("auto", "float32", "mixed_bfloat16")
+MIRRORS = ("images", "maps", "none")
+CHUNK_SIZE = 2000  # images per resumable chunk of the cache's extraction (a killed run redoes at most one)
+PARAM_MODES = ("auto", "default", "study")
+
+
+@dataclass
+class FinalConfig:
+    """Everything ``make final`` can change; the defaults are the documented recipe.
+
+    ``params``: ``"auto"`` (each phase's best trial on this cache key if a search exists and it
+    beats the defaults' trial by more than the noise, ``search.selection.decide``; else the
+    defaults), ``"default"``, ``"study"`` (the best trial; error if a phase has no search), or a
+    dict ``{"head": {...}, "tail": {...}}`` (keys checked against the space; missing keys take
+    the defaults).
+
+    ``mirror``: how images are mirrored for augmentation (:data:`MIRRORS`).
+    ``"maps"`` (default) mirrors the cached activation maps (the frozen pass runs over the 60,000
+    images once); ``"images"`` also caches the mirrored images' activations (120,000 images,
+    twice the extraction and the disk). Test-time averaging (``tta``) is chosen on validation
+    among :func:`tta_candidates`; without cached mirror images, the mirrored images' activations
+    are computed at test time for the validation and test splits only.
+    ``tail_precision``: ``PRECISIONS``; ``"auto"`` trains the tail in mixed bfloat16 on
+    CPUs with AMX (``train.resolve_precision``).
+    ``bn_passes`` defaults to 0: re-estimating the tail's BN statistics lowered
+    validation accuracy in the run recorded in ``results/ablation.json`` and costs minutes.
+    """
+
+    backbone: str = "MobileNet"
+    weights: str | None = "imagenet"
+    cut: str | None = None
+    resolution: int | None = None
+    mirror: str = "maps"
+    data: str | None = None
+    image_size: int | None = None
+    val_size: int | None = None
+    seed: int = 0
+    params: str | dict = "auto"
+    head_epochs: int = 30
+    tail_epochs: int = 7
+    tail_batch_size: int = 128
+    tail_precision: str = "auto"
+    bn_passes: int = 0
+    tta: bool = True
+    output: str = "cifar10.h5"
+    results: str = "results"
+    run_dir: str | None = None  # a named run's own folder (RESULTS/runs/NAME): its final.json and stage rows
+    cache_root: str = "cache"
+    build_cache: bool = True
+    parity_images: int = 500
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.params, str) and self.params not in PARAM_MODES:
+            raise UserError(f"params must be one of {list(PARAM_MODES)} or a dict, got {self.params!r}")
+        if isinstance(self.params, dict):
+            if set(self.params) - set(space.PHASES):
+                raise UserError(f"params takes the phases {list(space.PHASES)}, got {sorted(self.params)}")
+            for phase, values in self.params.items():
+                if not isinstance(values, dict):
+                    raise UserError(f"params[{phase!r}] must be an object of parameters, got {values!r}")
+                space.check_params(phase, values)
+        if self.mirror not in MIRRORS:
+            raise UserError(f"mirror must be 'images', 'maps' or 'none', got {self.mirror!r}")
+        if self.tail_precision not in PRECISIONS:
+            raise UserError(f"tail_precision must be one of {list(PRECISIONS)}, got {self.tail_precision!r}")
+        for name in ("head_epochs", "tail_epochs", "bn_passes"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
