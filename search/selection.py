@@ -7,10 +7,13 @@ wrote them.
 
 Scores (the model is scikit-learn's model selection: every score comes with its spread):
 
-- **Large data** (at least :data:`SMALL_DATA_ROWS` training images): a trial is scored once on
-  the validation split, ``n`` images. The noise of the difference of two such accuracies is the
-  binomial standard error ``sqrt(p1 (1 - p1) / n + p2 (1 - p2) / n)`` (conservative: the two
-  trials are scored on the same images, which correlates their errors).
+- **Large data** (at least :data:`SMALL_DATA_ROWS` training images), and every phase-2 trial: a
+  trial is scored once on the validation split, ``n`` images, and records which images it got
+  right (``hits``). Two trials of a study are scored on the same images, so the comparison is
+  paired: per image, the difference of the two hits (-1, 0 or 1); the margin is their mean and
+  its standard error their standard deviation over ``sqrt(n)`` (the z-test behind McNemar's).
+  Without hits (trials recorded before they were kept), the unpaired binomial standard error
+  ``sqrt(p1 (1 - p1) / n + p2 (1 - p2) / n)`` stands in, which is larger.
 - **Small data** (fewer training images): a phase-1 trial is scored by stratified k-fold
   cross-validation (:data:`FOLDS` folds) on the training images' cached pooled features; the
   validation split stays untouched for the final model's own choices. The study keeps each
@@ -26,6 +29,7 @@ curse): the rule guards against shipping noise, not against every optimistic est
 
 from __future__ import annotations
 
+import base64
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,14 +64,31 @@ def folds_for(labels: Any, wanted: int = FOLDS) -> int:
     return int(max(1, min(wanted, counts.min() // MIN_FOLD_ROWS_PER_CLASS)))
 
 
+def pack_hits(hits: Any) -> str:
+    """Which validation images a trial got right (booleans, in the split's order), as base64 of
+    their bits: 5,000 images take 836 characters in a study."""
+    import numpy as np
+
+    return base64.b64encode(np.packbits(np.asarray(hits, dtype=bool)).tobytes()).decode("ascii")
+
+
+def unpack_hits(packed: str, n: int) -> Any:
+    """The ``n`` booleans :func:`pack_hits` packed."""
+    import numpy as np
+
+    return np.unpackbits(np.frombuffer(base64.b64decode(packed), dtype=np.uint8))[:n].astype(bool)
+
+
 @dataclass
 class Score:
     """A trial's estimate: ``value`` (the mean), ``scores`` (one per fold; one value on a single
-    split) and ``n`` (images each score was measured on)."""
+    split), ``n`` (images each score was measured on) and, on a single split, ``hits``
+    (:func:`pack_hits` of the images it got right)."""
 
     value: float
     scores: list[float] = field(default_factory=list)
     n: int | None = None
+    hits: str | None = None
 
     @property
     def folds(self) -> int:
@@ -82,13 +103,14 @@ class Score:
             return math.sqrt(max(self.value * (1 - self.value), 0.0) / self.n)
         return None
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"value": self.value, "scores": list(self.scores), "n": self.n, "se": self.se}
+    def as_dict(self, hits: bool = True) -> dict[str, Any]:
+        out = {"value": self.value, "scores": list(self.scores), "n": self.n, "se": self.se}
+        return {**out, "hits": self.hits} if hits else out
 
     @classmethod
     def from_record(cls, value: float, attrs: dict[str, Any]) -> Score:
-        """From a trial's value and its recorded ``scores``/``n`` (older trials have neither)."""
-        return cls(float(value), [float(s) for s in attrs.get("scores") or []], attrs.get("n"))
+        """From a trial's value and its recorded ``scores``/``n``/``hits`` (older trials lack them)."""
+        return cls(float(value), [float(s) for s in attrs.get("scores") or []], attrs.get("n"), attrs.get("hits"))
 
 
 def _sd(xs: list[float]) -> float:
@@ -104,8 +126,8 @@ def decide(best: Score, default: Score | None, best_is_default: bool = False) ->
     cross-validated on the same folds, else the normal) times the standard error of the margin.
     Without a defaults' score the rule cannot be applied and the defaults ship.
     """
-    out: dict[str, Any] = {"best": best.as_dict(), "default": default.as_dict() if default else None,
-                           "confidence": CONFIDENCE}
+    out: dict[str, Any] = {"best": best.as_dict(hits=False),
+                           "default": default.as_dict(hits=False) if default else None, "confidence": CONFIDENCE}
     if best_is_default:
         return {**out, "ship": "default", "why": "the defaults' trial is the study's best", "margin": 0.0}
     if default is None:
@@ -118,6 +140,16 @@ def decide(best: Score, default: Score | None, best_is_default: bool = False) ->
         from scipy.stats import t
 
         q, test = float(t.ppf(CONFIDENCE, len(diffs) - 1)), f"paired t over {len(diffs)} folds"
+    elif best.hits and default.hits and best.n and best.n == default.n:
+        from statistics import NormalDist
+
+        import numpy as np
+
+        d = unpack_hits(best.hits, best.n).astype(float) - unpack_hits(default.hits, best.n).astype(float)
+        se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else 0.0
+        discordant = int(np.count_nonzero(d))
+        q, test = NormalDist().inv_cdf(CONFIDENCE), (f"paired over {best.n} validation images, "
+                                                       f"{discordant} scored differently")
     else:
         se_b, se_d = best.se, default.se
         if se_b is None or se_d is None:

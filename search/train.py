@@ -194,6 +194,17 @@ class EagerValidation(keras.callbacks.Callback):
             logs["val_accuracy"] = float(tf.reduce_mean(tf.cast(hits, tf.float32)))
 
 
+def head_hits(model: keras.Model, data: PooledData, batch_size: int = HEAD_VAL_BATCH) -> np.ndarray:
+    """Which of ``data``'s validation rows ``model`` classifies right (booleans, in row order),
+    computed eagerly as :class:`EagerValidation` scores them."""
+    import tensorflow as tf
+
+    _, _, x, y = data.tensors()
+    n = int(x.shape[0])
+    probs = tf.concat([model(x[i:i + batch_size], training=False) for i in range(0, n, batch_size)], 0)
+    return np.asarray(tf.equal(tf.argmax(probs, 1), tf.argmax(y, 1)))
+
+
 # ---------------------------------------------------------------- phase 1: the head
 
 

@@ -88,6 +88,9 @@ def test_both_engines_run_both_phases_through_the_same_objective(engine_name, ti
                                       storage=f"sqlite:///{tmp_path / 'study.db'}").trials[0]
             assert first.user_attrs["defaults"] and first.params == space.default_trial(phase)
             assert space.with_defaults(phase, first.params) == space.DEFAULTS[phase]
+        # every finished phase-2 trial kept which validation images it got right (the paired comparison)
+        done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        assert done and all(t.user_attrs["n"] == len(tiny_splits.val_idx) and t.user_attrs["hits"] for t in done)
         # the BN momentum is a fixed setting, not searched (PreciseBN trials cannot see it)
         assert all("bn_momentum" not in t.params for t in study.trials)
 

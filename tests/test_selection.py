@@ -91,3 +91,29 @@ def test_final_auto_ships_a_clear_win(tmp_path):
     params, prov = engines.resolve_params("auto", tmp_path, "c1", phases=("head",))
     assert prov["head"]["source"] == "search" and prov["head"]["decision"]["ship"] == "search"
     assert params["head"]["dropout"] == 0.1
+
+
+def test_on_one_split_trials_are_compared_image_by_image():
+    rng = np.random.default_rng(0)
+    default = rng.random(2000) < 0.80
+    better = default.copy()
+    better[np.flatnonzero(~default)[:30]] = True  # right on 30 more images, wrong on none it got
+    d, b = (Score(float(h.mean()), [float(h.mean())], len(h), selection.pack_hits(h)) for h in (default, better))
+    paired = decide(b, d)
+    unpaired = decide(Score(b.value, b.scores, b.n), Score(d.value, d.scores, d.n))
+    assert paired["test"].startswith("paired over 2000") and paired["ship"] == "search"
+    assert unpaired["ship"] == "default" and paired["se"] < unpaired["se"] / 3
+    assert (selection.unpack_hits(selection.pack_hits(better), 2000) == better).all()
+    noisy = default.copy()
+    flip = rng.choice(2000, 300, replace=False)
+    noisy[flip] = ~noisy[flip]  # as many images won as lost, give or take: noise
+    out = decide(Score(float(noisy.mean()) + 1e-9, [noisy.mean()], 2000, selection.pack_hits(noisy)), d)
+    assert out["ship"] == "default"
+
+
+def test_a_single_split_head_trial_records_the_images_it_got_right(tiny_cache, tiny_splits):
+    data = train.PooledData.from_cache(tiny_cache, tiny_splits, mirrored=False)
+    objective = HeadObjective(data, "tiny", max_epochs=2, batch_size=16, folds=1)
+    value = objective.fit(objective.build(space.DEFAULTS["head"]), 2)
+    hits = selection.unpack_hits(objective.last_score.hits, objective.last_score.n)
+    assert len(hits) == len(tiny_splits.val_idx) and hits.mean() == pytest.approx(value)

@@ -136,11 +136,14 @@ def resolve_params(mode: str | dict, results: str | Path, cache_id: str,
                 if mode == "auto":
                     score, default = found.get("score"), found.get("default_score")
                     decision = selection.decide(
-                        selection.Score(**{k: score[k] for k in ("value", "scores", "n")}) if score
+                        selection.Score.from_record(score["value"], score) if score
                         else selection.Score(float(found["value"])),
-                        selection.Score(**{k: default[k] for k in ("value", "scores", "n")}) if default else None,
+                        selection.Score.from_record(default["value"], default) if default else None,
                         best_is_default=bool(found.get("best_is_default")))
                     provenance[phase]["decision"] = decision
+                    for key in ("score", "default_score"):  # the hits served the decision; not kept
+                        if found.get(key):
+                            found[key] = {k: v for k, v in found[key].items() if k != "hits"}
                     if decision["ship"] == "default":
                         params[phase] = {}
                         provenance[phase] = {"source": "default", "why": decision["why"], "search": found,

@@ -97,7 +97,8 @@ class HeadObjective:
             history = train.fit_head(model, self._fit_data, epochs, callbacks, initial_epoch=initial_epoch,
                                      seed=self._seed, resident=not self.plain_keras, batch_size=self.batch_size)
             value = float(max(history["val_accuracy"]))
-            self.last_score = selection.Score(value, [value], len(self._fit_data.x_val))
+            hits = train.head_hits(model, self._fit_data)  # the best epoch's weights (restored)
+            self.last_score = selection.Score(value, [value], len(hits), selection.pack_hits(hits))
             return value
         scores = []
         for k, data in enumerate(self._fold_data):
@@ -172,7 +173,10 @@ class TailObjective:
     def fit(self, model: keras.Model, epochs: int, callbacks: list | None = None, initial_epoch: int = 0) -> float:
         history = train.fit_tail(model, *self._data, epochs, callbacks, initial_epoch=initial_epoch)
         value = float(max(history["val_accuracy"]))
-        self.last_score = selection.Score(value, [value], len(self.splits.val_idx))
+        # which validation images the best epoch (restored, with its BN statistics) gets right
+        probs = model.predict(self._data[1], verbose=0)
+        hits = probs.argmax(1) == self.splits.y_train[self.splits.val_idx]
+        self.last_score = selection.Score(value, [value], len(hits), selection.pack_hits(hits))
         return value
 
 

@@ -272,6 +272,8 @@ class OptunaEngine:
                 if score is not None:  # the estimate's spread (search.selection)
                     trial.set_user_attr("scores", score.scores)
                     trial.set_user_attr("n", score.n)
+                    if score.hits:
+                        trial.set_user_attr("hits", score.hits)
             except optuna.TrialPruned:
                 raise
             except Exception as exc:
