@@ -55,44 +55,44 @@ offline: $(VENV)/.installed  ## build cache/cifar10.npz and seed ImageNet weight
 	  test -f $(KERAS_MODELS)/$$(basename $$f) || cp $$f $(KERAS_MODELS)/; done
 
 final: setup  ## train both phases' best parameters (this cache key's searches) on the cache, save ./cifar10.h5
-	$(PY) -m search.cli final $(DATA_ARGS) $(ARGS)
+	$(VENV)/bin/transfer-search final $(DATA_ARGS) $(ARGS)
 
 search: setup  ## both phases on the cache (PHASE=head|tail|both, ENGINE, TRIALS, TAIL_TRIALS, WORKERS, STORAGE, PRUNER, ORACLE)
-	$(PY) -m search.cli search $(DATA_ARGS) --engine $(ENGINE) --phase $(PHASE) --workers $(WORKERS) $(SEARCH_ARGS) $(ARGS)
+	$(VENV)/bin/transfer-search search $(DATA_ARGS) --engine $(ENGINE) --phase $(PHASE) --workers $(WORKERS) $(SEARCH_ARGS) $(ARGS)
 
 report: setup  ## HTML report of the latest phase-1 study (+ final model) -> results/report/ (PHASE=tail for phase 2)
-	$(PY) -m search.cli report $(if $(filter tail,$(PHASE)),--phase tail --out results/report-tail,)
+	$(VENV)/bin/transfer-search report $(if $(filter tail,$(PHASE)),--phase tail --out results/report-tail,)
 
 paper: setup  ## docs/paper.md + docs/paper.html from results/ (after search, final, report, bench)
-	$(PY) -m search.cli paper
+	$(VENV)/bin/transfer-search paper
 
 evaluate: setup  ## the classic evaluation script, unmodified, on ./cifar10.h5
-	$(PY) -m search.cli evaluate
+	$(VENV)/bin/transfer-search evaluate
 
 bench: bench-cache bench-search  ## both benchmarks
 
 bench-cache: setup  ## extraction vs raw predict, CPU seconds, BFC vs glibc allocator -> results/bench_cache.json
-	$(PY) -m search.cli bench-cache $(ARGS)
+	$(VENV)/bin/transfer-search bench-cache $(ARGS)
 
 bench-search: setup  ## phase-1/phase-2 trial seconds, fidelity Kendall tau, end-to-end epoch -> results/bench_search.json
-	$(PY) -m search.cli bench-search $(ARGS)
+	$(VENV)/bin/transfer-search bench-search $(ARGS)
 
 bench-memory: setup  ## resident memory over a 200-trial phase-1 search (and a baseline) -> results/bench_memory.json
-	$(PY) -m search.cli bench-memory $(ARGS)
+	$(VENV)/bin/transfer-search bench-memory $(ARGS)
 
 search-effect: setup  ## search+final vs final --params default on lowdata and digits, seeds 0 and 1 -> results/search_effect.json
-	$(PY) -m search.cli effect $(ARGS)
+	$(VENV)/bin/transfer-search effect $(ARGS)
 
 TEST_WORKERS ?= 2
-test: setup  ## the test suite (tiny data, tiny backbones; < 10 min) in TEST_WORKERS processes, a file per process
+test: setup  ## the test suite (tiny data, tiny backbones; under 8 min) in TEST_WORKERS processes, a file per process
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 RELIABILITY_TESTS := tests/test_reliability.py tests/test_cache.py tests/test_cli.py tests/test_preprocess.py \
-  tests/test_search.py tests/test_final.py tests/test_train.py tests/test_images.py
+  tests/test_search.py tests/test_final.py tests/test_train.py tests/test_images.py tests/test_backbones.py
 
 reliability: setup  ## fault-injection and bad-input suite -> results/reliability.json
 	mkdir -p results
-	-$(PY) -m pytest -q $(RELIABILITY_TESTS) --junitxml=results/reliability.xml
+	-$(PY) -m pytest -q -m "slow or not slow" $(RELIABILITY_TESTS) --junitxml=results/reliability.xml
 	$(PY) tests/reliability_report.py results/reliability.xml results/reliability.json
 
 lint: setup  ## ruff

@@ -548,5 +548,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-if __name__ == "__main__":
+def main_exit() -> None:
+    """The console script ``transfer-search``."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    main_exit()

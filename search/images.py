@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from search.errors import UserError
+from search.split import stratified_split
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,6 @@ def read_folder(root: str | os.PathLike, image_size: int | None = None, cache_ro
         cache_root: where the decoded arrays are kept (``<cache_root>/data/``).
         test_fraction: share of each class carved as the test split when there is no ``test/``.
     """
-    from search.data import stratified_split
     from search.io import atomic_path
 
     root = Path(root)

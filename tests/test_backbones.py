@@ -8,7 +8,10 @@ from search import backbones
 from search.cache import ensure_cache
 from search.errors import UserError
 
-REQUIRED = ["MobileNet", "MobileNetV2", "ResNet50", "EfficientNetB0", "DenseNet121", "ConvNeXtTiny"]
+# the two with real weights here run in `make test`; the large ones in `make reliability` (marker slow)
+REQUIRED = ["MobileNet", "MobileNetV2",
+            *(pytest.param(name, marks=pytest.mark.slow)
+              for name in ("ResNet50", "EfficientNetB0", "DenseNet121", "ConvNeXtTiny"))]
 
 
 @pytest.mark.parametrize("name", REQUIRED)
@@ -38,7 +41,7 @@ def test_lookup_is_case_insensitive():
     assert backbones.get_backbone("mobilenetv2").name == "MobileNetV2"
 
 
-@pytest.mark.parametrize("name", ["MobileNet", "MobileNetV2", "ResNet50"])
+@pytest.mark.parametrize("name", ["MobileNet", "MobileNetV2", pytest.param("ResNet50", marks=pytest.mark.slow)])
 def test_folded_extractor_computes_the_same_function(name):
     """The extraction copy with BN folded into the convolutions gives the unfolded model's cut
     and pooled outputs, folds most BN layers, and leaves the original model as it was."""

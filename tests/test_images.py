@@ -76,8 +76,12 @@ def test_own_test_split_and_load_data(tmp_path):
     splits = load_data(tmp_path / "ds", seed=0, cache_root=tmp_path / "cache", progress=False)
     assert splits.class_names == CLASSES and splits.num_classes == 3
     assert len(splits.y_train) == 3 * 8 and len(splits.y_test) == 3 * 4  # the corrupt and truncated extras skipped
-    assert splits.image_shape == (32, 32, 3) or splits.image_shape[0] == images.DEFAULT_SIZE
-    assert len(splits.val_idx) >= 3, "10 % of the training images, at least one per class"
+    side = images.DEFAULT_SIZE  # several sizes in the folder: stored at the default side
+    assert splits.image_shape == (side, side, 3)
+    from search.selection import default_val_size
+
+    assert len(splits.val_idx) == default_val_size(24, 3) == 7, "capped at 30 % of the training images"
+    assert np.bincount(splits.y_train[splits.val_idx]).min() >= 2, "stratified"
 
 
 @pytest.mark.parametrize("make, message", [

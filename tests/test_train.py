@@ -223,14 +223,16 @@ def test_killed_tail_training_resumes_from_its_last_epoch(maps_cache, tiny_split
     assert not any((tmp_path / "killed").iterdir()), "the backup is removed once training completes"
 
 
-def test_allocator_probe_reports_cpu_seconds_and_the_allocator(monkeypatch):
-    """The probe bench-cache runs once per allocator in a fresh process (here in-process, tiny)."""
+def test_allocator_probe_reports_cpu_seconds_and_both_precisions_tail_steps():
+    """The probe bench-cache runs once per allocator in a fresh process (here in-process, tiny).
+    (Which allocator TensorFlow uses is fixed when it loads: bench-cache starts a process per
+    allocator with the variable set; an in-process test cannot observe it, so none claims to.)"""
     from search import bench
 
-    monkeypatch.setenv("TF_CPU_ALLOCATOR_USE_BFC", "true")
     out = bench.allocator_probe("MobileNet", None, TINY_RES, None, images=20, tail_steps=1)
-    assert out["allocator"] == "BFC" and out["images_per_second"] > 0 and out["tail_step_seconds"] > 0
-    assert out["frozen_pass_user_cpu_seconds"] > 0 and out["frozen_pass_system_cpu_seconds"] >= 0
+    assert out["frozen_pass_user_cpu_seconds"] + out["frozen_pass_system_cpu_seconds"] > 0
+    assert out["first_call_images_per_second"] > 0 and out["tail_steps"] == 1
+    assert out["tail_step_seconds"] > 0 and out["tail_step_seconds_mixed_bfloat16"] > 0  # both precisions timed
 
 
 def test_mirrored_maps_augmentation_and_flipped_view(maps_cache, tiny_splits):
