@@ -17,6 +17,7 @@ from typing import Any
 
 import optuna
 
+from search.engines import METRIC
 from search.errors import UserError
 from search.io import atomic_path, read_json, save_figure
 
@@ -116,6 +117,10 @@ def _plotly_figures(study: optuna.Study) -> dict[str, Any]:
         out["trial_durations"] = fig
     else:
         out["trial_durations"] = "not drawn: no finished trial"
+    for fig in out.values():  # the metric's name, not Optuna's generic "Objective Value"
+        if not isinstance(fig, str):
+            fig.for_each_yaxis(lambda a: a.update(title_text=METRIC) if a.title.text == "Objective Value" else None)
+            fig.for_each_xaxis(lambda a: a.update(title_text=METRIC) if a.title.text == "Objective Value" else None)
     return out
 
 
@@ -127,7 +132,6 @@ def _pngs(study: optuna.Study, final: dict | None, out: Path) -> list[str]:
     import numpy as np
     from optuna.visualization import matplotlib as vis_mpl
 
-    from search.engines import METRIC
 
     written = []
     complete = sum(t.state.name == "COMPLETE" for t in study.trials)
@@ -135,7 +139,7 @@ def _pngs(study: optuna.Study, final: dict | None, out: Path) -> list[str]:
               "param_importances": f"Parameter importances (fANOVA on {complete} complete trials)"}
     for name, make in {"optimization_history": lambda s: vis_mpl.plot_optimization_history(s, target_name=METRIC),
                        "param_importances": lambda s: vis_mpl.plot_param_importances(s, target_name=METRIC),
-                       "intermediate_values": vis_mpl.plot_intermediate_values}.items():
+                       "intermediate_values": lambda s: _relabel(vis_mpl.plot_intermediate_values(s))}.items():
         try:
             ax = make(study)
         except Exception as exc:
@@ -168,6 +172,51 @@ def _pngs(study: optuna.Study, final: dict | None, out: Path) -> list[str]:
         save_figure(fig, out / "confusion_matrix.png", dpi=110)
         written.append("confusion_matrix.png")
     return written
+
+
+def built_from(final: dict, study_name: str) -> bool:
+    """Whether a final run's parameters came from ``study_name``: shipped from it, or weighed
+    against its defaults' trial there (``params_provenance[phase]``)."""
+    for p in (final.get("params_provenance") or {}).values():
+        if study_name in (p.get("study"), (p.get("search") or {}).get("study")):
+            return True
+    return False
+
+
+def final_of(study_name: str, results: str | Path) -> tuple[dict | None, Path | None]:
+    """The latest final run built from ``study_name``: ``RESULTS/final.json`` or a named run's
+    ``RESULTS/runs/NAME/final.json``; ``(None, None)`` when none was."""
+    candidates = [Path(results) / "final.json", *sorted(Path(results).glob("runs/*/final.json"))]
+    found = []
+    for path in candidates:
+        try:
+            run = read_json(path)
+        except (OSError, ValueError):
+            continue
+        if built_from(run, study_name):
+            found.append((str(run.get("finished", "")), path, run))
+    if not found:
+        return None, None
+    _, path, run = max(found, key=lambda f: f[0])
+    return run, path
+
+
+def _title(study: optuna.Study) -> str:
+    """``Phase 1 (head) search, MobileNet at 224 px cut at conv_pw_11_relu`` from the study's name
+    (``<phase>-<backbone>-<side>-<cut layer>[-flip]-<digest>``), or the name itself."""
+    parts = study.study_name.split("-")
+    names = {"head": "Phase 1 (head)", "tail": "Phase 2 (tail)"}
+    if len(parts) >= 5 and parts[0] in names and parts[2].isdigit():
+        return f"{names[parts[0]]} search, {parts[1]} at {parts[2]} px cut at {parts[3]}"
+    return f"Search {study.study_name}"
+
+
+def _relabel(ax: Any) -> Any:
+    """Optuna's matplotlib axes with the metric's name where it wrote "Objective Value"."""
+
+    if hasattr(ax, "get_ylabel") and ax.get_ylabel() == "Objective Value":
+        ax.set_ylabel(METRIC)
+    return ax
 
 
 def summarize(study: optuna.Study, final: dict | None) -> dict:
@@ -211,20 +260,26 @@ def _summary_md(s: dict) -> str:
         lines.append("- No trial completed (all pruned or failed): nothing to recommend yet.")
     if "final" in s:
         f = s["final"]
-        lines += ["", "## Final model (results/final.json)", "",
+        lines += ["", f"## Final model ({s.get('final_source')})", "",
                   f"- Validation accuracy {f['val_accuracy']:.4f}, test accuracy {f['test_accuracy']:.4f}",
                   f"- Cache key: `{json.dumps(s.get('cache_key'))}`"]
+    else:
+        lines += ["", "## Final model", "", "No final model was built from this study yet."]
     lines += ["", "## Reproduce", "", "```", "make search", "make final", "make report", "```", ""]
     return "\n".join(lines)
 
 
 def _html(study: optuna.Study, figures: dict, summary: dict, final: dict | None) -> str:
+    title = html.escape(_title(study))
     parts = ["<!doctype html><html><head><meta charset='utf-8'>",
-             f"<title>Search report: {html.escape(study.study_name)}</title>",
+             f"<title>{title}</title>",
              "<style>body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px}"
              ".missing{color:#a00}</style></head><body>",
-             f"<h1>Search report: {html.escape(study.study_name)}</h1>"]
+             f"<h1>{title}</h1>", f"<p>Study <code>{html.escape(study.study_name)}</code>.</p>"]
+    if not final:
+        parts.append("<h2>Final model</h2><p id='final-metrics'>No final model was built from this study yet "
+                     "(<code>make final</code> after this search builds one).</p>")
     if final:
         parts.append(f"<h2>Final model</h2><p id='final-metrics'>Validation accuracy "
                      f"<b>{final['val_accuracy']:.4f}</b>, test accuracy <b>{final['test_accuracy']:.4f}</b> "
@@ -265,9 +320,9 @@ def write_report(out: str | Path = "results/report", results: str | Path = "resu
     study = load_study(results, storage, study_name, kerastuner_dir, phase)
     if not study.trials:
         raise UserError(f"study {study.study_name!r} has no trials yet")
-    final_path = Path(results) / "final.json"
-    final = read_json(final_path) if final_path.exists() else None
+    final, final_path = final_of(study.study_name, results)
     summary = summarize(study, final)
+    summary["final_source"] = str(final_path) if final_path else None
     figures = _plotly_figures(study)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "index.html") as tmp:

@@ -25,9 +25,30 @@ def optuna_results(tmp_path_factory, tiny_cache, tiny_splits):
     engines.make_engine("optuna", pruner="median", progress=False, results=results).run(objective, 5)
     final = {"val_accuracy": 0.5, "test_accuracy": 0.25, "tta": True, "class_names": [str(i) for i in range(10)],
              "test_confusion_matrix": [[1 if i == j else 0 for j in range(10)] for i in range(10)],
-             "test_per_class_accuracy": {str(i): 1.0 for i in range(10)}, "cache": {"key": {"backbone": "x"}}}
+             "test_per_class_accuracy": {str(i): 1.0 for i in range(10)}, "cache": {"key": {"backbone": "x"}},
+             "params_provenance": {"head": {"source": "search", "study": "head-tiny"}, "tail": {"source": "default"}}}
     (results / "final.json").write_text(json.dumps(final))
     return results
+
+
+def test_the_report_shows_only_a_final_model_built_from_its_study(optuna_results, tmp_path):
+    results = tmp_path / "r"
+    shutil.copytree(optuna_results, results)
+    final = json.loads((results / "final.json").read_text())
+    other = {**final, "params_provenance": {"head": {"source": "search", "study": "head-other"}}}
+    (results / "final.json").write_text(json.dumps(other))  # the latest run came from another study
+    write_report(results / "report", results)
+    page = (results / "report" / "index.html").read_text()
+    metrics = re.search(r"id='final-metrics'>(.*?)</p>", page).group(1)
+    assert "No final model was built from this study" in metrics
+    assert "<h1>Search head-tiny</h1>" in page  # not a cache key dressed as a title
+    named = results / "runs" / "mine"
+    named.mkdir(parents=True)
+    (named / "final.json").write_text(json.dumps({**final, "test_accuracy": 0.375}))
+    summary = write_report(results / "report", results)
+    assert summary["final_source"] == str(named / "final.json")
+    page = (results / "report" / "index.html").read_text()
+    assert "<b>0.3750</b>" in re.search(r"id='final-metrics'>(.*?)</p>", page).group(1)
 
 
 def test_report_files(optuna_results):
