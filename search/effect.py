@@ -112,14 +112,15 @@ def _trial_counts(results: Path) -> dict[str, dict[str, int]]:
     """Trials by state of each phase's study that ``results/searches/`` points to."""
     import optuna
 
+    from search.engines.optuna_engine import summarize
+
     counts = {}
     for pointer in sorted((results / "searches").glob("*.json")):
         p = read_json(pointer)
         if p.get("engine") != "optuna":
             continue
-        study = optuna.load_study(study_name=p["study_name"], storage=p["storage"])
-        states = [t.state.name for t in study.trials]
-        counts[p["phase"]] = {s.lower(): states.count(s) for s in ("COMPLETE", "PRUNED", "FAIL")}
+        out = summarize(optuna.load_study(study_name=p["study_name"], storage=p["storage"]))
+        counts[p["phase"]] = {k: out[k] for k in ("trials", "complete", "pruned", "failed")}
     return counts
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import optuna
 
-from search.engines import METRIC
+from search.engines.base import METRIC
 from search.errors import UserError
 from search.io import atomic_path, read_json, save_figure
 

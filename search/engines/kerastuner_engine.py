@@ -22,7 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from search import space
-from search.engines import AllTrialsFailed, check_outcome, check_same_budget, default_study_name, write_pointer
+from search.engines.base import (
+    AllTrialsFailed,
+    check_outcome,
+    check_same_budget,
+    default_study_name,
+    summary,
+    write_pointer,
+)
 from search.errors import UserError
 from search.io import read_json, write_json
 
@@ -130,14 +137,8 @@ class KerasTunerEngine:
             reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else ''}"
             raise AllTrialsFailed(f"KerasTuner search {project_name} stopped: {reason}") from None
         trials = read_trials(self.directory, project_name)
-        out = {"study_name": project_name, "trials": len(trials),
-               "complete": sum(t["state"] == "COMPLETE" for t in trials),
-               "pruned": 0, "failed": sum(t["state"] == "FAIL" for t in trials)}
-        done = [t for t in trials if t["state"] == "COMPLETE"]
-        if done:
-            best = max(done, key=lambda t: t["value"])
-            out.update(best_value=best["value"], best_params=best["params"], best_number=best["number"])
-        return check_outcome(out)
+        return check_outcome(summary(project_name, [(t["state"], t["value"], t["params"], t["number"])
+                                                    for t in trials]))
 
 
 def read_trials(directory: str | Path, project_name: str) -> list[dict]:

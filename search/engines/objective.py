@@ -198,7 +198,7 @@ def make_objective(phase: str, cache: Cache, splits: Splits, rows: int | None, m
     default head when there is none), trained once here on all pooled features; ``backbone`` is
     the model the cache was extracted with (its layers after the cut are the tail).
     """
-    from search import engines
+    from search.engines.choice import resolve_params
 
     space.check_phase(phase)
     data = train.PooledData.from_cache(cache, splits, mirrored=mirrored and phase == "head")
@@ -206,7 +206,7 @@ def make_objective(phase: str, cache: Cache, splits: Splits, rows: int | None, m
         return HeadObjective(data, cache.path.name, rows=rows, max_epochs=max_epochs, mirrored=mirrored,
                              batch_size=space.head_trial_batch_size() if batch_size is None else batch_size,
                              folds=head_folds(splits, rows) if folds is None else folds)
-    params, provenance = engines.resolve_params("auto", results, cache.path.name, phases=("head",))
+    params, provenance = resolve_params("auto", results, cache.path.name, phases=("head",))
     head, _ = train.train_head(data, params["head"], epochs=FinalConfig.head_epochs, seed=seed)
     from search.backbones import get_backbone
 

@@ -18,7 +18,7 @@ import keras
 import optuna
 
 from search import selection, space
-from search.engines import METRIC, check_outcome, check_same_budget, default_study_name, write_pointer
+from search.engines.base import METRIC, check_outcome, check_same_budget, default_study_name, summary, write_pointer
 from search.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -373,19 +373,10 @@ class _EpochCount(keras.callbacks.Callback):
 
 
 def summarize(study: optuna.Study) -> dict:
-    """Trial counts by state, the best trial, and the first failure's reason."""
-    states = [t.state.name for t in study.trials]
-    out: dict[str, Any] = {"study_name": study.study_name, "trials": len(states),
-                           "complete": states.count("COMPLETE"), "pruned": states.count("PRUNED"),
-                           "failed": states.count("FAIL"), "running": states.count("RUNNING")}
+    """The run summary (:func:`search.engines.base.summary`) of ``study``'s trials."""
     reasons = [t.user_attrs["fail_reason"] for t in study.trials if "fail_reason" in t.user_attrs]
-    if reasons:
-        out["fail_reason"] = reasons[0]
-    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
-    if complete:
-        best = max(complete, key=lambda t: t.value)
-        out.update(best_value=best.value, best_params=best.params, best_number=best.number)
-    return out
+    return summary(study.study_name, [(t.state.name, t.value, t.params, t.number) for t in study.trials],
+                   reasons[0] if reasons else None)
 
 
 def best_params(storage: str, study_name: str) -> tuple[dict, dict]:
