@@ -79,6 +79,14 @@ def _add_cache_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _cache_verb(sub: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+    """A verb that reads the data and works on a feature cache: its parser with those options."""
+    p = sub.add_parser(name, **kwargs)
+    _add_data_args(p)
+    _add_cache_args(p)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -89,21 +97,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="print the traceback of an unexpected failure")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    p = sub.add_parser("extract", help="run the frozen part once over train+test into cache/")
-    _add_data_args(p)
-    _add_cache_args(p)
+    p = _cache_verb(sub, "extract", help="run the frozen part once over train+test into cache/")
     p.add_argument("--chunk-size", type=int, default=CHUNK_SIZE,
                    help=f"images per resumable chunk (default {CHUNK_SIZE})")
 
-    p = sub.add_parser("search", help="search both phases on the cache (head, then tail fine-tuning)",
+    p = _cache_verb(sub, "search", help="search both phases on the cache (head, then tail fine-tuning)",
                        description="Phase 1 (head): architecture and optimizer of the head on cached pooled "
                                    "features. Phase 2 (tail): learning rate, decay, warm-up, smoothing, shifts, "
                                    "BatchNormalization mode and the head's relative rate for fine-tuning the "
                                    "layers after the cut, starting from phase 1's best head. Each trial trains on "
                                    "a stratified subset of rows for a few epochs (multi-fidelity) and is pruned "
                                    "per epoch. Studies are named <phase>-<cache id>.")
-    _add_data_args(p)
-    _add_cache_args(p)
     p.add_argument("--phase", default="both", choices=("head", "tail", "both"), help="which phase(s) (default both)")
     p.add_argument("--engine", default="optuna", help="optuna (default) or kerastuner")
     p.add_argument("--trials", type=int, default=None,
@@ -151,9 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="phase-1 trials also train on the cached mirror images as extra rows (default: originals "
                         "only, half the cost; the final head always uses them)")
 
-    p = sub.add_parser("final", help="train head + tail on the cache, save cifar10.h5 and results/final.json")
-    _add_data_args(p)
-    _add_cache_args(p)
+    p = _cache_verb(sub, "final", help="train head + tail on the cache, save cifar10.h5 and results/final.json")
     p.add_argument("--params", default="auto",
                    help="'auto' (each phase's best trial of the search on this cache key, else the default), "
                         "'default', 'study' (error if a phase has no search) or JSON {\"head\": {...}, "
@@ -217,16 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shared", default="../shared", help="the shared folder with data/cifar10-jpeg.tar.xz")
     p.add_argument("--search-args", default="", help="extra arguments of every `search` (quoted), e.g. '--trials 20'")
 
-    p = sub.add_parser("bench-cache",
+    p = _cache_verb(sub, "bench-cache",
                        help="extraction vs raw predict, CPU seconds, allocators -> results/bench_cache.json")
-    _add_data_args(p)
-    _add_cache_args(p)
     p.add_argument("--images", type=int, default=2000, help="images to time (default 2000)")
 
-    p = sub.add_parser("bench-search",
+    p = _cache_verb(sub, "bench-search",
                        help="phase-1/phase-2 trial times, fidelity ranking -> results/bench_search.json")
-    _add_data_args(p)
-    _add_cache_args(p)
     p.add_argument("--trials", type=int, default=20, help="phase-1 trials to time (default 20)")
     p.add_argument("--rank-configs", type=int, default=20,
                    help="configurations trained at the fast fidelity and in full for Kendall tau (default 20)")
@@ -243,10 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epoch-images", type=int, default=1000,
                    help="images timed through the full backbone to estimate one end-to-end epoch")
 
-    p = sub.add_parser("bench-memory",
+    p = _cache_verb(sub, "bench-memory",
                        help="resident memory over a long phase-1 search -> results/bench_memory.json")
-    _add_data_args(p)
-    _add_cache_args(p)
     p.add_argument("--trials", type=int, default=200, help="phase-1 trials at the default budget (default 200)")
     p.add_argument("--baseline-trials", type=int, default=30,
                    help="then this many trials without releasing TensorFlow's per-trial graphs, the baseline "
