@@ -34,7 +34,7 @@ SEARCH_ARGS := $(if $(TRIALS),--trials $(TRIALS),) $(if $(TAIL_TRIALS),--tail-tr
   $(if $(PRUNER),--pruner $(PRUNER),) $(if $(ORACLE),--oracle $(ORACLE),) \
   $(if $(STORAGE),--storage $(STORAGE),) $(if $(STUDY),--study-name $(STUDY),)
 
-.PHONY: help setup offline final search search-effect report paper evaluate test lint bench bench-cache bench-search bench-memory reliability \
+.PHONY: help setup offline final search search-effect readme report paper evaluate test lint bench bench-cache bench-search bench-memory reliability \
   clean-cache dashboard
 
 help:  ## list the verbs
@@ -82,6 +82,9 @@ bench-memory: setup  ## resident memory over a 200-trial phase-1 search (and a b
 
 search-effect: setup  ## search+final vs final --params default on lowdata and digits, seeds 0 and 1 -> results/search_effect.json
 	$(VENV)/bin/transfer-search effect $(ARGS)
+
+readme: setup  ## regenerate README.md's results table from results/
+	$(VENV)/bin/transfer-search results-table
 
 TEST_WORKERS ?= 2
 test: setup  ## the test suite (tiny data, tiny backbones; under 8 min) in TEST_WORKERS processes, a file per process

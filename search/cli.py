@@ -205,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--searched", dest="searched_run", default=None, help="label of the run with searched parameters")
     p.add_argument("--results", default="results", help="where the JSON files go (default results/)")
 
+    p = sub.add_parser("results-table", help="the README's results table from results/ (between its markers)")
+    p.add_argument("--results", default="results", help="results folder (default results/)")
+    p.add_argument("--readme", default="README.md", help="the file whose table is replaced (default README.md)")
+
     p = sub.add_parser("effect", help="search + final against final --params default, per dataset and seed "
                                       "-> results/search_effect.json",
                        description="For each dataset and seed: `search` then `final` (the shipping rule decides), "
@@ -462,6 +466,13 @@ def cmd_compare(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def cmd_results_table(args: argparse.Namespace, argv: list[str]) -> int:
+    from search.compare import update_readme
+
+    print(f"{args.readme}: {'table updated' if update_readme(args.readme, args.results) else 'table up to date'}")
+    return 0
+
+
 def cmd_effect(args: argparse.Namespace, argv: list[str]) -> int:
     import shlex
 
@@ -517,6 +528,7 @@ def cmd_bench_memory(args: argparse.Namespace, argv: list[str]) -> int:
 
 COMMANDS = {"extract": cmd_extract, "search": cmd_search, "final": cmd_final, "evaluate": cmd_evaluate,
             "report": cmd_report, "paper": cmd_paper, "compare": cmd_compare, "effect": cmd_effect,
+            "results-table": cmd_results_table,
             "bench-cache": cmd_bench_cache,
             "bench-search": cmd_bench_search, "bench-memory": cmd_bench_memory}
 

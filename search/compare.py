@@ -152,3 +152,59 @@ def _plot_frontier(frontier: dict, path: Path) -> None:
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
+
+
+TABLE_START, TABLE_END = "<!-- results-table:start -->", "<!-- results-table:end -->"
+
+
+def results_table(results: str | os.PathLike = "results") -> str:
+    """The README's results table, in Markdown, from the committed files of ``results/``:
+    ``seeds.json`` (the default recipe on CIFAR-10, one row per seed), ``evaluate.json`` (the
+    course's script on the saved model) and ``search_effect.json`` (searched against default
+    parameters, per dataset, mean over seeds). A file that is missing leaves its rows out."""
+    results = Path(results)
+
+    def pct(x: float) -> str:
+        return f"{100 * x:.2f} %"
+
+    def ci(acc: float, n: int) -> str:
+        lo, hi = wilson_interval(round(acc * n), n)
+        return f"{pct(acc)} ({100 * lo:.1f}–{100 * hi:.1f})"
+
+    rows = ["| data | model | validation | test (95 % interval) | file |", "|---|---|---|---|---|"]
+    if (results / "seeds.json").exists():
+        seeds = read_json(results / "seeds.json")
+        for r in seeds["runs"]:
+            rows.append(f"| CIFAR-10 | default recipe, seed {r['seed']} | {pct(r['val_accuracy'])} | "
+                        f"{ci(r['test_accuracy'], r['test_images'])} | `seeds.json` |")
+    if (results / "evaluate.json").exists():
+        ev = read_json(results / "evaluate.json")
+        rows.append(f"| CIFAR-10 | the course's script on `cifar10.h5` | | {pct(ev['accuracy'])} | `evaluate.json` |")
+    if (results / "search_effect.json").exists():
+        for d in read_json(results / "search_effect.json").get("datasets", []):
+            n = d["seeds"][0]["test_images"]
+            seeds = ", ".join(str(s["seed"]) for s in d["seeds"])
+            for role in ("default", "searched"):
+                val = float(np.mean([s[f"{role}_val"] for s in d["seeds"]]))
+                rows.append(f"| {d['name']} ({d['seeds'][0]['train_images']} training images) | {role} parameters, "
+                            f"mean of seeds {seeds} | {pct(val)} | {ci(d[f'mean_{role}_test'], n)} | "
+                            "`search_effect.json` |")
+    return "\n".join(rows)
+
+
+def update_readme(readme: str | os.PathLike = "README.md", results: str | os.PathLike = "results") -> bool:
+    """Replace the table between :data:`TABLE_START` and :data:`TABLE_END` in ``readme`` with
+    :func:`results_table`; True if the file changed."""
+    path = Path(readme)
+    text = path.read_text()
+    if TABLE_START not in text or TABLE_END not in text:
+        raise UserError(f"{path} has no {TABLE_START} ... {TABLE_END} block")
+    head, rest = text.split(TABLE_START, 1)
+    _, tail = rest.split(TABLE_END, 1)
+    new = f"{head}{TABLE_START}\n{results_table(results)}\n{TABLE_END}{tail}"
+    if new != text:
+        from search.io import atomic_path
+
+        with atomic_path(path) as tmp:
+            tmp.write_text(new)
+    return new != text

@@ -1,6 +1,7 @@
 """Comparisons of final runs: frontier, seeds with binomial intervals, search effect."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -70,3 +71,16 @@ def test_search_effect_needs_one_seed_and_cache(tmp_path):
     (tmp_path / "junk.json").write_text("{}")
     with pytest.raises(UserError, match="not a final run"):
         compare_runs({"x": tmp_path / "junk.json"}, tmp_path / "r")
+
+
+def test_the_readme_results_table_is_the_one_results_generates(tmp_path):
+    from search.compare import TABLE_END, TABLE_START, results_table, update_readme
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    block = readme.split(TABLE_START, 1)[1].split(TABLE_END, 1)[0].strip()
+    assert block == results_table(root / "results"), "README's table is stale: run `make readme`"
+    copy = tmp_path / "README.md"
+    copy.write_text(f"# x\n{TABLE_START}\nold\n{TABLE_END}\nrest\n")
+    assert update_readme(copy, root / "results") and "old" not in copy.read_text()
+    assert copy.read_text().endswith(f"{TABLE_END}\nrest\n") and not update_readme(copy, root / "results")
