@@ -127,10 +127,16 @@ def test_optuna_records_trials_and_opens_in_optuna_cli(pooled, tmp_path):
 def test_a_study_refuses_trials_of_another_budget(engine_name, pooled, tmp_path):
     engine = engines.make_engine(engine_name, progress=False, results=tmp_path, default_trial=False)
     assert engine.run(HeadObjective(pooled, "tiny", max_epochs=1, batch_size=32), 1)["trials"] == 1
+    saved = {k: v for k, v in json.loads(engines.pointer_path(tmp_path, "head", "tiny").read_text()).items()
+             if k not in ("phase", "cache")}
     for other in ({"batch_size": 16}, {"max_epochs": 2}, {"rows": 40}):
         budget = {"max_epochs": 1, "batch_size": 32, **other}
+        pointer = engines.pointer_path(tmp_path, "head", "tiny")
+        pointer.unlink()
         with pytest.raises(UserError, match="name a new study"):
             engine.run(HeadObjective(pooled, "tiny", **budget), 1)
+        assert not pointer.exists(), "a refused run must not point final at the study"
+        engines.write_pointer(tmp_path, "head", "tiny", saved)
     more = 2 if engine_name == "kerastuner" else 1  # KerasTuner's max_trials counts the project's trials
     again = engine.run(HeadObjective(pooled, "tiny", max_epochs=1, batch_size=32), more)  # the same budget goes on
     assert again["trials"] == 2

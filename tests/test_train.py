@@ -206,10 +206,13 @@ def test_killed_tail_training_resumes_from_its_last_epoch(maps_cache, tiny_split
     h0 = head.get_weights()
     params = {"shift": 1, "bn_mode": "batch"}
 
+    resumes = []
+
     def run(root, callbacks=()):
         head.set_weights(h0)
         return train.train_tail(maps_cache, tiny_splits, parts, head, params, 2, batch_size=32, seed=5,
-                                backup_root=str(root), callbacks=list(callbacks))
+                                backup_root=str(root), callbacks=list(callbacks),
+                                on_resume=lambda k, n: resumes.append((k, n)))
 
     _, history = run(tmp_path / "clean")
     assert len(history["loss"]) == 2
@@ -218,6 +221,7 @@ def test_killed_tail_training_resumes_from_its_last_epoch(maps_cache, tiny_split
     assert any((tmp_path / "killed").iterdir()), "a backup was left for the rerun"
     trainer, resumed = run(tmp_path / "killed")
     assert len(resumed["loss"]) == 1, "the rerun trained only the epoch left"
+    assert resumes == [(1, 2)], "the rerun said it resumed from epoch 1 of 2 (and the clean runs said nothing)"
     np.testing.assert_allclose(resumed["loss"], history["loss"][1:], rtol=1e-2)
     np.testing.assert_allclose(resumed["val_loss"], history["val_loss"][1:], rtol=1e-2)
     assert not any((tmp_path / "killed").iterdir()), "the backup is removed once training completes"
