@@ -167,3 +167,8 @@ def test_compare_reads_runs_by_name(tmp_path, capsys):
     assert [r["label"] for r in seeds["runs"]] == ["a", "b"]
     _one_line_error(_in_process(capsys, "compare", "nosuch", "--results", str(tmp_path)), "no run named 'nosuch'")
     _one_line_error(_in_process(capsys, "final", "--name", "../escape"), "--name must be")
+
+
+def test_bad_time_budget_and_folds_are_one_line(capsys):
+    _one_line_error(_in_process(capsys, "search", "--time-budget", "0"), "--time-budget must be a positive")
+    _one_line_error(_in_process(capsys, "search", "--folds", "0"), "--folds must be at least 1")

@@ -429,3 +429,12 @@ def test_a_trial_that_never_recorded_a_heartbeat_is_failed_once_its_grace_is_ove
     study.ask()  # RUNNING, never beats
     assert fail_trials_without_heartbeat(study, 3600) == [] and study.trials[0].state.name == "RUNNING"
     assert fail_trials_without_heartbeat(study, 0) == [0] and study.trials[0].state.name == "FAIL"
+
+
+@pytest.mark.parametrize("engine_name", ["optuna", "kerastuner"])
+def test_a_time_budget_stops_starting_trials(engine_name, pooled, tmp_path):
+    engine = engines.make_engine(engine_name, progress=False, results=tmp_path)
+    summary = engine.run(HeadObjective(pooled, "tiny", max_epochs=1, batch_size=32), 5, timeout=1e-3)
+    assert summary["trials"] == 1, "the budget ran out during the first trial: no other started"
+    unlimited = engine.run(HeadObjective(pooled, "tiny", max_epochs=1, batch_size=32), 3, study_name="more")
+    assert unlimited["trials"] == 3
