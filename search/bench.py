@@ -76,8 +76,7 @@ def allocator_probe(backbone: str, cut: str | None, resolution: int | None, weig
             "tail_step_seconds": steps["float32"][0], "tail_steps": tail_steps,
             "tail_user_cpu_seconds": steps["float32"][1], "tail_system_cpu_seconds": steps["float32"][2],
             "tail_step_seconds_mixed_bfloat16": steps["mixed_bfloat16"][0],
-            "tail_step": "batch 128, the default head; float32 and mixed_bfloat16 (train.resolve_precision)",
-            "tail_precision_auto": train.resolve_precision("auto")}
+            "tail_step": "batch 128, the default head; float32 and mixed_bfloat16 (train.measure_precision)"}
 
 
 def _probe_subprocess(allocator: str, args: dict) -> dict:

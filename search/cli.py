@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from search import selection
-from search.config import CHUNK_SIZE, FinalConfig
+from search.config import CHUNK_SIZE, PRECISIONS, FinalConfig
 from search.errors import UserError
 from search.space import BUDGETS, HEAD_BATCH_SIZE
 
@@ -36,10 +36,10 @@ FINAL = FinalConfig()  # the defaults of `final`, stated once in search.config
 
 
 def _add_precision_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tail-precision", default=FINAL.tail_precision, choices=("auto", "float32", "mixed_bfloat16"),
-                   help=f"compute precision of the tail's training (default {FINAL.tail_precision}): 'auto' is "
-                        "mixed_bfloat16 on a CPU with AMX bfloat16 and no GPU, else float32; a saved model is "
-                        "float32 either way")
+    p.add_argument("--tail-precision", default=FINAL.tail_precision, choices=PRECISIONS,
+                   help=f"compute precision of the tail's training (default {FINAL.tail_precision}): 'auto' times a few "
+                        "tail steps in each on the cached maps and takes mixed_bfloat16 if it is at least 10%% "
+                        "faster; a saved model is float32 either way")
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:

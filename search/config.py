@@ -33,8 +33,9 @@ class FinalConfig:
     twice the extraction and the disk). Test-time averaging (``tta``) is chosen on validation
     among :func:`tta_candidates`; without cached mirror images, the mirrored images' activations
     are computed at test time for the validation and test splits only.
-    ``tail_precision``: ``PRECISIONS``; ``"auto"`` trains the tail in mixed bfloat16 on
-    CPUs with AMX (``train.resolve_precision``).
+    ``tail_precision``: :data:`PRECISIONS`; ``"auto"`` times a few tail steps in both on the
+    cached maps and trains in mixed bfloat16 when it is at least 10 % faster
+    (``train.measure_precision``).
     ``bn_passes`` defaults to 0: re-estimating the tail's BN statistics lowered
     validation accuracy in the run recorded in ``results/ablation.json`` and costs minutes.
     """

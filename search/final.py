@@ -231,6 +231,14 @@ def stage_tail(run: Run) -> None:
         run.trainer = train.build_tail_trainer(run.parts, run.head, run.head.get_weights(),
                                                {**run.params["tail"], "bn_mode": "frozen", "unfreeze_blocks": 0}, 1, 1)
         return
+    if c.tail_precision == "auto":  # timed here, on this machine, on the cached maps
+        maps = train.CachedMaps(run.cache, "train", run.splits.train_idx[:c.tail_batch_size], c.tail_batch_size)[0][0]
+        probe = train.measure_precision(run.parts, run.head, maps)
+        run.precision = probe["chosen"]
+        run.extra["precision_probe"] = probe
+        log.info("tail precision: %s (mixed bfloat16 step %.2fx float32's; chosen from %.2fx)", run.precision,
+                 probe["speedup"], probe["threshold"])
+    run.extra["tail_precision_resolved"] = run.precision
     start = time.perf_counter()
 
     class EpochLog(keras.callbacks.Callback):
@@ -377,9 +385,8 @@ def build_final(config: FinalConfig, splits: Splits | None = None, model: keras.
     if model is None:
         model = spec.build(weights=config.weights, size=resolution)
     run = Run(config, spec, splits, model, cut_layer, resolution,
-              precision=train.resolve_precision(config.tail_precision))
+              precision=train.resolve_precision(config.tail_precision))  # "auto": measured in stage_tail
     run.extra["reference_speed"] = reference_speed(model, cut_layer, resolution)
-    run.extra["tail_precision_resolved"] = run.precision
     _timed(run, "cache", stage_cache)
     stage_params(run)
     _timed(run, "head", stage_head)

@@ -459,25 +459,48 @@ class TailParts:
 
 
 
-def resolve_precision(precision: str = "auto") -> str:
-    """The compute dtype policy the tail trains in (:data:`PRECISIONS`).
+PRECISION_GAIN = 1.10  # mixed bfloat16 is chosen when its tail step is at least 10 % faster, measured
 
-    ``"auto"`` is ``"mixed_bfloat16"`` on a CPU with AMX bfloat16 tiles (``amx_bf16`` in
-    ``/proc/cpuinfo``) and no visible GPU, where oneDNN runs the tail's convolutions on the tiles
-    (a step 1.18x faster in ``results/bench_cache.json``), else ``"float32"``. Variables stay
-    float32 either way (Keras mixed precision); the final model is saved and scored in float32.
-    """
+
+def resolve_precision(precision: str = "auto") -> str:
+    """A compute dtype policy the tail can train in (:data:`PRECISIONS`). ``"float32"`` and
+    ``"mixed_bfloat16"`` are themselves; ``"auto"`` is chosen by :func:`measure_precision` where
+    a run has the tail and cached maps to time, and is float32 where it has not. Variables stay
+    float32 either way (Keras mixed precision); the final model is saved and scored in float32."""
     if precision not in PRECISIONS:
         raise UserError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
-    if precision != "auto":
-        return precision
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "float32"
-    import tensorflow as tf
+    return "float32" if precision == "auto" else precision
 
-    return "mixed_bfloat16" if " amx_bf16" in flags and not tf.config.list_physical_devices("GPU") else "float32"
+
+def measure_precision(parts: TailParts, head: keras.Model, maps: np.ndarray, steps: int = 3) -> dict[str, Any]:
+    """Choose the tail's precision by timing it here: ``steps`` training steps of the tail and
+    head on ``maps`` (a batch of cached cut maps), after one warm-up step that traces, in float32
+    and in mixed bfloat16; the median step of each. Mixed bfloat16 is chosen when it is at least
+    :data:`PRECISION_GAIN` times faster (any CPU or GPU with fast bfloat16, whatever its flags).
+    The tail and head are left as they were (weights, float32)."""
+    import statistics
+    import time
+
+    saved = head.get_weights()
+    labels = one_hot(np.arange(len(maps)) % head.output.shape[-1], head.output.shape[-1])
+    seconds = {}
+    try:
+        for policy in ("float32", "mixed_bfloat16"):
+            trainer = build_tail_trainer(parts, head, saved, {}, steps + 1, 1, policy)
+            trainer.train_on_batch(maps, labels)
+            times = []
+            for _ in range(steps):
+                start = time.perf_counter()
+                trainer.train_on_batch(maps, labels)
+                times.append(time.perf_counter() - start)
+            seconds[policy] = statistics.median(times)
+    finally:
+        set_precision(parts.tail, head, "float32")
+        parts.reset()
+        head.set_weights(saved)
+    speedup = seconds["float32"] / seconds["mixed_bfloat16"]
+    return {"chosen": "mixed_bfloat16" if speedup >= PRECISION_GAIN else "float32", "step_seconds": seconds,
+            "speedup": speedup, "threshold": PRECISION_GAIN, "batch": len(maps), "steps": steps}
 
 
 def set_precision(tail: keras.Model, head: keras.Model, policy: str) -> None:

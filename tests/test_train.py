@@ -466,3 +466,18 @@ def test_only_the_last_unfrozen_blocks_of_the_tail_train(unfreeze, spec, tiny_ca
     assert moved == expected and (unfreeze == 0 or moved)
     assert len([v for v in trainer.trainable_variables if id(v) not in trainer._head_ids]) == sum(
         len(la.trainable_weights) for la in parts.tail.layers if la.name in expected)
+
+
+def test_auto_precision_is_measured_on_the_tail_and_leaves_it_as_it_was(parts, maps_cache, tiny_splits):
+    head = train.build_head_model({}, parts.tail.output.shape[-1], 10)
+    before_head = [np.array(w) for w in head.get_weights()]
+    before_tail = [np.array(w) for w in parts.tail.get_weights()]
+    maps = train.CachedMaps(maps_cache, "train", tiny_splits.train_idx[:16], 16)[0][0]
+    probe = train.measure_precision(parts, head, maps, steps=2)
+    speedup = probe["step_seconds"]["float32"] / probe["step_seconds"]["mixed_bfloat16"]
+    assert probe["speedup"] == pytest.approx(speedup) and probe["batch"] == 16
+    assert probe["chosen"] == ("mixed_bfloat16" if speedup >= train.PRECISION_GAIN else "float32")
+    assert all(np.array_equal(a, b) for a, b in zip(head.get_weights(), before_head, strict=True))
+    assert all(np.array_equal(a, b) for a, b in zip(parts.tail.get_weights(), before_tail, strict=True))
+    assert all(la.dtype_policy.name == "float32" for la in parts.tail.layers)
+    assert train.resolve_precision("auto") == "float32"  # nothing measured: float32

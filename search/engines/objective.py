@@ -213,6 +213,9 @@ def make_objective(phase: str, cache: Cache, splits: Splits, rows: int | None, m
     cut_layer = cache.key["cut_layer"]
     blocks = get_backbone(cache.key["backbone"]).tail_blocks(cut_layer)
     parts = train.TailParts.from_backbone(backbone, cut_layer, blocks)
+    if precision == "auto":  # timed on this machine, on the cached maps
+        maps = train.CachedMaps(cache, "train", splits.train_idx[:128], 128)[0][0]
+        precision = train.measure_precision(parts, head, maps)["chosen"]
     return TailObjective(cache, splits, parts, head, head.get_weights(), cache.path.name, rows=rows,
                          max_epochs=max_epochs, head_provenance=provenance["head"], precision=precision)
 
