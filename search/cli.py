@@ -37,9 +37,9 @@ FINAL = FinalConfig()  # the defaults of `final`, stated once in search.config
 
 def _add_precision_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tail-precision", default=FINAL.tail_precision, choices=PRECISIONS,
-                   help=f"compute precision of the tail's training (default {FINAL.tail_precision}): 'auto' times a few "
-                        "tail steps in each on the cached maps and takes mixed_bfloat16 if it is at least 10%% "
-                        "faster; a saved model is float32 either way")
+                   help=f"compute precision of the tail's training (default {FINAL.tail_precision}): 'auto' times "
+                        "a few tail steps in each on the cached maps and takes mixed_bfloat16 if it is at least "
+                        "10%% faster; a saved model is float32 either way")
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
