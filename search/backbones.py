@@ -196,6 +196,26 @@ def frozen_layers(model: keras.Model, layer_name: str) -> list[keras.layers.Laye
     return [op for op in before if isinstance(op, keras.layers.Layer)]
 
 
+def reference_speed(backbone: keras.Model, cut_layer: str, resolution: int, batch: int = 32,
+                    repeats: int = 5) -> dict:
+    """This machine's speed now: Keras ``predict`` of the frozen part as the application builds
+    it (input to ``cut_layer``, unfolded) on one fixed batch of ``batch`` images, after one
+    warm-up call; the median of ``repeats`` timed calls, with their spread. Measured inside the
+    run it normalizes (``final.normalized_time``), never taken from another run or machine."""
+    frozen = keras.Model(backbone.inputs, cut_layer_of(backbone, cut_layer).output)
+    x = np.random.default_rng(0).uniform(-1, 1, (batch, resolution, resolution, 3)).astype(np.float32)
+    frozen.predict(x, batch_size=batch, verbose=0)
+    import time
+
+    speeds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        frozen.predict(x, batch_size=batch, verbose=0)
+        speeds.append(batch / (time.perf_counter() - start))
+    return {"images_per_second": float(np.median(speeds)), "min": float(min(speeds)), "max": float(max(speeds)),
+            "repeats": repeats, "batch": batch, "resolution": resolution, "cut_layer": cut_layer}
+
+
 _FOLDABLE = ("Conv2D", "DepthwiseConv2D")
 
 

@@ -139,8 +139,9 @@ def bench_cache(spec: backbones.BackboneSpec, splits: Splits, cut: str | None, r
                   "images": min(images, 600), "tail_steps": tail_steps}
     allocators = {name: _probe_subprocess(value, probe_args) for name, value in (("bfc", "true"), ("glibc", "false"))
                   if compare_allocators}
+    reference = backbones.reference_speed(model, cut_layer, resolution)  # what `final` measures in its run
     out = {"backbone": spec.name, "cut_layer": cut_layer, "resolution": resolution, "weights": str(weights),
-           "images": images, "allocator": os.environ.get(ALLOCATOR_ENV),
+           "images": images, "allocator": os.environ.get(ALLOCATOR_ENV), "reference_speed": reference,
            "raw_predict": "Keras predict of the frozen part as the application builds it (BN not folded): "
                           "the machine's speed; normalize wall times with it",
            "extraction_folds_batch_norm": True,

@@ -386,7 +386,7 @@ def build_final(config: FinalConfig, splits: Splits | None = None, model: keras.
         model = spec.build(weights=config.weights, size=resolution)
     run = Run(config, spec, splits, model, cut_layer, resolution,
               precision=train.resolve_precision(config.tail_precision))  # "auto": measured in stage_tail
-    run.extra["reference_speed"] = reference_speed(model, cut_layer, resolution)
+    run.extra["reference_speed"] = backbones.reference_speed(model, cut_layer, resolution)
     _timed(run, "cache", stage_cache)
     stage_params(run)
     _timed(run, "head", stage_head)
@@ -435,28 +435,10 @@ def machine(code: str | None) -> dict:
 REFERENCE_IMAGES_PER_SECOND = 60.0
 
 
-def reference_speed(backbone: keras.Model, cut_layer: str, resolution: int, batch: int = 32,
-                    repeats: int = 5) -> dict:
-    """This machine's speed now: Keras ``predict`` of the frozen part as the application builds
-    it (input to ``cut_layer``, unfolded) on one fixed batch of ``batch`` images, after one
-    warm-up call; the median of ``repeats`` timed calls, with their spread. Measured inside the
-    run it normalizes (:func:`normalized_time`), never taken from another run or machine."""
-    frozen = keras.Model(backbone.inputs, backbones.cut_layer_of(backbone, cut_layer).output)
-    x = np.random.default_rng(0).uniform(-1, 1, (batch, resolution, resolution, 3)).astype(np.float32)
-    frozen.predict(x, batch_size=batch, verbose=0)
-    speeds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        frozen.predict(x, batch_size=batch, verbose=0)
-        speeds.append(batch / (time.perf_counter() - start))
-    return {"images_per_second": float(np.median(speeds)), "min": float(min(speeds)), "max": float(max(speeds)),
-            "repeats": repeats, "batch": batch, "resolution": resolution, "cut_layer": cut_layer}
-
-
 def normalized_time(seconds: float, reference: dict) -> dict:
     """Wall time normalized to a machine whose raw frozen pass runs at 60 images/s:
-    ``minutes x measured / 60``, ``measured`` the in-run :func:`reference_speed` (its spread
-    gives the normalized minutes' range)."""
+    ``minutes x measured / 60``, ``measured`` the in-run reference speed (its spread
+    gives the normalized minutes' range; ``backbones.reference_speed``)."""
     speed = float(reference["images_per_second"])
     minutes = seconds / 60
     return {"wall_minutes": minutes, "reference": reference, "measured": "in this run, before its stages",
