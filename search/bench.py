@@ -22,6 +22,7 @@ import numpy as np
 
 from search import ALLOCATOR_ENV, backbones, heads, space
 from search.cache import Cache, build_extractor, ensure_cache
+from search.config import GOALS
 from search.data import Splits, one_hot
 from search.io import write_json
 
@@ -159,7 +160,8 @@ def bench_cache(spec: backbones.BackboneSpec, splits: Splits, cut: str | None, r
            / allocators["bfc"]["tail_step_seconds"] if allocators else None,
            "tail_step_speedup_bf16_over_float32": allocators["bfc"]["tail_step_seconds"]
            / allocators["bfc"]["tail_step_seconds_mixed_bfloat16"] if allocators else None,
-           "goal_ratio": 0.9, "command": "python -m search.cli " + " ".join(argv or ["bench-cache"]),
+           "goal_ratio": GOALS.extraction_over_raw_predict,
+           "command": "python -m search.cli " + " ".join(argv or ["bench-cache"]),
            "recorded": time.strftime("%Y-%m-%dT%H:%M:%S")}
     write_json(results / "bench_cache.json", out)
     return out
@@ -284,8 +286,9 @@ def bench_memory(cache: Cache, splits: Splits, trials: int, baseline_trials: int
                       "states": _states(study),
                       **_growth(rss), "rss_mb_after_trial": [round(r / 2**20, 1) for r in rss]}
     out = {"cache": cache.path.name, "budget": {"rows": budget.rows, "max_epochs": budget.max_epochs},
-           "goal_growth_pct": 5.0, **runs,
-           "meets_goal": runs["released"]["growth_pct"] <= 5.0 and runs["released"]["states"]["RUNNING"] == 0,
+           "goal_growth_pct": GOALS.memory_growth_pct, **runs,
+           "meets_goal": (runs["released"]["growth_pct"] <= GOALS.memory_growth_pct
+                          and runs["released"]["states"]["RUNNING"] == 0),
            "recorded": time.strftime("%Y-%m-%dT%H:%M:%S")}
     write_json(results / "bench_memory.json", out)
     return out
@@ -384,13 +387,14 @@ def bench_search(cache: Cache, splits: Splits, spec: backbones.BackboneSpec, mod
         "cache": cache.path.name,
         "phase1": {"budget": head_obj.budget, "pruner": DEFAULT_PRUNER, **head_times,
                    "other_pruners": other_pruners,
-                   "goal_median_trial_seconds": 2.0, "stretch_goal_median_trial_seconds": 1.0,
+                   "goal_median_trial_seconds": GOALS.median_trial_seconds,
+                   "stretch_goal_median_trial_seconds": GOALS.stretch_median_trial_seconds,
                    "baseline": baseline,
                    "speedup_median": baseline["trial_seconds_median"] / median if baseline else None,
                    "speedup_wall": (baseline["wall_seconds_per_trial"] / head_times["wall_seconds_per_trial"]
                                     if baseline else None)},
         "fidelity": {"configs": len(ranking), "configs_seed": configs_seed, "fast_budget": head_obj.budget,
-                     "full_budget": full_obj.budget, "kendall_tau": tau, "goal_kendall_tau": 0.6,
+                     "full_budget": full_obj.budget, "kendall_tau": tau, "goal_kendall_tau": GOALS.kendall_tau,
                      "other_budgets": other_budgets,
                      "rungs": rung_taus(ranking, rung_steps(budget.max_epochs)),
                      "fast_seconds_median": float(np.median([r["fast_seconds"] for r in ranking])),

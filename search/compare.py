@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from search.config import GOALS
 from search.errors import UserError
 from search.io import read_json, save_figure, write_json
 from search.space import params_label
@@ -109,8 +110,10 @@ def compare_runs(runs: dict[str, str | os.PathLike], results: str | os.PathLike 
                          "total_seconds": run["timings_seconds"]["total"], "cache_reused": run["cache"]["reused"]})
         tests = [r["test_accuracy"] for r in rows]
         seeds = {"recipe": recipe_of(first), "runs": rows, "mean_test_accuracy": float(np.mean(tests)),
-                 "min_test_accuracy": float(np.min(tests)), "bar_each": 0.87, "bar_mean": 0.875, "goal_mean": 0.89,
-                 "meets_bars": bool(min(tests) >= 0.87 and np.mean(tests) >= 0.875)}
+                 "min_test_accuracy": float(np.min(tests)), "bar_each": GOALS.test_accuracy_each,
+                 "bar_mean": GOALS.test_accuracy_mean, "goal_mean": GOALS.test_accuracy_goal_mean,
+                 "meets_bars": bool(min(tests) >= GOALS.test_accuracy_each
+                                    and np.mean(tests) >= GOALS.test_accuracy_mean)}
         write_json(results / "seeds.json", seeds)
         out["seeds"] = seeds
 

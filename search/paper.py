@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from search.config import GOALS
 from search.errors import UserError
 from search.io import atomic_path, read_json, save_figure
 
@@ -343,7 +344,7 @@ def _cost_sentence(tail_epoch: float | None, e2e: float | None, extraction: floa
     return text + ": here the cache saves no time per epoch."
 
 
-COLD_BAR_MINUTES, COLD_GOAL_MINUTES = 45, 30
+COLD_BAR_MINUTES = COLD_GOAL_MINUTES = GOALS.cold_final_normalized_minutes  # now the bar
 
 
 def _cold_sentence(cold: float, final: dict) -> str:

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from search.compare import compare_runs, wilson_interval
+from search.config import GOALS
 from search.errors import UserError
 
 
@@ -31,7 +32,7 @@ def test_wilson_interval_contains_the_proportion_and_narrows_with_n():
 
 def test_frontier_and_seeds_written(tmp_path):
     paths = {}
-    for label, run in (("a", _run(0, 0.88, 0.879)), ("b", _run(1, 0.874, 0.87, reused=True))):
+    for label, run in (("a", _run(0, 0.891, 0.879)), ("b", _run(1, 0.883, 0.87, reused=True))):
         paths[label] = tmp_path / f"{label}.json"
         paths[label].write_text(json.dumps(run))
     out = compare_runs(paths, tmp_path / "results")
@@ -46,9 +47,12 @@ def test_frontier_and_seeds_written(tmp_path):
                      "cache_bytes": 12345, "seed": 1, "params": "default/?", "finished": "T1"}
     seeds = out["seeds"]
     assert [r["seed"] for r in seeds["runs"]] == [0, 1]
-    assert seeds["mean_test_accuracy"] == pytest.approx(0.877)
-    assert seeds["meets_bars"] is True
-    assert seeds["runs"][0]["test_ci95"][0] < 0.88 < seeds["runs"][0]["test_ci95"][1]
+    assert seeds["mean_test_accuracy"] == pytest.approx(0.887)
+    assert seeds["meets_bars"] is True and seeds["bar_each"] == GOALS.test_accuracy_each
+    (tmp_path / "c.json").write_text(json.dumps(_run(2, GOALS.test_accuracy_each - 0.001, 0.9)))
+    low = compare_runs({**paths, "c": tmp_path / "c.json"}, tmp_path / "results")["seeds"]
+    assert low["meets_bars"] is False, "one seed below the bar fails it, whatever the mean"
+    assert seeds["runs"][0]["test_ci95"][0] < 0.891 < seeds["runs"][0]["test_ci95"][1]
 
 
 def test_search_effect_needs_one_seed_and_cache(tmp_path):
