@@ -90,7 +90,8 @@ def _cache_verb(sub: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Transfer-learning hyperparameter search for CIFAR-10 on Keras Applications: "
+        description="Transfer-learning hyperparameter search on Keras Applications, for CIFAR-10 or a folder "
+                    "of images: "
                     "the frozen backbone runs once into cache/; phase 1 searches the head on the cached "
                     "pooled features, phase 2 how the backbone's last block(s) are fine-tuned on the cached "
                     "cut activations; `final` trains both phases' best parameters and saves the model.")
@@ -393,8 +394,6 @@ def _params(text: str) -> str | dict:
 
 
 def cmd_final(args: argparse.Namespace, argv: list[str]) -> int:
-    from search.final import FinalConfig, build_final
-
     run_dir = run_folder(args.results, args.name) if args.name is not None else None
     output = args.output or (str(run_dir / "model.h5") if run_dir else FINAL.output)
     config = FinalConfig(
@@ -405,6 +404,8 @@ def cmd_final(args: argparse.Namespace, argv: list[str]) -> int:
         tail_precision=args.tail_precision, output=output, results=args.results,
         run_dir=str(run_dir) if run_dir else None, cache_root=args.cache_dir, build_cache=args.build,
         progress=not args.quiet)
+    from search.final import build_final  # TensorFlow loads here, after the options were checked
+
     splits, _ = _setup(args)
     summary = build_final(config, splits)
     shipped = "; ".join(f"{phase}: {p['source']}" + (f" ({p['why']})" if p.get("why") else "")
