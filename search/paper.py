@@ -21,6 +21,7 @@ import numpy as np
 from search.config import GOALS
 from search.errors import UserError
 from search.io import atomic_path, read_json, save_figure
+from search.report import confusion_figure
 
 PLACEHOLDER = re.compile(r"\{\{\s*([\w.]+)\s*(?:\|\s*(\w+)\s*)?\}\}")
 FORMATS = {
@@ -770,8 +771,8 @@ def write_paper(results: str | Path = "results", docs: str | Path = "docs", data
     text = render(template, ctx)  # fails on a missing number before any figure is drawn
     prediction_grid(ctx["final"], data, figures / "predictions.png")
     epoch_figure(ctx["final"], figures / "tail_epochs.png")
-    sources = {name: results / "report" / name
-               for name in ("optimization_history.png", "param_importances.png", "confusion_matrix.png")}
+    confusion_figure(ctx["final"], figures / "confusion_matrix.png")  # the reported run's, whatever the report shows
+    sources = {name: results / "report" / name for name in ("optimization_history.png", "param_importances.png")}
     sources["frontier.png"] = results / "frontier.png"
     for name, src in sources.items():
         if src.exists():

@@ -128,7 +128,6 @@ def _pngs(study: optuna.Study, final: dict | None, out: Path) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
     from optuna.visualization import matplotlib as vis_mpl
 
@@ -152,26 +151,37 @@ def _pngs(study: optuna.Study, final: dict | None, out: Path) -> list[str]:
         save_figure(fig, out / f"{name}.png", dpi=110)
         written.append(f"{name}.png")
     if final and "test_confusion_matrix" in final:
-        cm = np.array(final["test_confusion_matrix"])
-        names = final["class_names"]
-        fig, ax = plt.subplots(figsize=(7, 6))
-        im = ax.imshow(cm, cmap="Blues")
-        k = len(names)
-        ax.set_xticks(range(k), names, rotation=45, ha="right")
-        ax.set_yticks(range(k), names)
-        ax.grid(False)  # a style's grid would cross the counts
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
-        for i in range(k):
-            for j in range(k):
-                ax.text(j, i, cm[i, j], ha="center", va="center", fontsize=7,
-                        color="white" if cm[i, j] > cm.max() / 2 else "black")
-        ax.set_title(f"Test confusion matrix (accuracy {final['test_accuracy']:.4f})")
-        fig.colorbar(im)
-        fig.tight_layout()
-        save_figure(fig, out / "confusion_matrix.png", dpi=110)
+        confusion_figure(final, out / "confusion_matrix.png")
         written.append("confusion_matrix.png")
     return written
+
+
+def confusion_figure(final: dict, path: Path) -> None:
+    """The final model's test confusion matrix (``final.json``'s counts) as a PNG at ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    cm = np.array(final["test_confusion_matrix"])
+    names = final["class_names"]
+    fig, ax = plt.subplots(figsize=(7, 6))
+    im = ax.imshow(cm, cmap="Blues")
+    k = len(names)
+    ax.set_xticks(range(k), names, rotation=45, ha="right")
+    ax.set_yticks(range(k), names)
+    ax.grid(False)  # a style's grid would cross the counts
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, cm[i, j], ha="center", va="center", fontsize=7,
+                    color="white" if cm[i, j] > cm.max() / 2 else "black")
+    ax.set_title(f"Test confusion matrix (accuracy {final['test_accuracy']:.4f})")
+    fig.colorbar(im)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=110)
 
 
 def built_from(final: dict, study_name: str) -> bool:

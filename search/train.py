@@ -481,7 +481,7 @@ def measure_precision(parts: TailParts, head: keras.Model, maps: np.ndarray, ste
     import statistics
     import time
 
-    saved = head.get_weights()
+    saved, saved_tail = head.get_weights(), parts.tail.get_weights()
     labels = one_hot(np.arange(len(maps)) % head.output.shape[-1], head.output.shape[-1])
     seconds = {}
     try:
@@ -496,7 +496,7 @@ def measure_precision(parts: TailParts, head: keras.Model, maps: np.ndarray, ste
             seconds[policy] = statistics.median(times)
     finally:
         set_precision(parts.tail, head, "float32")
-        parts.reset()
+        parts.tail.set_weights(saved_tail)
         head.set_weights(saved)
     speedup = seconds["float32"] / seconds["mixed_bfloat16"]
     return {"chosen": "mixed_bfloat16" if speedup >= PRECISION_GAIN else "float32", "step_seconds": seconds,
