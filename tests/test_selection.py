@@ -117,3 +117,15 @@ def test_a_single_split_head_trial_records_the_images_it_got_right(tiny_cache, t
     value = objective.fit(objective.build(space.DEFAULTS["head"]), 2)
     hits = selection.unpack_hits(objective.last_score.hits, objective.last_score.n)
     assert len(hits) == len(tiny_splits.val_idx) and hits.mean() == pytest.approx(value)
+
+
+def test_too_few_images_per_class_for_the_folds_is_named_in_the_log(tiny_splits, caplog):
+    from search.data import make_splits
+
+    keep = np.flatnonzero((tiny_splits.y_train != 9) | (np.cumsum(tiny_splits.y_train == 9) <= 8))
+    small = make_splits(tiny_splits.x_train[keep], tiny_splits.y_train[keep], tiny_splits.x_test,
+                        tiny_splits.y_test, val_size=20, seed=0)  # class 9: 8 images, 6 left for training
+    with caplog.at_level("WARNING"):
+        k = head_folds(small)
+    assert k == 3 == selection.folds_for(small.y_train[small.train_idx])
+    assert "cross-validated on 3 folds, not 5" in caplog.text and "smallest class has 6 images" in caplog.text
