@@ -197,23 +197,27 @@ def frozen_layers(model: keras.Model, layer_name: str) -> list[keras.layers.Laye
 
 
 def reference_speed(backbone: keras.Model, cut_layer: str, resolution: int, batch: int = 32,
-                    repeats: int = 5) -> dict:
+                    repeats: int = 7, warmups: int = 2) -> dict:
     """This machine's speed now: Keras ``predict`` of the frozen part as the application builds
-    it (input to ``cut_layer``, unfolded) on one fixed batch of ``batch`` images, after one
-    warm-up call; the median of ``repeats`` timed calls, with their spread. Measured inside the
-    run it normalizes (``final.normalized_time``), never taken from another run or machine."""
-    frozen = keras.Model(backbone.inputs, cut_layer_of(backbone, cut_layer).output)
-    x = np.random.default_rng(0).uniform(-1, 1, (batch, resolution, resolution, 3)).astype(np.float32)
-    frozen.predict(x, batch_size=batch, verbose=0)
+    it (input to ``cut_layer``, unfolded) on one fixed batch of ``batch`` images, after
+    ``warmups`` untimed calls (here the first call after a single warm-up still ran at half the
+    speed of the next ones); the median of ``repeats`` timed calls, with every speed kept.
+    Measured inside the run it normalizes (``final.normalized_time``), never taken from another
+    run or machine."""
     import time
 
+    frozen = keras.Model(backbone.inputs, cut_layer_of(backbone, cut_layer).output)
+    x = np.random.default_rng(0).uniform(-1, 1, (batch, resolution, resolution, 3)).astype(np.float32)
+    for _ in range(max(1, warmups)):
+        frozen.predict(x, batch_size=batch, verbose=0)
     speeds = []
     for _ in range(repeats):
         start = time.perf_counter()
         frozen.predict(x, batch_size=batch, verbose=0)
         speeds.append(batch / (time.perf_counter() - start))
     return {"images_per_second": float(np.median(speeds)), "min": float(min(speeds)), "max": float(max(speeds)),
-            "repeats": repeats, "batch": batch, "resolution": resolution, "cut_layer": cut_layer}
+            "speeds": [float(v) for v in speeds], "repeats": repeats, "warmups": warmups, "batch": batch,
+            "resolution": resolution, "cut_layer": cut_layer}
 
 
 _FOLDABLE = ("Conv2D", "DepthwiseConv2D")

@@ -395,7 +395,8 @@ def build_final(config: FinalConfig, splits: Splits | None = None, model: keras.
     _timed(run, "tta_choice", stage_tta)
     _timed(run, "test", stage_test)
     saved = _timed(run, "stitch_and_save", stage_save)
-    run.timings["total"] = time.perf_counter() - t_start
+    run.timings["total"] = time.perf_counter() - t_start  # the end's reference is not part of the run's time
+    run.extra["reference_speed_end"] = backbones.reference_speed(model, cut_layer, resolution)
     return write_summary(run, saved)
 
 
@@ -435,10 +436,17 @@ def machine(code: str | None) -> dict:
 REFERENCE_IMAGES_PER_SECOND = 60.0
 
 
-def normalized_time(seconds: float, reference: dict) -> dict:
+def normalized_time(seconds: float, reference: dict, end: dict | None = None) -> dict:
     """Wall time normalized to a machine whose raw frozen pass runs at 60 images/s:
-    ``minutes x measured / 60``, ``measured`` the in-run reference speed (its spread
-    gives the normalized minutes' range; ``backbones.reference_speed``)."""
+    ``minutes x measured / 60``, ``measured`` the in-run reference speed
+    (``backbones.reference_speed``): the median of the repeats taken at the run's start and, with
+    ``end``, at its end too (this machine's speed drifts within a run); their spread gives the
+    normalized minutes' range."""
+    if end is not None:
+        speeds = [*reference.get("speeds", [reference["images_per_second"]]),
+                  *end.get("speeds", [end["images_per_second"]])]
+        reference = {**reference, "images_per_second": float(np.median(speeds)), "min": float(min(speeds)),
+                     "max": float(max(speeds)), "start": reference, "end": end}
     speed = float(reference["images_per_second"])
     minutes = seconds / 60
     return {"wall_minutes": minutes, "reference": reference, "measured": "in this run, before its stages",
@@ -474,8 +482,10 @@ def write_summary(run: Run, saved: Path) -> dict:
         "tta": run.tta != "none", "tta_chosen": run.tta, **extra, "epochs": run.epochs, "timings_seconds": run.timings,
         "model_path": str(saved.resolve()), "stages": run.rows, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    summary["normalized_time"] = normalized_time(run.timings["total"], run.extra.pop("reference_speed"))
+    summary["normalized_time"] = normalized_time(run.timings["total"], run.extra.pop("reference_speed"),
+                                                 run.extra.pop("reference_speed_end", None))
     summary.pop("reference_speed", None)
+    summary.pop("reference_speed_end", None)
     write_json(results / "final.json", summary)
     log.info("val %.4f, test %.4f (cached path); stitched %.4f vs cached %.4f on %d test images; saved %s",
              summary["val_accuracy"], summary["test_accuracy"], summary["parity"]["stitched_accuracy"],
