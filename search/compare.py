@@ -184,12 +184,17 @@ def results_table(results: str | os.PathLike = "results") -> str:
                         f"{ci(r['test_accuracy'], r['test_images'])} | `seeds.json` |")
     if (results / "final.json").exists():
         final = read_json(results / "final.json")
-        norm = (final.get("normalized_time") or {}).get("normalized_minutes")
-        cost = f", {norm:.1f} min normalized" if norm and not final["cache"]["reused"] else ""
+        norm = final.get("normalized_time") or {}
+        cost = ""
+        if norm.get("normalized_minutes") and not final["cache"]["reused"]:
+            cost = f"; {norm['normalized_minutes']:.1f} min normalized"
+            if norm.get("normalized_minutes_range"):
+                lo, hi = norm["normalized_minutes_range"]
+                cost += f", {lo:.1f}–{hi:.1f} over its speed measurements"
         source = str(final["data"]["source"])
         name = "CIFAR-10" if "cifar10" in source.lower() else Path(source).name
-        rows.append(f"| {name} | the latest `make final` (seed "
-                    f"{final['config']['seed']}{cost}) | {pct(final['val_accuracy'])} | "
+        rows.append(f"| {name} | the latest `make final`, seed "
+                    f"{final['config']['seed']}{cost} | {pct(final['val_accuracy'])} | "
                     f"{ci(final['test_accuracy'], final['data']['test'])} | `final.json` |")
     if (results / "evaluate.json").exists():
         ev = read_json(results / "evaluate.json")
