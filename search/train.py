@@ -630,7 +630,10 @@ def fit_tail(trainer: keras.Model, train: CachedMaps, val: CachedMaps, epochs: i
             on_resume(train.epoch, epochs)
     best = keras.callbacks.EarlyStopping("val_accuracy", patience=epochs + 1, mode="max", restore_best_weights=True)
     resume = [keras.callbacks.BackupAndRestore(backup_dir)] if backup_dir else []
-    history = trainer.fit(train, epochs=epochs, initial_epoch=initial_epoch, validation_data=val,
+    # shuffle=False: the batches already hold each epoch's own permutation of the rows (seeded by
+    # the epoch); Keras's default would also shuffle the batch order with Python's global `random`,
+    # whose state a resumed run does not share with an uninterrupted one
+    history = trainer.fit(train, epochs=epochs, initial_epoch=initial_epoch, validation_data=val, shuffle=False,
                           callbacks=[*resume, _EpochSeed(train), best, *(callbacks or [])], verbose=verbose)
     return {k: [float(v) for v in vs] for k, vs in history.history.items()}
 
