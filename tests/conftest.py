@@ -34,6 +34,52 @@ def synthetic_arrays(n_train: int = 120, n_test: int = 40, seed: int = 0):
     return xtr, ytr, xte, yte
 
 
+class LogWatch:
+    """The stderr lines of running processes (``text=True`` pipes), read by one thread per pipe as
+    they come, so a test waits for an event (a log line) instead of sleeping and polling."""
+
+    def __init__(self, *procs) -> None:
+        import queue
+        import threading
+
+        self.lines: queue.Queue = queue.Queue()
+        self.seen: list[tuple[int, str]] = []
+        self.readers = [threading.Thread(target=self._read, args=(i, proc.stderr), daemon=True)
+                        for i, proc in enumerate(procs)]
+        for reader in self.readers:
+            reader.start()
+
+    def _read(self, i: int, pipe) -> None:
+        for line in iter(pipe.readline, ""):
+            self.lines.put((i, line))
+
+    def wait(self, needle: str, count: int, timeout: float = 240.0) -> int:
+        """Block until ``count`` lines (over all the processes) contain ``needle``, or ``timeout``
+        seconds pass; the number seen."""
+        import queue
+        import time
+
+        deadline = time.monotonic() + timeout
+        hits = sum(needle in line for _, line in self.seen)
+        while hits < count and (left := deadline - time.monotonic()) > 0:
+            try:
+                item = self.lines.get(timeout=left)
+            except queue.Empty:
+                break
+            self.seen.append(item)
+            hits += needle in item[1]
+        return hits
+
+    def text(self, i: int | None = None) -> str:
+        """All that process ``i`` (None: every one) wrote, once the processes have exited (the
+        readers are joined at the pipes' ends)."""
+        for reader in self.readers:
+            reader.join(timeout=60)
+        while not self.lines.empty():
+            self.seen.append(self.lines.get_nowait())
+        return "".join(line for j, line in self.seen if i is None or j == i)
+
+
 @pytest.fixture(scope="session")
 def tiny_npz(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "tiny.npz"

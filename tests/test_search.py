@@ -14,7 +14,7 @@ import keras
 import optuna
 import pytest
 
-from conftest import ROOT, TINY_RES
+from conftest import ROOT, TINY_RES, LogWatch
 from search import engines, space, train
 from search.engines.objective import HeadObjective, TailObjective, make_objective
 from search.errors import UserError
@@ -315,15 +315,16 @@ def test_sigkill_midway_then_resume_keeps_completed_trials(tiny_npz, tmp_path):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(_search_cmd(tiny_npz, tmp_path, storage, 200), env=env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while len(_finished(storage, "resume")) < 3 and time.time() < deadline:
-        time.sleep(0.5)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    LogWatch(proc).wait(" COMPLETE", 3)  # the engine logs each finished trial once it is stored
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    killed_at = time.monotonic()
     before = _finished(storage, "resume")
     assert len(before) >= 3, "search did not get going"
-    time.sleep(2.5)  # past the heartbeat grace period of the killed trial
+    # Optuna calls a trial stale once its last heartbeat is older than the grace period (twice the
+    # heartbeat, 1 s here): a matter of the clock, which no event marks; wait until it has passed
+    time.sleep(max(0.0, killed_at + 2 * 1 + 0.2 - time.monotonic()))
     out = subprocess.run(_search_cmd(tiny_npz, tmp_path, storage, 3), env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -368,16 +369,15 @@ def test_postgres_worker_killed_midway_does_not_break_the_others(tiny_npz, tmp_p
 
     open_study(url, study)  # schema and study exist before the workers start
     victim = subprocess.Popen([*cmd, "--trials", "200", "--worker-index", "9"], env=env, cwd=ROOT,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     others = [subprocess.Popen([*cmd, "--worker-index", str(w)], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True) for w in range(3)]
-    deadline = time.time() + 240
-    while len(_finished(url, study)) < 2 and time.time() < deadline:
-        time.sleep(0.5)
+    watch = LogWatch(victim, *others)
+    watch.wait(" COMPLETE", 2)  # the workers log each finished trial once it is stored
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     codes = [p.wait(timeout=600) for p in others]
-    assert codes == [0, 0, 0], [p.stderr.read()[-1000:] for p in others]
+    assert codes == [0, 0, 0], watch.text()[-3000:]
     trials = optuna.load_study(study_name=study, storage=url).trials
     assert len({t.number for t in trials}) == len(trials)
     finished = [t for t in trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
@@ -400,13 +400,13 @@ def test_postgres_restarted_midway_workers_reconnect_and_a_rerun_completes(tiny_
     open_study(url, study)
     workers = [subprocess.Popen([*cmd, "--worker-index", str(w)], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True) for w in range(4)]
-    deadline = time.time() + 240
-    while len(_finished(url, study)) < 2 and time.time() < deadline:
-        time.sleep(0.5)
+    watch = LogWatch(*workers)
+    watch.wait(" COMPLETE", 2)
     assert len(_finished(url, study)) >= 2, "workers did not start"
     subprocess.run(os.environ["OPTUNA_TEST_PG_RESTART"], shell=True, check=True, timeout=120,
                    capture_output=True)
-    outcomes = [(p.wait(timeout=600), p.stderr.read()) for p in workers]
+    codes = [p.wait(timeout=600) for p in workers]
+    outcomes = [(code, watch.text(w)) for w, code in enumerate(codes)]
     for code, err in outcomes:  # reconnected and finished, or stopped with one clear line
         assert code == 0 or (code == 2 and "lost the study database" in err.strip().splitlines()[-1]), err[-1500:]
     rerun = subprocess.run([*cmd, "--worker-index", "7", "--trials", "2"], env=env, cwd=ROOT, capture_output=True,

@@ -195,6 +195,9 @@ class OptunaEngine:
         state = {"done": 0, "lost_since": None}
 
         def finished(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+            # one line per trial, also without progress bars (a log to follow; tests wait on it)
+            log.info("trial %d %s%s", trial.number, trial.state.name,
+                     "" if trial.value is None else f" (value {trial.value:.4f})")
             state["done"] += 1
             state["lost_since"] = None
             self._trial_number = None
