@@ -34,7 +34,7 @@ SEARCH_ARGS := $(if $(TRIALS),--trials $(TRIALS),) $(if $(TAIL_TRIALS),--tail-tr
   $(if $(PRUNER),--pruner $(PRUNER),) $(if $(ORACLE),--oracle $(ORACLE),) \
   $(if $(STORAGE),--storage $(STORAGE),) $(if $(STUDY),--study-name $(STUDY),)
 
-.PHONY: help setup offline final search search-effect readme report paper evaluate test lint bench bench-cache bench-search bench-memory reliability \
+.PHONY: help setup offline final search search-effect readme report paper evaluate test lint bench bench-cache bench-search bench-tail bench-memory reliability \
   clean-cache dashboard
 
 help:  ## list the verbs
@@ -76,6 +76,9 @@ bench-cache: setup  ## extraction vs raw predict, CPU seconds, BFC vs glibc allo
 
 bench-search: setup  ## phase-1/phase-2 trial seconds, fidelity Kendall tau, end-to-end epoch -> results/bench_search.json
 	$(VENV)/bin/transfer-search bench-search $(ARGS)
+
+bench-tail: setup  ## phase-2 fidelity: tail configurations at trial budgets vs 20000x5, Kendall tau -> results/bench_search.json (ARGS="--budgets 4000x2,2000x3")
+	$(VENV)/bin/transfer-search bench-tail $(ARGS)
 
 bench-memory: setup  ## resident memory over a 200-trial phase-1 search (and a baseline) -> results/bench_memory.json
 	$(VENV)/bin/transfer-search bench-memory $(ARGS)

@@ -411,8 +411,102 @@ def bench_search(cache: Cache, splits: Splits, spec: backbones.BackboneSpec, mod
         "memory": _growth(rss),
         "recorded": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    previous = results / "bench_search.json"
+    if previous.exists():  # bench-tail's measurement is its own run's: kept
+        from search.io import read_json
+
+        if "phase2_fidelity" in (kept := read_json(previous)):
+            out["phase2_fidelity"] = kept["phase2_fidelity"]
     write_json(results / "bench_search.json", out)
     return out
+
+
+def parse_budget(text: str) -> tuple[int, int]:
+    """``ROWSxEPOCHS`` (``2000x3``) as ``(rows, epochs)``; one clear error otherwise."""
+    from search.errors import UserError
+
+    try:
+        rows, epochs = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise UserError(f"a budget is ROWSxEPOCHS, e.g. 2000x3; got {text!r}") from None
+    if rows < 1 or epochs < 1:
+        raise UserError(f"a budget needs at least 1 row and 1 epoch, got {text!r}")
+    return rows, epochs
+
+
+def tail_fidelity(objective: Any, budgets: list[tuple[int, int]], reference: tuple[int, int], configs: int,
+                  configs_seed: int = 3, on_row: Any = None) -> dict:
+    """Phase 2's fidelity: ``configs`` random tail configurations (Optuna's ``RandomSampler``,
+    seed ``configs_seed``) trained at each trial budget of ``budgets`` and at ``reference``
+    (``(rows, epochs)`` each), all from the same head (``objective``'s, a
+    :class:`~search.engines.objective.TailObjective`; its precision and PreciseBN); Kendall's tau of
+    each budget's score, and of its score at each pruner rung (:func:`rung_taus`), against the
+    reference's. ``on_row(partial)`` is called after every configuration with the result so far."""
+    import dataclasses
+
+    import keras
+    import optuna
+
+    from search.engines.optuna_engine import rung_steps
+
+    names = [f"{r}x{e}" for r, e in budgets]
+    objectives = {name: dataclasses.replace(objective, rows=r, max_epochs=e)
+                  for name, (r, e) in zip(names, budgets, strict=True)}
+    objectives["full"] = dataclasses.replace(objective, rows=reference[0], max_epochs=reference[1])
+    sampler = optuna.samplers.RandomSampler(seed=configs_seed)
+    ranking: list[dict] = []
+
+    def summary() -> dict:
+        full = [r["full"] for r in ranking]
+        return {"configs": len(ranking), "configs_seed": configs_seed, "goal_kendall_tau": GOALS.tail_kendall_tau,
+                "reference": objectives["full"].budget,
+                "budgets": {name: {"budget": objectives[name].budget,
+                                   "kendall_tau": kendall_tau([r[name] for r in ranking], full) if ranking else None,
+                                   "rungs": rung_taus(ranking, rung_steps(objectives[name].max_epochs), key=name)
+                                   if ranking else [],
+                                   "seconds_median": float(np.median([r[f"{name}_seconds"] for r in ranking]))
+                                   if ranking else None}
+                            for name in names},
+                "full_seconds_median": float(np.median([r["full_seconds"] for r in ranking])) if ranking else None,
+                "rows": ranking}
+
+    for i in range(configs):
+        trial = optuna.create_study(sampler=sampler).ask()
+        params = space.suggest("tail", trial, **objective.space_options)
+        row: dict[str, Any] = {"params": params}
+        for name, obj in objectives.items():
+            start = time.perf_counter()
+            history = keras.callbacks.History()
+            row[name] = obj.fit(obj.build(params, seed=i), obj.max_epochs, [history])
+            row[f"{name}_seconds"] = time.perf_counter() - start
+            row[f"{name}_history"] = [float(v) for v in history.history["val_accuracy"]]
+        ranking.append(row)
+        if on_row is not None:
+            on_row(summary())
+    return summary()
+
+
+def bench_tail(cache: Cache, splits: Splits, model: Any, results: Path, budgets: list[tuple[int, int]],
+               reference: tuple[int, int], configs: int, configs_seed: int = 3) -> dict:
+    """:func:`tail_fidelity` on ``cache`` (the head of this cache key's phase-1 search, else the
+    default head), written to ``results/bench_search.json`` under ``phase2_fidelity`` after every
+    configuration (``complete`` false until the last), the rest of that file kept."""
+    from search.engines.objective import make_objective
+    from search.io import read_json
+
+    objective = make_objective("tail", cache, splits, budgets[0][0], budgets[0][1], backbone=model,
+                               results=str(results))
+    path = results / "bench_search.json"
+
+    def write(partial: dict, complete: bool = False) -> None:
+        out = read_json(path) if path.exists() else {}
+        out["phase2_fidelity"] = {**partial, "cache": cache.path.name, "complete": complete,
+                                  "recorded": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        write_json(path, out)
+
+    result = tail_fidelity(objective, budgets, reference, configs, configs_seed, on_row=write)
+    write(result, complete=True)
+    return result
 
 
 if __name__ == "__main__":  # the allocator probe, run in a fresh process by bench_cache

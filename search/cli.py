@@ -246,6 +246,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epoch-images", type=int, default=1000,
                    help="images timed through the full backbone to estimate one end-to-end epoch")
 
+    p = _cache_verb(sub, "bench-tail",
+                       help="phase-2 fidelity: random tail configurations at trial budgets and at a reference, "
+                            "Kendall tau -> results/bench_search.json (phase2_fidelity)")
+    p.add_argument("--budgets", default=None,
+                   help="trial budgets ROWSxEPOCHS, comma-separated (default: the phase-2 default budget)")
+    p.add_argument("--reference", default="20000x5", help="the longer training ranked against (default 20000x5)")
+    p.add_argument("--configs", type=int, default=8, help="random tail configurations (default 8)")
+    p.add_argument("--configs-seed", type=int, default=3, help="seed of the configurations (default 3)")
+
     p = _cache_verb(sub, "bench-memory",
                        help="resident memory over a long phase-1 search -> results/bench_memory.json")
     p.add_argument("--trials", type=int, default=200, help="phase-1 trials at the default budget (default 200)")
@@ -516,6 +525,25 @@ def cmd_bench_search(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def cmd_bench_tail(args: argparse.Namespace, argv: list[str]) -> int:
+    from search import bench, space
+
+    default = space.BUDGETS["tail"]
+    budgets = [bench.parse_budget(b) for b in args.budgets.split(",")] if args.budgets else \
+        [(default.rows, default.max_epochs)]
+    reference = bench.parse_budget(args.reference)
+    if args.configs < 2:
+        raise UserError(f"--configs must be at least 2 to rank, got {args.configs}")
+    splits, spec = _setup(args)
+    _, resolution = spec.resolve(args.cut, args.resolution)
+    model = spec.build(weights=_weights(args), size=resolution)
+    cache = _cache(args, splits, spec, model=model)
+    out = bench.bench_tail(cache, splits, model, Path(args.results), budgets, reference, args.configs,
+                           args.configs_seed)
+    print(json.dumps({name: b["kendall_tau"] for name, b in out["budgets"].items()}, indent=2))
+    return 0
+
+
 def cmd_bench_memory(args: argparse.Namespace, argv: list[str]) -> int:
     from search import bench
 
@@ -531,7 +559,7 @@ COMMANDS = {"extract": cmd_extract, "search": cmd_search, "final": cmd_final, "e
             "report": cmd_report, "paper": cmd_paper, "compare": cmd_compare, "effect": cmd_effect,
             "results-table": cmd_results_table,
             "bench-cache": cmd_bench_cache,
-            "bench-search": cmd_bench_search, "bench-memory": cmd_bench_memory}
+            "bench-search": cmd_bench_search, "bench-tail": cmd_bench_tail, "bench-memory": cmd_bench_memory}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,6 +30,7 @@ class Goals:
     median_trial_seconds: float = 2.0  # bench-search, phase 1
     stretch_median_trial_seconds: float = 1.0
     kendall_tau: float = 0.6  # phase-1 fidelity: trial budget against full training
+    tail_kendall_tau: float = 0.5  # phase-2 fidelity: trial budget against >= 5 epochs on >= 20,000 rows (issue 28)
     memory_growth_pct: float = 5.0  # bench-memory, trial 10 to the last
 
 

@@ -1,6 +1,8 @@
 """The trial runners: stratified budgets, reproducible augmented batches, vectorized shifts, the
 two learning rates of the tail trainer, and BatchNormalization modes."""
 
+import json
+
 import keras
 import numpy as np
 import pytest
@@ -482,3 +484,27 @@ def test_auto_precision_is_measured_on_the_tail_and_leaves_it_as_it_was(parts, m
     assert all(np.array_equal(a, b) for a, b in zip(parts.tail.get_weights(), before_tail, strict=True))
     assert all(la.dtype_policy.name == "float32" for la in parts.tail.layers)
     assert train.resolve_precision("auto") == "float32"  # nothing measured: float32
+
+
+def test_tail_fidelity_trains_each_configuration_at_every_budget_and_the_reference(maps_cache, tiny_splits, parts):
+    """bench-tail's measurement: the same random configurations at each trial budget and at the
+    reference, from one head; the partial result is reported after every configuration."""
+    from search import bench
+    from search.engines.objective import TailObjective
+
+    head = _head(parts)
+    objective = TailObjective(maps_cache, tiny_splits, parts, head, head.get_weights(), "maps", rows=None,
+                              max_epochs=1, batch_size=32, precise_bn_rows=0, precision="float32")
+    partial = []
+    out = bench.tail_fidelity(objective, [(40, 1), (60, 2)], (80, 3), configs=3, on_row=partial.append)
+    assert [p["configs"] for p in partial] == [1, 2, 3]
+    assert set(out["budgets"]) == {"40x1", "60x2"} and out["budgets"]["60x2"]["budget"]["rows"] == 60
+    assert out["reference"]["rows"] == 80 and out["reference"]["max_epochs"] == 3
+    for row in out["rows"]:
+        assert [len(row[f"{k}_history"]) for k in ("40x1", "60x2", "full")] == [1, 2, 3]
+        assert row["60x2"] == max(row["60x2_history"])  # a budget's score is its best epoch
+    assert len({json.dumps(r["params"], sort_keys=True) for r in out["rows"]}) == 3, "three configurations"
+    taus = [out["budgets"][k]["kendall_tau"] for k in ("40x1", "60x2")]
+    assert all(-1.0 <= t <= 1.0 for t in taus)
+    # ASHA judges a 2-epoch trial nowhere before its end (rung_steps(2) is empty): only its budget
+    assert [r["epochs"] for r in out["budgets"]["60x2"]["rungs"]] == ["budget"]
