@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from search import ALLOCATOR_ENV, backbones, heads, space
+from search import ALLOCATOR_ENV, backbones, batches, finetune, heads, space
 from search.cache import Cache, build_extractor, ensure_cache
 from search.config import GOALS
 from search.data import Splits, one_hot
@@ -43,7 +43,6 @@ def allocator_probe(backbone: str, cut: str | None, resolution: int | None, weig
     """In this process (allocator as set at start-up): frozen-pass images/s with user/system CPU
     seconds, and seconds per tail training step (batch 128, float32 and mixed_bfloat16), on random
     pixels (speed only)."""
-    from search import train
 
     spec = backbones.get_backbone(backbone)
     cut_layer, resolution = spec.resolve(cut, resolution)
@@ -57,19 +56,19 @@ def allocator_probe(backbone: str, cut: str | None, resolution: int | None, weig
     (u0, s0), t0 = _cpu(), time.perf_counter()
     cut_maps, _ = extractor.predict(x, batch_size=100, verbose=0)
     wall, (u1, s1) = time.perf_counter() - t0, _cpu()
-    parts = train.TailParts.from_backbone(model, cut_layer)
+    parts = finetune.TailParts.from_backbone(model, cut_layer)
     head = heads.build_head(space.DEFAULTS["head"], tuple(model.outputs[0].shape[1:]))
     xb = np.resize(cut_maps.astype(np.float16), (128, *cut_maps.shape[1:]))
     yb = one_hot(np.arange(128) % 10)
     steps = {}
     for precision in ("float32", "mixed_bfloat16"):
-        trainer = train.build_tail_trainer(parts, head, head.get_weights(), {}, tail_steps, 1, precision)
+        trainer = finetune.build_tail_trainer(parts, head, head.get_weights(), {}, tail_steps, 1, precision)
         trainer.train_on_batch(xb, yb)  # trace once
         (u2, s2), t2 = _cpu(), time.perf_counter()
         for _ in range(tail_steps):
             trainer.train_on_batch(xb, yb)
         steps[precision] = ((time.perf_counter() - t2) / tail_steps, *np.subtract(_cpu(), (u2, s2)))
-    train.set_precision(parts.tail, head, "float32")
+    finetune.set_precision(parts.tail, head, "float32")
     return {"allocator": "BFC" if os.environ.get(ALLOCATOR_ENV, "").lower() == "true" else "glibc malloc",
             ALLOCATOR_ENV: os.environ.get(ALLOCATOR_ENV), "images_per_second": images / wall,
             "first_call_images_per_second": images / first,
@@ -77,7 +76,7 @@ def allocator_probe(backbone: str, cut: str | None, resolution: int | None, weig
             "tail_step_seconds": steps["float32"][0], "tail_steps": tail_steps,
             "tail_user_cpu_seconds": steps["float32"][1], "tail_system_cpu_seconds": steps["float32"][2],
             "tail_step_seconds_mixed_bfloat16": steps["mixed_bfloat16"][0],
-            "tail_step": "batch 128, the default head; float32 and mixed_bfloat16 (train.measure_precision)"}
+            "tail_step": "batch 128, the default head; float32 and mixed_bfloat16 (finetune.measure_precision)"}
 
 
 def _probe_subprocess(allocator: str, args: dict) -> dict:
@@ -265,8 +264,7 @@ def bench_memory(cache: Cache, splits: Splits, trials: int, baseline_trials: int
     """A ``trials``-trial phase-1 search at the default budget on the real cache, resident memory
     after every trial (goal: after the last within 5 % of after trial 10), every trial finished;
     then, as the baseline in the same process, ``baseline_trials`` more trials with the release of
-    TensorFlow's per-trial graphs turned off (:func:`search.train.release_custom_gradients`)."""
-    from search import train
+    TensorFlow's per-trial graphs turned off (:func:`search.tfgraph.release_custom_gradients`)."""
     from search.engines.objective import HeadObjective
     from search.errors import UserError
 
@@ -274,7 +272,7 @@ def bench_memory(cache: Cache, splits: Splits, trials: int, baseline_trials: int
         raise UserError(f"--trials must be more than 10 (growth is measured from trial 10), got {trials}; "
                         f"--baseline-trials at least 0, got {baseline_trials}")
     budget = space.BUDGETS["head"]
-    data = train.PooledData.from_cache(cache, splits)
+    data = batches.PooledData.from_cache(cache, splits)
     runs = {}
     for name, n, release in (("released", trials, True), ("baseline_not_released", baseline_trials, False)):
         if not n:
@@ -317,7 +315,7 @@ def bench_search(cache: Cache, splits: Splits, spec: backbones.BackboneSpec, mod
 
     budget = space.BUDGETS["head"]
     engine = OptunaEngine(storage="sqlite:///:memory:", progress=False)
-    data = train.PooledData.from_cache(cache, splits)
+    data = batches.PooledData.from_cache(cache, splits)
     baseline = None
     if baseline_trials:  # first: a head objective freezes the garbage collector for the whole process
         plain = HeadObjective(data, cache.path.name, rows=budget.rows, max_epochs=budget.max_epochs,

@@ -1,7 +1,7 @@
 """What a run can change, stated once: the final model's configuration and its defaults.
 
 Light on purpose (no TensorFlow): the CLI reads its defaults from here, ``search.final`` trains
-from it, ``search.train`` checks precisions against :data:`PRECISIONS`.
+from it, ``search.finetune`` checks precisions against :data:`PRECISIONS`.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class FinalConfig:
     are computed at test time for the validation and test splits only.
     ``tail_precision``: :data:`PRECISIONS`; ``"auto"`` times a few tail steps in both on the
     cached maps and trains in mixed bfloat16 when it is at least 10 % faster
-    (``train.measure_precision``).
+    (``finetune.measure_precision``).
     ``bn_passes`` defaults to 0: re-estimating the tail's BN statistics lowered
     validation accuracy in the run recorded in ``results/ablation.json`` and costs minutes.
     """

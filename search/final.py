@@ -8,7 +8,7 @@ part runs over the data once, in :func:`stage_cache`, and never again):
 2. :func:`stage_head`: the head alone on the cached pooled features (``train.train_head``,
    the phase-1 trial runner) = the frozen-feature accuracy;
 3. :func:`stage_tail`: the tail (layers after the cut) and the head together on the cached cut
-   activations (``train.train_tail``, the phase-2 trial runner), best epoch restored; a killed
+   activations (``finetune.train_tail``, the phase-2 trial runner), best epoch restored; a killed
    run resumes from its last finished epoch on rerun (``cache/checkpoints/``, and the log says
    so); kept only if it beats the frozen-feature head on validation, else the head ships alone
    on the pretrained tail;
@@ -41,7 +41,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from search import backbones, heads, space, train
+from search import backbones, batches, finetune, heads, space, train
 from search.cache import Cache, build_extractor, ensure_cache, frozen_pass
 from search.config import PARAM_MODES, FinalConfig  # noqa: F401  (FinalConfig: this module's input)
 from search.data import IMAGE_SHAPE, Splits, load_data
@@ -67,7 +67,7 @@ def cached_probs(model: keras.Model, cache: Cache, split: str, rows: np.ndarray,
     total = 0
     for view in views:
         if kind == "cut":
-            total = total + _predict(model, train.CachedMaps(cache, split, rows, train.VAL_BATCH, view=view))
+            total = total + _predict(model, batches.CachedMaps(cache, split, rows, batches.VAL_BATCH, view=view))
         else:
             total = total + _predict(model, np.asarray(cache.array(split, "pool", view)[rows]))
     return total / len(views)
@@ -152,7 +152,7 @@ class Run:
     provenance: dict | None = None
     head: keras.Model | None = None
     head_weights: list | None = None
-    parts: train.TailParts | None = None
+    parts: finetune.TailParts | None = None
     trainer: keras.Model | None = None
     tta: str = "none"
     precision: str = "float32"
@@ -210,7 +210,7 @@ def stage_params(run: Run) -> None:
 
 def stage_head(run: Run) -> None:
     c = run.config
-    data = train.PooledData.from_cache(run.cache, run.splits, mirrored=c.mirror == "images")
+    data = batches.PooledData.from_cache(run.cache, run.splits, mirrored=c.mirror == "images")
     run.head, history = train.train_head(data, run.params["head"], c.head_epochs, seed=c.seed,
                                          verbose=2 if c.progress else 0)
     run.head_weights = run.head.get_weights()  # the head alone, before the tail's training moves it
@@ -225,15 +225,15 @@ def stage_head(run: Run) -> None:
 
 def stage_tail(run: Run) -> None:
     c = run.config
-    run.parts = train.TailParts.from_backbone(run.backbone, run.cut_layer, run.spec.tail_blocks(run.cut_layer))
+    run.parts = finetune.TailParts.from_backbone(run.backbone, run.cut_layer, run.spec.tail_blocks(run.cut_layer))
     if c.tail_epochs == 0:
         # head only: the tail keeps its pretrained weights, BN in inference mode
-        run.trainer = train.build_tail_trainer(run.parts, run.head, run.head.get_weights(),
+        run.trainer = finetune.build_tail_trainer(run.parts, run.head, run.head.get_weights(),
                                                {**run.params["tail"], "bn_mode": "frozen", "unfreeze_blocks": 0}, 1, 1)
         return
     if c.tail_precision == "auto":  # timed here, on this machine, on the cached maps
-        maps = train.CachedMaps(run.cache, "train", run.splits.train_idx[:c.tail_batch_size], c.tail_batch_size)[0][0]
-        probe = train.measure_precision(run.parts, run.head, maps)
+        maps = batches.CachedMaps(run.cache, "train", run.splits.train_idx[:c.tail_batch_size], c.tail_batch_size)[0][0]
+        probe = finetune.measure_precision(run.parts, run.head, maps)
         run.precision = probe["chosen"]
         run.extra["precision_probe"] = probe
         log.info("tail precision: %s (mixed bfloat16 step %.2fx float32's; chosen from %.2fx)", run.precision,
@@ -246,7 +246,7 @@ def stage_tail(run: Run) -> None:
             run.epochs.append({"epoch": epoch + 1, "seconds": time.perf_counter() - start,
                                **{k: float(v) for k, v in (logs or {}).items()}})
 
-    run.trainer, _ = train.train_tail(run.cache, run.splits, run.parts, run.head, run.params["tail"],
+    run.trainer, _ = finetune.train_tail(run.cache, run.splits, run.parts, run.head, run.params["tail"],
                                       c.tail_epochs, callbacks=[EpochLog()], seed=c.seed,
                                       batch_size=c.tail_batch_size, verbose=2 if c.progress else 0,
                                       backup_root=str(Path(c.cache_root) / "checkpoints"), mirror=c.mirror,
@@ -263,7 +263,7 @@ def stage_tail(run: Run) -> None:
     if not keep:  # the pretrained tail in inference mode under the head as stage_head trained it
         log.info("the fine-tuned tail (val %.4f) does not beat the frozen-feature head (val %.4f): the head ships "
                  "alone on the pretrained tail", tuned, frozen)
-        run.trainer = train.build_tail_trainer(run.parts, run.head, run.head_weights,
+        run.trainer = finetune.build_tail_trainer(run.parts, run.head, run.head_weights,
                                                {**run.params["tail"], "bn_mode": "frozen", "unfreeze_blocks": 0}, 1, 1)
 
 
@@ -275,7 +275,7 @@ def stage_bn(run: Run) -> None:
     tail = run.parts.tail
     before_val = run.val_accuracy(run.trainer)
     before = [np.array(w) for w in tail.non_trainable_weights]
-    reestimate_bn(tail, train.CachedMaps(run.cache, "train", run.splits.train_idx, c.tail_batch_size), c.bn_passes)
+    reestimate_bn(tail, batches.CachedMaps(run.cache, "train", run.splits.train_idx, c.tail_batch_size), c.bn_passes)
     after_val = run.val_accuracy(run.trainer)
     kept = after_val >= before_val
     if not kept:  # chosen on validation: restore the statistics from training
@@ -385,7 +385,7 @@ def build_final(config: FinalConfig, splits: Splits | None = None, model: keras.
     if model is None:
         model = spec.build(weights=config.weights, size=resolution)
     run = Run(config, spec, splits, model, cut_layer, resolution,
-              precision=train.resolve_precision(config.tail_precision))  # "auto": measured in stage_tail
+              precision=finetune.resolve_precision(config.tail_precision))  # "auto": measured in stage_tail
     run.extra["reference_speed"] = backbones.reference_speed(model, cut_layer, resolution)
     _timed(run, "cache", stage_cache)
     stage_params(run)

@@ -6,7 +6,7 @@ Entry point: :func:`suggest`, ``suggest(phase, source)``, where ``source`` is an
 - Phase ``"head"``: the classifier head and its optimizer, trained on cached pooled features
   (``search.train.train_head``).
 - Phase ``"tail"``: how the layers after the cut are fine-tuned together with the phase-1 head
-  on cached cut activations (``search.train.train_tail``).
+  on cached cut activations (``search.finetune.train_tail``).
 
 Parameters are *conditional*: ``units_1`` exists only with two or more layers, ``activation``
 and ``batch_norm`` only with a hidden layer, ``weight_decay`` only for AdamW/SGD. Optuna samples
@@ -198,7 +198,7 @@ def suggest_tail(s: Source, max_unfreeze: int = MAX_UNFREEZE) -> dict[str, Any]:
     head rate.
 
     The BN momentum is not searched: a phase-2 trial validates after PreciseBN
-    (``train.precise_bn``) has replaced the moving statistics, so its score cannot depend on
+    (``finetune.precise_bn``) has replaced the moving statistics, so its score cannot depend on
     the momentum, and a sampled value would be noise that ships (study
     ``tail-MobileNet-224-conv_pw_11_relu-35aa909a6b06``, renamed ``...-with-momentum``, picked
     0.99 this way and its final lagged). It stays fixed at ``DEFAULT_TAIL["bn_momentum"]``.

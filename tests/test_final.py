@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY_RES
-from search import backbones
+from search import backbones, finetune
 from search.final import FinalConfig, build_final
 from search.io import write_json
 
@@ -118,9 +118,9 @@ def test_stitched_model_scores_as_the_cache_did(lively, tiny_splits, spec, tta):
 
     backbone, cache, cut = lively
     assert np.asarray(cache.array("test", "cut", "orig"), np.float32).std() > 0.01, "maps must not be ~0"
-    parts = train.TailParts.from_backbone(backbone, cut)
+    parts = finetune.TailParts.from_backbone(backbone, cut)
     head = train.build_head_model({}, parts.tail.output.shape[-1], 10)
-    trainer = train.build_tail_trainer(parts, head, head.get_weights(), {}, 1, 1)
+    trainer = finetune.build_tail_trainer(parts, head, head.get_weights(), {}, 1, 1)
     rows = np.arange(len(tiny_splits.y_test))
     cached = cached_probs(trainer, cache, "test", rows, tta)
     model = stitch(spec, backbone, head, cut, TINY_RES, tta)
@@ -143,9 +143,9 @@ def test_mirrored_images_computed_at_test_time_score_as_the_stitched_model(livel
     cache = ensure_cache(spec, tiny_splits, resolution=TINY_RES, weights=None, flip=False, progress=False,
                          model=backbone, root=lively_root(lively))
     assert not cache.key["flip"]
-    parts = train.TailParts.from_backbone(backbone, cut)
+    parts = finetune.TailParts.from_backbone(backbone, cut)
     head = train.build_head_model({}, parts.tail.output.shape[-1], 10)
-    trainer = train.build_tail_trainer(parts, head, head.get_weights(), {}, 1, 1)
+    trainer = finetune.build_tail_trainer(parts, head, head.get_weights(), {}, 1, 1)
     run = Run(FinalConfig(mirror="maps"), spec, tiny_splits, backbone, cut, TINY_RES, cache=cache,
               extractor=build_extractor(backbone, spec, cut, TINY_RES))
     rows = np.arange(len(tiny_splits.y_test))

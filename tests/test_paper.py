@@ -8,13 +8,13 @@ import pytest
 
 from conftest import ROOT, TINY_RES, run_cli
 from search import bench, engines, space
+from search.batches import PooledData
 from search.compare import compare_runs
 from search.engines.objective import HeadObjective
 from search.errors import UserError
 from search.final import FinalConfig, build_final
 from search.paper import _defaults_trial_sentence, render, write_paper
 from search.report import write_report
-from search.train import PooledData
 
 SECTIONS = ["Abstract", "Introduction", "Materials and Methods", "Results", "Discussion", "Acknowledgments",
             "Literature Cited", "Appendices"]

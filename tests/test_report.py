@@ -11,9 +11,9 @@ import optuna
 import pytest
 
 from search import engines
+from search.batches import PooledData
 from search.engines.objective import HeadObjective
 from search.report import FIGURES, write_report
-from search.train import PooledData
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -15,7 +15,7 @@ import optuna
 import pytest
 
 from conftest import ROOT, TINY_RES, LogWatch
-from search import engines, space, train
+from search import batches, engines, space
 from search.engines.objective import HeadObjective, TailObjective, make_objective
 from search.errors import UserError
 from search.final import FinalConfig, build_final
@@ -23,7 +23,7 @@ from search.final import FinalConfig, build_final
 
 @pytest.fixture(scope="module")
 def pooled(tiny_cache, tiny_splits):
-    return train.PooledData.from_cache(tiny_cache, tiny_splits)
+    return batches.PooledData.from_cache(tiny_cache, tiny_splits)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import numpy as np
 import optuna
 import pytest
 
-from search import engines, selection, space, train
+from search import batches, engines, selection, space
 from search.engines.objective import HeadObjective, head_folds
 from search.selection import Score, decide
 
@@ -53,7 +53,7 @@ def test_folds_fall_back_when_a_class_is_too_small():
 
 def test_small_data_head_trials_are_cross_validated_on_shared_stratified_folds(tiny_cache, tiny_splits):
     assert head_folds(tiny_splits) == 5  # 100 training images, 10 per class
-    data = train.PooledData.from_cache(tiny_cache, tiny_splits, mirrored=False)
+    data = batches.PooledData.from_cache(tiny_cache, tiny_splits, mirrored=False)
     folds = data.folds(5)
     held = np.concatenate([f.x_val for f in folds])
     assert len(held) == len(data.x_train) and len(np.unique(held, axis=0)) == len(np.unique(data.x_train, axis=0))
@@ -112,7 +112,7 @@ def test_on_one_split_trials_are_compared_image_by_image():
 
 
 def test_a_single_split_head_trial_records_the_images_it_got_right(tiny_cache, tiny_splits):
-    data = train.PooledData.from_cache(tiny_cache, tiny_splits, mirrored=False)
+    data = batches.PooledData.from_cache(tiny_cache, tiny_splits, mirrored=False)
     objective = HeadObjective(data, "tiny", max_epochs=2, batch_size=16, folds=1)
     value = objective.fit(objective.build(space.DEFAULTS["head"]), 2)
     hits = selection.unpack_hits(objective.last_score.hits, objective.last_score.n)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY_RES
-from search import backbones, heads, space, train
+from search import backbones, batches, finetune, heads, space, tfgraph, train
 from search.cache import Cache
 from search.errors import UserError
 
@@ -31,14 +31,14 @@ def maps_cache(tmp_path_factory, tiny_splits):
 
 def test_stratified_rows_keep_class_shares():
     labels = np.repeat(np.arange(10), 30)
-    rows = train.stratified_rows(labels, np.arange(300), 50, seed=1)
+    rows = batches.stratified_rows(labels, np.arange(300), 50, seed=1)
     assert len(rows) == 50 and len(set(rows)) == 50
     assert np.all(np.bincount(labels[rows], minlength=10) == 5)
-    assert np.array_equal(train.stratified_rows(labels, np.arange(300), None), np.arange(300))
+    assert np.array_equal(batches.stratified_rows(labels, np.arange(300), None), np.arange(300))
 
 
 def test_pooled_subset_takes_mirrors_of_the_same_rows(tiny_cache, tiny_splits):
-    data = train.PooledData.from_cache(tiny_cache, tiny_splits)
+    data = batches.PooledData.from_cache(tiny_cache, tiny_splits)
     n = len(tiny_splits.train_idx)
     assert data.views == 2 and len(data.x_train) == 2 * n
     sub = data.subset(30, mirrored=True)
@@ -52,7 +52,7 @@ def test_pooled_datasets_visit_every_row_once_per_epoch_in_a_seeded_order():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((50, 3)).astype(np.float32)
     y = np.eye(5, dtype=np.float32)[np.arange(50) % 5]
-    data = train.PooledData(x, y, x[:7], y[:7])
+    data = batches.PooledData(x, y, x[:7], y[:7])
 
     def epochs(seed, n=2):
         train_ds = data.dataset(8, seed)
@@ -67,9 +67,9 @@ def test_pooled_datasets_visit_every_row_once_per_epoch_in_a_seeded_order():
     np.testing.assert_array_equal(first, again[0])
     np.testing.assert_array_equal(second, again[1])
     assert not np.array_equal(first, epochs(seed=4, n=1)[0])
-    batches = list(data.dataset(8, 3))
-    order = [int(np.flatnonzero((x == r).all(1))[0]) for r in np.concatenate([b[0].numpy() for b in batches])]
-    np.testing.assert_array_equal(np.concatenate([b[1].numpy() for b in batches]), y[order])  # labels follow rows
+    drawn = list(data.dataset(8, 3))
+    order = [int(np.flatnonzero((x == r).all(1))[0]) for r in np.concatenate([b[0].numpy() for b in drawn])]
+    np.testing.assert_array_equal(np.concatenate([b[1].numpy() for b in drawn]), y[order])  # labels follow rows
 
 
 @pytest.mark.parametrize("batch_norm", [False, True])
@@ -79,7 +79,7 @@ def test_eager_validation_writes_what_keras_validation_computes(batch_norm):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((300, 6)).astype(np.float32)
     y = np.eye(4, dtype=np.float32)[rng.integers(0, 4, 300)]
-    data = train.PooledData(x[:200], y[:200], x[200:], y[200:])
+    data = batches.PooledData(x[:200], y[:200], x[200:], y[200:])
     params = {"n_layers": 1, "units_0": 8, "batch_norm": batch_norm, "dropout": 0.3, "optimizer": "adam",
               "learning_rate": 1e-2, "label_smoothing": 0.1}
     keras.utils.set_random_seed(0)
@@ -102,7 +102,7 @@ def test_a_head_objective_freezes_the_long_lived_objects_and_the_plain_keras_bas
     from search.engines.objective import HeadObjective
 
     x, y = np.zeros((20, 3), np.float32), np.eye(10, dtype=np.float32)[np.arange(20) % 10]
-    data = train.PooledData(x, y, x[:5], y[:5])
+    data = batches.PooledData(x, y, x[:5], y[:5])
     alive = [[]]
     alive.append(alive)  # a cycle made before the objectives
     gc.unfreeze()
@@ -120,7 +120,7 @@ def test_shift_maps_moves_content_and_fills_zeros():
         def integers(self, low, high, size):
             return np.array([[0, 2], [2, 1]])  # dy for both images, then dx for both
 
-    out = train.shift_maps(x, 1, Fixed())
+    out = batches.shift_maps(x, 1, Fixed())
     # image 0: dy=0, dx=2 -> content moves down 1 and left 1
     np.testing.assert_array_equal(out[0, 1:, :3, 0], x[0, :3, 1:, 0])
     assert np.all(out[0, 0] == 0) and np.all(out[0, :, 3] == 0)
@@ -130,8 +130,8 @@ def test_shift_maps_moves_content_and_fills_zeros():
 
 def test_augmented_batches_do_not_depend_on_the_order_they_are_built(maps_cache, tiny_splits):
     rows = tiny_splits.train_idx
-    a = train.CachedMaps(maps_cache, "train", rows, 16, augment=True, shift=1, seed=3)
-    b = train.CachedMaps(maps_cache, "train", rows, 16, augment=True, shift=1, seed=3)
+    a = batches.CachedMaps(maps_cache, "train", rows, 16, augment=True, shift=1, seed=3)
+    b = batches.CachedMaps(maps_cache, "train", rows, 16, augment=True, shift=1, seed=3)
     forward = [a[i][0] for i in range(len(a))]
     backward = [b[i][0] for i in reversed(range(len(b)))][::-1]
     for x, y in zip(forward, backward, strict=True):
@@ -145,7 +145,7 @@ def test_augmented_batches_do_not_depend_on_the_order_they_are_built(maps_cache,
 def parts(spec):
     keras.utils.set_random_seed(0)
     backbone = spec.build(weights=None, size=TINY_RES)
-    return train.TailParts.from_backbone(backbone, spec.cut_layer())
+    return finetune.TailParts.from_backbone(backbone, spec.cut_layer())
 
 
 def _head(parts):
@@ -157,12 +157,12 @@ def test_head_rate_multiplier_and_frozen_bn(maps_cache, tiny_splits, parts):
     head = _head(parts)
     head_weights = head.get_weights()
     params = {"head_lr_multiplier": 1e-9, "bn_mode": "frozen", "warmup_fraction": 0.0, "weight_decay": 1e-3}
-    train_data, val = train.tail_batches(maps_cache, tiny_splits, params, batch_size=32)
-    trainer = train.build_tail_trainer(parts, head, head_weights, params, len(train_data), 1)
+    train_data, val = finetune.tail_batches(maps_cache, tiny_splits, params, batch_size=32)
+    trainer = finetune.build_tail_trainer(parts, head, head_weights, params, len(train_data), 1)
     bn = [la for la in parts.tail.layers if isinstance(la, keras.layers.BatchNormalization)]
     moving = [np.array(la.moving_mean) for la in bn]
     tail_before = [np.array(w) for w in parts.tail.trainable_weights]
-    train.fit_tail(trainer, train_data, val, 1)
+    finetune.fit_tail(trainer, train_data, val, 1)
     # the head's rate is ~0: its weights barely move; the tail's moved
     assert max(np.abs(a - b).max() for a, b in zip(head.get_weights(), head_weights, strict=True)) < 1e-5
     assert any(np.abs(np.array(w) - b).max() > 1e-6 for w, b in zip(parts.tail.trainable_weights, tail_before,
@@ -179,12 +179,12 @@ def test_head_rate_multiplier_and_frozen_bn(maps_cache, tiny_splits, parts):
 def test_batch_bn_mode_updates_statistics_with_its_momentum(maps_cache, tiny_splits, parts):
     head = _head(parts)
     params = {"bn_mode": "batch", "bn_momentum": 0.9}
-    train_data, val = train.tail_batches(maps_cache, tiny_splits, params, batch_size=32)
-    trainer = train.build_tail_trainer(parts, head, head.get_weights(), params, len(train_data), 1)
+    train_data, val = finetune.tail_batches(maps_cache, tiny_splits, params, batch_size=32)
+    trainer = finetune.build_tail_trainer(parts, head, head.get_weights(), params, len(train_data), 1)
     bn = [la for la in parts.tail.layers if isinstance(la, keras.layers.BatchNormalization)]
     assert bn and all(la.trainable and la.momentum == 0.9 for la in bn)
     before = np.array(bn[0].moving_mean)
-    train.fit_tail(trainer, train_data, val, 1)
+    finetune.fit_tail(trainer, train_data, val, 1)
     assert not np.array_equal(np.array(bn[0].moving_mean), before)
 
 
@@ -213,7 +213,7 @@ def test_killed_tail_training_resumes_from_its_last_epoch(maps_cache, tiny_split
 
     def run(root, callbacks=()):
         head.set_weights(h0)
-        return train.train_tail(maps_cache, tiny_splits, parts, head, params, 2, batch_size=32, seed=5,
+        return finetune.train_tail(maps_cache, tiny_splits, parts, head, params, 2, batch_size=32, seed=5,
                                 backup_root=str(root), callbacks=list(callbacks),
                                 on_resume=lambda k, n: resumes.append((k, n)))
 
@@ -245,26 +245,26 @@ def test_allocator_probe_reports_cpu_seconds_and_both_precisions_tail_steps():
 def test_mirrored_maps_augmentation_and_flipped_view(maps_cache, tiny_splits):
     rows = tiny_splits.train_idx
     orig = np.asarray(maps_cache.array("train", "cut", "orig"))
-    maps = train.CachedMaps(maps_cache, "train", rows, 64, augment=True, seed=5, mirror="maps")
-    none = train.CachedMaps(maps_cache, "train", rows, 64, augment=True, seed=5, mirror="none")
+    maps = batches.CachedMaps(maps_cache, "train", rows, 64, augment=True, seed=5, mirror="maps")
+    none = batches.CachedMaps(maps_cache, "train", rows, 64, augment=True, seed=5, mirror="none")
     order = np.sort(np.random.default_rng([5, 0]).permutation(rows)[:64])
     x_maps, x_none = maps[0][0], none[0][0]
     np.testing.assert_array_equal(x_none, orig[order], "mirror='none', shift 0: the cached maps as they are")
     mirrored = np.array([not np.array_equal(a, b) for a, b in zip(x_maps, orig[order], strict=True)])
     assert 0 < mirrored.sum() < len(order), "about half the maps are mirrored"
     np.testing.assert_array_equal(x_maps[mirrored], orig[order][mirrored][:, :, ::-1])
-    flipped = train.CachedMaps(maps_cache, "train", rows[:10], 10, view="flipped_maps")
+    flipped = batches.CachedMaps(maps_cache, "train", rows[:10], 10, view="flipped_maps")
     np.testing.assert_array_equal(flipped[0][0], orig[np.sort(rows[:10])][:, :, ::-1])
-    assert train.resolve_mirror("auto", maps_cache) == "images"
+    assert batches.resolve_mirror("auto", maps_cache) == "images"
 
 
 def test_mirror_images_needs_a_cache_of_mirrored_images(maps_cache, tiny_splits):
     no_flip = Cache(maps_cache.path, {**maps_cache.manifest, "key": {**maps_cache.key, "flip": False}})
-    assert train.resolve_mirror("auto", no_flip) == "maps"
+    assert batches.resolve_mirror("auto", no_flip) == "maps"
     with pytest.raises(UserError, match="mirrored images"):
-        train.CachedMaps(no_flip, "train", tiny_splits.train_idx, 8, augment=True, mirror="images")
+        batches.CachedMaps(no_flip, "train", tiny_splits.train_idx, 8, augment=True, mirror="images")
     with pytest.raises(UserError, match="mirror must be one of"):
-        train.resolve_mirror("sideways", no_flip)
+        batches.resolve_mirror("sideways", no_flip)
 
 
 @pytest.mark.parametrize("release", [True, False])
@@ -275,18 +275,18 @@ def test_trials_release_the_graphs_tensorflow_keeps(tiny_cache, tiny_splits, rel
     from search import space
     from search.engines.objective import HeadObjective
 
-    data = train.PooledData.from_cache(tiny_cache, tiny_splits)
+    data = batches.PooledData.from_cache(tiny_cache, tiny_splits)
     objective = HeadObjective(data, "tiny", max_epochs=1, release_graphs=release)
     params = {**space.DEFAULT_HEAD, "units_0": 16, "units_1": 16, "activation": "swish"}
     sizes = []
     for trial in range(3):
         objective.fit(objective.build(params, seed=trial), 1)
-        sizes.append(len(train.custom_gradients()))
+        sizes.append(len(tfgraph.custom_gradients()))
     if release:
         assert sizes[2] == sizes[1], sizes
     else:
         assert sizes[0] < sizes[1] < sizes[2], sizes
-    train.release_custom_gradients(objective._keep)
+    tfgraph.release_custom_gradients(objective._keep)
 
 
 def test_tail_trains_in_bfloat16_and_is_returned_in_float32(maps_cache, tiny_splits, parts):
@@ -302,7 +302,7 @@ def test_tail_trains_in_bfloat16_and_is_returned_in_float32(maps_cache, tiny_spl
             seen["head"] = [la.compute_dtype for la in head.layers[1:]]
             seen["variables"] = {v.dtype for v in self.model.weights}
 
-    trainer, history = train.train_tail(maps_cache, tiny_splits, parts, head, {}, 1, batch_size=32,
+    trainer, history = finetune.train_tail(maps_cache, tiny_splits, parts, head, {}, 1, batch_size=32,
                                         callbacks=[Spy()], precision="mixed_bfloat16")
     assert seen["tail"] == {"bfloat16"} and set(seen["head"][:-1]) == {"bfloat16"} and seen["head"][-1] == "float32"
     assert seen["variables"] == {"float32"} and np.isfinite(history["loss"]).all()
@@ -311,7 +311,7 @@ def test_tail_trains_in_bfloat16_and_is_returned_in_float32(maps_cache, tiny_spl
     reference = keras.Model(parts.tail.input, head(parts.tail.output))(x, training=False)
     np.testing.assert_allclose(trainer.predict(x, verbose=0), np.asarray(reference), atol=1e-5)
     with pytest.raises(UserError, match="precision"):
-        train.resolve_precision("float16")
+        finetune.resolve_precision("float16")
 
 
 def test_precise_bn_sets_the_moving_statistics_from_a_batch(maps_cache, tiny_splits, parts):
@@ -321,12 +321,12 @@ def test_precise_bn_sets_the_moving_statistics_from_a_batch(maps_cache, tiny_spl
     from search.engines.objective import TailObjective
 
     head = _head(parts)
-    trainer = train.build_tail_trainer(parts, head, head.get_weights(), {"bn_momentum": 0.99}, 1, 1)
+    trainer = finetune.build_tail_trainer(parts, head, head.get_weights(), {"bn_momentum": 0.99}, 1, 1)
     bn = next(la for la in parts.tail.layers if isinstance(la, keras.layers.BatchNormalization))
     assert bn.trainable
     x = np.asarray(maps_cache.array("train", "cut", "orig")[:16], np.float32)
     before = np.array(bn.moving_mean)
-    train.precise_bn(parts.tail, x)
+    finetune.precise_bn(parts.tail, x)
     feeding = keras.ops.convert_to_tensor(x)
     for layer in parts.tail.layers[1:]:  # MobileNet's tail is a chain: the layers before the first BN
         if layer is bn:
@@ -357,7 +357,7 @@ def test_a_head_trial_steps_in_its_budgets_batches_and_the_final_head_in_its_own
     rng = np.random.default_rng(0)
     x = rng.standard_normal((300, 6)).astype(np.float32)
     y = np.eye(10, dtype=np.float32)[np.arange(300) % 10]
-    data = train.PooledData(x[:250], y[:250], x[250:], y[250:])
+    data = batches.PooledData(x[:250], y[:250], x[250:], y[250:])
     trial = HeadObjective(data, "t", rows=200, max_epochs=2, batch_size=16, plain_keras=not resident)
     assert trial.budget["batch_size"] == 16
     params = {"n_layers": 0, "dropout": 0.0, "optimizer": "adam", "learning_rate": 1e-6}  # no early stop
@@ -395,7 +395,7 @@ def test_a_head_is_traced_once_because_its_training_state_exists_before_fit(plai
     rng = np.random.default_rng(0)
     x = rng.standard_normal((64, 6)).astype(np.float32)
     y = np.eye(10, dtype=np.float32)[np.arange(64) % 10]
-    data = train.PooledData(x[:48], y[:48], x[48:], y[48:])
+    data = batches.PooledData(x[:48], y[:48], x[48:], y[48:])
     params = {"n_layers": 1, "units_0": 8, "optimizer": "adamw", "learning_rate": 1e-3}
     model = train.build_head_model(params, 6, 10, plain_keras=plain_keras)
     made = _variables_created_in_functions(lambda: train.fit_head(model, data, 1, batch_size=16,
@@ -409,9 +409,9 @@ def test_a_head_is_traced_once_because_its_training_state_exists_before_fit(plai
 def test_the_tail_trainer_is_traced_once(maps_cache, tiny_splits, parts):
     head = _head(parts)
     params = {"bn_mode": "batch"}
-    train_data, val = train.tail_batches(maps_cache, tiny_splits, params, batch_size=32)
-    trainer = train.build_tail_trainer(parts, head, head.get_weights(), params, len(train_data), 1)
-    assert _variables_created_in_functions(lambda: train.fit_tail(trainer, train_data, val, 1)) == []
+    train_data, val = finetune.tail_batches(maps_cache, tiny_splits, params, batch_size=32)
+    trainer = finetune.build_tail_trainer(parts, head, head.get_weights(), params, len(train_data), 1)
+    assert _variables_created_in_functions(lambda: finetune.fit_tail(trainer, train_data, val, 1)) == []
 
 
 @pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
@@ -441,7 +441,7 @@ def test_graph_rewrites_are_restored_after_the_block():
     import tensorflow as tf
 
     before = tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer", False)
-    with train.graph_rewrites(False):
+    with tfgraph.graph_rewrites(False):
         assert tf.config.optimizer.get_experimental_options()["disable_meta_optimizer"] is True
     assert tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer", False) == before
 
@@ -453,14 +453,14 @@ def test_only_the_last_unfrozen_blocks_of_the_tail_train(unfreeze, spec, tiny_ca
     keras.utils.set_random_seed(0)
     backbone = spec.build(weights=None, size=TINY_RES)
     cut = spec.cut_layer("last2")
-    parts = train.TailParts.from_backbone(backbone, cut, spec.tail_blocks(cut))
+    parts = finetune.TailParts.from_backbone(backbone, cut, spec.tail_blocks(cut))
     assert parts.n_blocks == 2 and parts.blocks == (spec.cuts["last1"],)
     head = heads.build_head(space.DEFAULTS["head"], (backbone.output.shape[-1],), num_classes=10)
     params = {"unfreeze_blocks": unfreeze, "tail_learning_rate": 1e-2, "warmup_fraction": 0.0}
-    data = train.tail_batches(tiny_cache, tiny_splits, params, batch_size=32)
-    trainer = train.build_tail_trainer(parts, head, head.get_weights(), params, len(data[0]), 1)
+    data = finetune.tail_batches(tiny_cache, tiny_splits, params, batch_size=32)
+    trainer = finetune.build_tail_trainer(parts, head, head.get_weights(), params, len(data[0]), 1)
     before = {la.name: [np.array(w) for w in la.get_weights()] for la in parts.tail.layers}
-    train.fit_tail(trainer, *data, 1)
+    finetune.fit_tail(trainer, *data, 1)
     moved = {la.name for la in parts.tail.layers if la.weights and any(
         not np.array_equal(w, w0) for w, w0 in zip(la.get_weights(), before[la.name], strict=True))}
     block1 = {la.name for la in backbones.frozen_layers(parts.tail, spec.cuts["last1"]) if la.weights}
@@ -475,15 +475,15 @@ def test_auto_precision_is_measured_on_the_tail_and_leaves_it_as_it_was(parts, m
     head = train.build_head_model({}, parts.tail.output.shape[-1], 10)
     before_head = [np.array(w) for w in head.get_weights()]
     before_tail = [np.array(w) for w in parts.tail.get_weights()]
-    maps = train.CachedMaps(maps_cache, "train", tiny_splits.train_idx[:16], 16)[0][0]
-    probe = train.measure_precision(parts, head, maps, steps=2)
+    maps = batches.CachedMaps(maps_cache, "train", tiny_splits.train_idx[:16], 16)[0][0]
+    probe = finetune.measure_precision(parts, head, maps, steps=2)
     speedup = probe["step_seconds"]["float32"] / probe["step_seconds"]["mixed_bfloat16"]
     assert probe["speedup"] == pytest.approx(speedup) and probe["batch"] == 16
-    assert probe["chosen"] == ("mixed_bfloat16" if speedup >= train.PRECISION_GAIN else "float32")
+    assert probe["chosen"] == ("mixed_bfloat16" if speedup >= finetune.PRECISION_GAIN else "float32")
     assert all(np.array_equal(a, b) for a, b in zip(head.get_weights(), before_head, strict=True))
     assert all(np.array_equal(a, b) for a, b in zip(parts.tail.get_weights(), before_tail, strict=True))
     assert all(la.dtype_policy.name == "float32" for la in parts.tail.layers)
-    assert train.resolve_precision("auto") == "float32"  # nothing measured: float32
+    assert finetune.resolve_precision("auto") == "float32"  # nothing measured: float32
 
 
 def test_tail_fidelity_trains_each_configuration_at_every_budget_and_the_reference(maps_cache, tiny_splits, parts):

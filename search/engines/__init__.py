@@ -4,7 +4,7 @@ Entry point: :func:`make_engine` builds an engine from its options, validating e
 any data is read, and refusing an option the engine cannot honour; ``engine.run(objective,
 n_trials, study_name, timeout)`` then searches (the protocol: :mod:`search.engines.base`). Both
 engines sample ``search.space.suggest`` and train through ``search.engines.objective`` (so
-through ``search.train``, like the final model). What ships from a search is
+through ``search.train`` and ``search.finetune``, like the final model). What ships from a search is
 :mod:`search.engines.choice`'s.
 """
 

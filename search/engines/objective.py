@@ -4,13 +4,14 @@ An engine knows nothing of caches or layers: it samples ``params`` with
 ``search.space.suggest(objective.phase, trial_or_hp)``, calls ``model = objective.build(params)``
 and ``objective.fit(model, epochs, callbacks, seed)``, and records the returned best validation
 accuracy. Optuna calls both from its objective function; KerasTuner from ``HyperModel.build`` and
-``HyperModel.fit``. The halves are ``search.train``'s, the same the final model runs.
+``HyperModel.fit``. The halves are ``search.train``'s (phase 1) and ``search.finetune``'s
+(phase 2), the same the final model runs.
 
 Memory: a trial's ``build`` first releases what TensorFlow kept of the previous trials' traced
-train functions (:func:`search.train.release_custom_gradients`); without it a 200-trial search
+train functions (:func:`search.tfgraph.release_custom_gradients`); without it a 200-trial search
 grew from 2.0 to 6.5 GB (``results/bench_search.json`` of 2026-11-30 03:21). Making a head
 objective freezes the objects alive at that point out of the garbage collector's view
-(:func:`search.train.freeze_long_lived_objects`), so the collection after each trial is cheap.
+(:func:`search.tfgraph.freeze_long_lived_objects`), so the collection after each trial is cheap.
 
 Budget (multi-fidelity): a trial trains on ``rows`` stratified training rows for at most
 ``max_epochs`` epochs (a head trial in batches of ``batch_size`` rows); engines' pruners stop it
@@ -30,7 +31,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from search import selection, space, train
+from search import batches, finetune, selection, space, tfgraph, train
 from search.cache import Cache
 from search.config import FinalConfig
 from search.data import Splits
@@ -40,10 +41,10 @@ from search.errors import UserError
 @dataclass
 class HeadObjective:
     """Phase 1: a head on pooled features. ``data`` is resident in memory once per process
-    (:class:`search.train.PooledData`); a trial with ``rows`` set fits a stratified subset of
+    (:class:`search.batches.PooledData`); a trial with ``rows`` set fits a stratified subset of
     it, gathered once when the objective is made and then shared by every trial."""
 
-    data: train.PooledData
+    data: batches.PooledData
     cache_id: str
     rows: int | None = None
     max_epochs: int = 10
@@ -54,7 +55,7 @@ class HeadObjective:
     folds: int = 1
     phase: str = "head"
     last_score: selection.Score | None = None
-    _fit_data: train.PooledData | None = field(default=None, repr=False)
+    _fit_data: batches.PooledData | None = field(default=None, repr=False)
     _fold_data: list = field(default_factory=list, repr=False)
     _params: dict = field(default_factory=dict, repr=False)
     _keep: frozenset = field(default=frozenset(), repr=False)
@@ -66,9 +67,9 @@ class HeadObjective:
         self._fit_data = self.data.subset(self.rows, mirrored=self.mirrored)
         if self.folds > 1:
             self._fold_data = self._fit_data.folds(self.folds)
-        self._keep = train.custom_gradients()
+        self._keep = tfgraph.custom_gradients()
         if not self.plain_keras:
-            train.freeze_long_lived_objects()
+            tfgraph.freeze_long_lived_objects()
 
     @property
     def space_options(self) -> dict[str, Any]:
@@ -82,7 +83,7 @@ class HeadObjective:
 
     def build(self, params: dict[str, Any], seed: int = 0) -> keras.Model:
         if self.release_graphs:
-            train.release_custom_gradients(self._keep)  # the previous trial's model is done
+            tfgraph.release_custom_gradients(self._keep)  # the previous trial's model is done
         keras.backend.clear_session()
         keras.utils.set_random_seed(seed)
         self._seed = seed  # the batch order of the fit that follows
@@ -120,13 +121,13 @@ class TailObjective:
     ``head`` starts every trial from ``head_weights`` (trained once on pooled features with the
     phase-1 parameters); the tail from its pretrained weights (``parts.reset``). Before each
     validation, the BN statistics are set from ``precise_bn_rows`` training rows
-    (``train.precise_bn``; 0 turns it off): the final model's thousands of steps let its moving
+    (``finetune.precise_bn``; 0 turns it off): the final model's thousands of steps let its moving
     averages converge, a trial's few dozen do not.
     """
 
     cache: Cache
     splits: Splits
-    parts: train.TailParts
+    parts: finetune.TailParts
     head: keras.Model
     head_weights: list[np.ndarray]
     cache_id: str
@@ -142,9 +143,9 @@ class TailObjective:
     _keep: frozenset = field(default=frozenset(), repr=False)
 
     def __post_init__(self) -> None:
-        self._rows = train.stratified_rows(self.splits.y_train, self.splits.train_idx, self.rows)
-        self._keep = train.custom_gradients()
-        self.precision = train.resolve_precision(self.precision)
+        self._rows = batches.stratified_rows(self.splits.y_train, self.splits.train_idx, self.rows)
+        self._keep = tfgraph.custom_gradients()
+        self.precision = finetune.resolve_precision(self.precision)
 
     @property
     def space_options(self) -> dict[str, Any]:
@@ -157,21 +158,21 @@ class TailObjective:
                 "precision": self.precision, "precise_bn_rows": self.precise_bn_rows, "head": self.head_provenance}
 
     def build(self, params: dict[str, Any], seed: int = 0) -> keras.Model:
-        train.release_custom_gradients(self._keep)  # the previous trial's trainer is done
+        tfgraph.release_custom_gradients(self._keep)  # the previous trial's trainer is done
         keras.utils.set_random_seed(seed)
-        self._data = train.tail_batches(self.cache, self.splits, params, self._rows, self.batch_size, seed)
-        trainer = train.build_tail_trainer(self.parts, self.head, self.head_weights, params, len(self._data[0]),
+        self._data = finetune.tail_batches(self.cache, self.splits, params, self._rows, self.batch_size, seed)
+        trainer = finetune.build_tail_trainer(self.parts, self.head, self.head_weights, params, len(self._data[0]),
                                            self.max_epochs, self.precision)
         if self.precise_bn_rows:
-            batches = self._data[0]
-            n = min(len(batches), -(-self.precise_bn_rows // batches.batch_size))
+            augmented = self._data[0]
+            n = min(len(augmented), -(-self.precise_bn_rows // augmented.batch_size))
             # augmented training batches, as the training steps see them
-            trainer.before_evaluate = lambda: train.precise_bn(
-                self.parts.tail, np.concatenate([batches[i][0] for i in range(n)]))
+            trainer.before_evaluate = lambda: finetune.precise_bn(
+                self.parts.tail, np.concatenate([augmented[i][0] for i in range(n)]))
         return trainer
 
     def fit(self, model: keras.Model, epochs: int, callbacks: list | None = None, initial_epoch: int = 0) -> float:
-        history = train.fit_tail(model, *self._data, epochs, callbacks, initial_epoch=initial_epoch)
+        history = finetune.fit_tail(model, *self._data, epochs, callbacks, initial_epoch=initial_epoch)
         value = float(max(history["val_accuracy"]))
         # which validation images the best epoch (restored, with its BN statistics) gets right
         probs = model.predict(self._data[1], verbose=0)
@@ -201,7 +202,7 @@ def make_objective(phase: str, cache: Cache, splits: Splits, rows: int | None, m
     from search.engines.choice import resolve_params
 
     space.check_phase(phase)
-    data = train.PooledData.from_cache(cache, splits, mirrored=mirrored and phase == "head")
+    data = batches.PooledData.from_cache(cache, splits, mirrored=mirrored and phase == "head")
     if phase == "head":
         return HeadObjective(data, cache.path.name, rows=rows, max_epochs=max_epochs, mirrored=mirrored,
                              batch_size=space.head_trial_batch_size() if batch_size is None else batch_size,
@@ -212,10 +213,10 @@ def make_objective(phase: str, cache: Cache, splits: Splits, rows: int | None, m
 
     cut_layer = cache.key["cut_layer"]
     blocks = get_backbone(cache.key["backbone"]).tail_blocks(cut_layer)
-    parts = train.TailParts.from_backbone(backbone, cut_layer, blocks)
+    parts = finetune.TailParts.from_backbone(backbone, cut_layer, blocks)
     if precision == "auto":  # timed on this machine, on the cached maps
-        maps = train.CachedMaps(cache, "train", splits.train_idx[:128], 128)[0][0]
-        precision = train.measure_precision(parts, head, maps)["chosen"]
+        maps = batches.CachedMaps(cache, "train", splits.train_idx[:128], 128)[0][0]
+        precision = finetune.measure_precision(parts, head, maps)["chosen"]
     return TailObjective(cache, splits, parts, head, head.get_weights(), cache.path.name, rows=rows,
                          max_epochs=max_epochs, head_provenance=provenance["head"], precision=precision)
 

@@ -1,0 +1,327 @@
+"""Phase 2's runner: the layers after the cut fine-tuned with the head on cached cut activations.
+
+Entry point: :func:`train_tail` (``build_tail_trainer`` + ``fit_tail``; a trial calls the two
+halves separately, the final model the whole). Also the tail's compute precision
+(:func:`measure_precision` times it here) and its BN statistics (:func:`precise_bn`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from search import space
+from search.batches import (
+    VAL_BATCH,
+    CachedMaps,
+)
+from search.cache import Cache
+from search.config import PRECISIONS
+from search.data import Splits, one_hot
+from search.errors import UserError
+from search.tfgraph import (
+    build_training_state,
+)
+
+
+class TwoRateModel(keras.Model):
+    """A functional model trained with two AdamW optimizers: one for the tail, one for the head.
+
+    ``compile(optimizer=...)`` sets the tail's; ``head_optimizer`` (given at construction) steps
+    the variables of ``head``. Otherwise Keras's own ``train_step`` (TensorFlow backend).
+    """
+
+    def __init__(self, inputs: Any, outputs: Any, head: keras.Model, head_optimizer: keras.optimizers.Optimizer,
+                 **kwargs: Any) -> None:
+        super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+        self._head_ids = {id(v) for v in head.trainable_variables}
+        self.head_optimizer = head_optimizer
+        self.before_evaluate: Callable[[], None] | None = None
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> Any:
+        """Keras's ``evaluate`` (``fit`` validates through it), after ``before_evaluate`` if set
+        (a phase-2 trial sets :func:`precise_bn` there)."""
+        if self.before_evaluate is not None:
+            self.before_evaluate()
+        return super().evaluate(*args, **kwargs)
+
+    def train_step(self, data: Any) -> dict:
+        import tensorflow as tf
+
+        x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
+        with tf.GradientTape() as tape:
+            y_pred = self(x, training=True)
+            loss = self._compute_loss(x=x, y=y, y_pred=y_pred, training=True)
+        self._loss_tracker.update_state(loss, sample_weight=tf.shape(x)[0])
+        variables = self.trainable_variables
+        grads = tape.gradient(loss, variables)
+        pairs = list(zip(grads, variables, strict=True))
+        tail_pairs = [(g, v) for g, v in pairs if id(v) not in self._head_ids]
+        if tail_pairs:  # none when every block of the tail stays frozen (unfreeze_blocks 0)
+            self.optimizer.apply_gradients(tail_pairs)
+        self.head_optimizer.apply_gradients([(g, v) for g, v in pairs if id(v) in self._head_ids])
+        return self.compute_metrics(x, y, y_pred)
+
+
+@dataclass
+class TailParts:
+    """The trainable part after the cut, with its pretrained weights kept to reset each trial.
+
+    ``tail``: ``(b, h, w, c)`` cut activations -> ``(b, features)`` pooled, sharing its layers
+    (and so its weights) with the backbone it was cut from (``backbones.split_at_cut``).
+    ``blocks``: the layer names where the tail's blocks end, nearest the cut first
+    (``BackboneSpec.tail_blocks``): the tail has ``len(blocks) + 1`` blocks, and unfreezing the
+    last ``d`` of them (:meth:`frozen_prefix`) keeps the others frozen in inference mode.
+    """
+
+    tail: keras.Model
+    initial_weights: list[np.ndarray]
+    blocks: tuple[str, ...] = ()
+
+    @classmethod
+    def from_backbone(cls, backbone: keras.Model, cut_layer: str, blocks: tuple[str, ...] = ()) -> TailParts:
+        from search import backbones
+
+        tail = backbones.split_at_cut(backbone, cut_layer)
+        return cls(tail, [np.array(w) for w in tail.get_weights()], tuple(blocks))
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.blocks) + 1
+
+    def frozen_prefix(self, unfreeze: int) -> list[keras.layers.Layer]:
+        """The tail's layers that stay frozen when only its last ``unfreeze`` blocks train (all of
+        them for 0, none for :attr:`n_blocks` or more)."""
+        from search import backbones
+
+        layers = [la for la in self.tail.layers if la.weights]
+        if unfreeze <= 0:
+            return layers
+        if unfreeze >= self.n_blocks:
+            return []
+        frozen = {id(la) for la in backbones.frozen_layers(self.tail, self.blocks[self.n_blocks - 1 - unfreeze])}
+        return [la for la in layers if id(la) in frozen]
+
+    def reset(self) -> None:
+        self.tail.set_weights(self.initial_weights)
+
+
+PRECISION_GAIN = 1.10  # mixed bfloat16 is chosen when its tail step is at least 10 % faster, measured
+
+
+def resolve_precision(precision: str = "auto") -> str:
+    """A compute dtype policy the tail can train in (:data:`PRECISIONS`). ``"float32"`` and
+    ``"mixed_bfloat16"`` are themselves; ``"auto"`` is chosen by :func:`measure_precision` where
+    a run has the tail and cached maps to time, and is float32 where it has not. Variables stay
+    float32 either way (Keras mixed precision); the final model is saved and scored in float32."""
+    if precision not in PRECISIONS:
+        raise UserError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    return "float32" if precision == "auto" else precision
+
+
+def measure_precision(parts: TailParts, head: keras.Model, maps: np.ndarray, steps: int = 3) -> dict[str, Any]:
+    """Choose the tail's precision by timing it here: ``steps`` training steps of the tail and
+    head on ``maps`` (a batch of cached cut maps), after one warm-up step that traces, in float32
+    and in mixed bfloat16; the median step of each. Mixed bfloat16 is chosen when it is at least
+    :data:`PRECISION_GAIN` times faster (any CPU or GPU with fast bfloat16, whatever its flags).
+    The tail and head are left as they were (weights, float32)."""
+    import statistics
+    import time
+
+    saved, saved_tail = head.get_weights(), parts.tail.get_weights()
+    labels = one_hot(np.arange(len(maps)) % head.output.shape[-1], head.output.shape[-1])
+    seconds = {}
+    try:
+        for policy in ("float32", "mixed_bfloat16"):
+            trainer = build_tail_trainer(parts, head, saved, {}, steps + 1, 1, policy)
+            trainer.train_on_batch(maps, labels)
+            times = []
+            for _ in range(steps):
+                start = time.perf_counter()
+                trainer.train_on_batch(maps, labels)
+                times.append(time.perf_counter() - start)
+            seconds[policy] = statistics.median(times)
+    finally:
+        set_precision(parts.tail, head, "float32")
+        parts.tail.set_weights(saved_tail)
+        head.set_weights(saved)
+    speedup = seconds["float32"] / seconds["mixed_bfloat16"]
+    return {"chosen": "mixed_bfloat16" if speedup >= PRECISION_GAIN else "float32", "step_seconds": seconds,
+            "speedup": speedup, "threshold": PRECISION_GAIN, "batch": len(maps), "steps": steps}
+
+
+def set_precision(tail: keras.Model, head: keras.Model, policy: str) -> None:
+    """Set the compute dtype policy of the tail's layers and of the head's hidden layers; the
+    head's softmax output stays float32 (the loss is computed on it). Takes effect in functions
+    traced afterwards (a model built or a ``predict`` first called after this)."""
+    for layer in [*tail.layers, *head.layers[:-1]]:
+        if not isinstance(layer, keras.layers.InputLayer):
+            layer.dtype_policy = policy
+
+
+def precise_bn(tail: keras.Model, batch: np.ndarray) -> None:
+    """Set the moving statistics of the tail's BatchNormalization layers that train with batch
+    statistics to the statistics of ``batch`` ``(n, h, w, c)`` cut maps (PreciseBN; Wu & Johnson,
+    2021, "Rethinking 'Batch' in BatchNorm").
+
+    A phase-2 trial runs a few dozen steps: moving averages (momentum 0.9-0.99) still hold mostly
+    the pretrained statistics when it is validated, and a trial whose weights moved fast scores
+    far below what the same rates reach after the final model's thousands of steps. Refreshing
+    the statistics before each validation removes that artifact of the short budget. One eager
+    forward pass in training mode with momentum 0 (no gradient, no trace); momenta restored after.
+    """
+    layers = [la for la in tail.layers if isinstance(la, keras.layers.BatchNormalization) and la.trainable]
+    saved = [la.momentum for la in layers]
+    try:
+        for la in layers:
+            la.momentum = 0.0
+        if layers:
+            tail(keras.ops.convert_to_tensor(batch), training=True)
+    finally:
+        for la, m in zip(layers, saved, strict=True):
+            la.momentum = m
+
+
+def _schedule(peak: float, steps: int, warmup_fraction: float) -> keras.optimizers.schedules.LearningRateSchedule:
+    warmup = int(round(warmup_fraction * steps))
+    if warmup <= 0:
+        return keras.optimizers.schedules.CosineDecay(peak, max(1, steps))
+    return keras.optimizers.schedules.CosineDecay(0.0, max(1, steps - warmup), warmup_target=peak,
+                                                  warmup_steps=warmup)
+
+
+def build_tail_trainer(parts: TailParts, head: keras.Model, head_weights: list[np.ndarray],
+                       params: dict[str, Any], steps_per_epoch: int, epochs: int,
+                       precision: str = "float32") -> TwoRateModel:
+    """Reset tail and head to their starting weights and compile cut maps -> head for ``params``,
+    computing in ``precision`` (:func:`resolve_precision`; ``set_precision``), with its training
+    state built (:func:`build_training_state`: the train function is traced once).
+
+    The learning-rate schedules (linear warm-up, then cosine decay to 0) span ``epochs`` x
+    ``steps_per_epoch`` steps: a trial stopped after fewer epochs has run a prefix of them.
+    BatchNormalization: ``bn_mode="batch"`` trains with batch statistics and moving averages of
+    momentum ``bn_momentum``; ``"frozen"`` keeps the pretrained statistics (inference mode).
+    """
+    params = space.with_defaults("tail", params)
+    parts.reset()
+    head.set_weights(head_weights)
+    set_precision(parts.tail, head, resolve_precision(precision))
+    frozen = {id(la) for la in parts.frozen_prefix(int(params["unfreeze_blocks"]))}
+    for layer in parts.tail.layers:
+        layer.trainable = id(layer) not in frozen
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = layer.trainable and params["bn_mode"] == "batch"
+            layer.momentum = float(params["bn_momentum"])
+    steps = steps_per_epoch * epochs
+    lr, wd = float(params["tail_learning_rate"]), float(params["weight_decay"])
+    tail_opt = keras.optimizers.AdamW(_schedule(lr, steps, params["warmup_fraction"]), weight_decay=wd)
+    head_opt = keras.optimizers.AdamW(_schedule(lr * float(params["head_lr_multiplier"]), steps,
+                                                params["warmup_fraction"]), weight_decay=wd)
+    cut_input = keras.Input(parts.tail.input.shape[1:], name="cached_maps")
+    trainer = TwoRateModel(cut_input, head(parts.tail(cut_input)), head=head, head_optimizer=head_opt,
+                           name="tail_and_head")
+    # each optimizer built on its own variables (also what BackupAndRestore saves and restores)
+    head_opt.build([v for v in trainer.trainable_variables if id(v) in trainer._head_ids])
+    tail_opt.build([v for v in trainer.trainable_variables if id(v) not in trainer._head_ids])
+    trainer.compile(optimizer=tail_opt,
+                    loss=keras.losses.CategoricalCrossentropy(label_smoothing=float(params["label_smoothing"])),
+                    metrics=["accuracy"])
+    build_training_state(trainer, np.zeros((1, *trainer.input.shape[1:]), np.float16),
+                         np.zeros((1, head.output.shape[-1]), np.float32))
+    return trainer
+
+
+def tail_batches(cache: Cache, splits: Splits, params: dict[str, Any], rows: np.ndarray | None = None,
+                 batch_size: int = 128, seed: int = 0, mirror: str = "auto") -> tuple[CachedMaps, CachedMaps]:
+    """(augmented training batches over ``rows`` (default all training rows), validation batches)."""
+    params = space.with_defaults("tail", params)
+    rows = splits.train_idx if rows is None else rows
+    train = CachedMaps(cache, "train", rows, batch_size, augment=True, shift=params["shift"], seed=seed, workers=2,
+                       mirror=mirror)
+    val = CachedMaps(cache, "train", splits.val_idx, VAL_BATCH)
+    return train, val
+
+
+class _EpochSeed(keras.callbacks.Callback):
+    """Sets the batches' epoch number at the start of every epoch, so a resumed run draws the
+    same shuffles and augmentation for epoch k as an uninterrupted one."""
+
+    def __init__(self, data: CachedMaps) -> None:
+        super().__init__()
+        self.data = data
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.data.epoch = epoch
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.data.epoch = epoch + 1  # before the next epoch's batches are prefetched
+
+
+def fit_tail(trainer: keras.Model, train: CachedMaps, val: CachedMaps, epochs: int,
+             callbacks: list | None = None, initial_epoch: int = 0, verbose: int = 0,
+             backup_dir: str | None = None, on_resume: Callable[[int, int], None] | None = None
+             ) -> dict[str, list[float]]:
+    """Fit; the epoch with the best validation accuracy is restored at the end.
+
+    With ``backup_dir``, Keras's ``BackupAndRestore`` saves weights and optimizer state after
+    every epoch and a rerun after a kill resumes from the last finished epoch (the backup is
+    deleted when training completes). After a resume, "best epoch" is chosen among the epochs
+    run since the resume; ``on_resume(k, epochs)`` is called first when resuming from epoch ``k``.
+    """
+    train.epoch = initial_epoch
+    metadata = Path(backup_dir, "training_metadata.json") if backup_dir else None
+    if metadata is not None and metadata.exists():
+        # resuming: batches prefetched before on_epoch_begin must already be the resumed epoch's
+        train.epoch = int(json.loads(metadata.read_text())["epoch"])
+        if on_resume is not None:
+            on_resume(train.epoch, epochs)
+    best = keras.callbacks.EarlyStopping("val_accuracy", patience=epochs + 1, mode="max", restore_best_weights=True)
+    resume = [keras.callbacks.BackupAndRestore(backup_dir)] if backup_dir else []
+    # shuffle=False: the batches already hold each epoch's own permutation of the rows (seeded by
+    # the epoch); Keras's default would also shuffle the batch order with Python's global `random`,
+    # whose state a resumed run does not share with an uninterrupted one
+    history = trainer.fit(train, epochs=epochs, initial_epoch=initial_epoch, validation_data=val, shuffle=False,
+                          callbacks=[*resume, _EpochSeed(train), best, *(callbacks or [])], verbose=verbose)
+    return {k: [float(v) for v in vs] for k, vs in history.history.items()}
+
+
+def train_tail(cache: Cache, splits: Splits, parts: TailParts, head: keras.Model, params: dict[str, Any],
+               epochs: int, rows: np.ndarray | None = None, callbacks: list | None = None, seed: int = 0,
+               batch_size: int = 128, verbose: int = 0, backup_root: str | None = None,
+               mirror: str = "auto", precision: str = "float32",
+               on_resume: Callable[[int, int], None] | None = None) -> tuple[keras.Model, dict[str, list[float]]]:
+    """Phase 2 in one call: the tail and ``head`` (from its current weights) fine-tuned on cut maps.
+
+    Training (and the validation in it) computes in ``precision``; the layers are set back to
+    float32 before the model is returned, so what its ``predict`` returns is what the saved
+    float32 model predicts.
+
+    With ``backup_root``, a killed run resumes at epoch granularity on rerun; the backup folder
+    is keyed by the cache, parameters, epochs, rows, batch size and seed, so a changed recipe
+    starts fresh. Returns the trained ``cut maps -> probabilities`` model (best epoch) and its
+    history.
+    """
+    keras.utils.set_random_seed(seed)
+    train, val = tail_batches(cache, splits, params, rows, batch_size, seed, mirror)
+    precision = resolve_precision(precision)
+    trainer = build_tail_trainer(parts, head, head.get_weights(), params, len(train), epochs, precision)
+    backup_dir = None
+    if backup_root is not None:
+        import hashlib
+
+        recipe = {"cache": cache.path.name, "params": space.with_defaults("tail", params), "epochs": epochs,
+                  "rows": hashlib.sha1(np.asarray(train.rows).tobytes()).hexdigest(), "batch": batch_size,
+                  "seed": seed, "mirror": train.mirror, "precision": precision}
+        digest = hashlib.sha1(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        backup_dir = str(Path(backup_root) / f"tail-{digest}")
+    history = fit_tail(trainer, train, val, epochs, callbacks, verbose=verbose, backup_dir=backup_dir,
+                       on_resume=on_resume)
+    set_precision(parts.tail, head, "float32")  # its predict function is traced after this: float32
+    return trainer, history
+
