@@ -186,6 +186,21 @@ def kendall_tau(a: list[float], b: list[float]) -> float:
     return float((concordant - discordant) / denom) if denom else 0.0
 
 
+def _train_at_each(params: dict, objectives: dict[str, Any], seed: int) -> dict:
+    """One fidelity row: ``params`` trained by each objective (its whole budget), with its score
+    (``NAME``), seconds (``NAME_seconds``) and validation accuracy per epoch (``NAME_history``)."""
+    import keras
+
+    row: dict[str, Any] = {"params": params}
+    for name, obj in objectives.items():
+        start = time.perf_counter()
+        history = keras.callbacks.History()
+        row[name] = obj.fit(obj.build(params, seed=seed), obj.max_epochs, [history])
+        row[f"{name}_seconds"] = time.perf_counter() - start
+        row[f"{name}_history"] = [float(v) for v in history.history["val_accuracy"]]
+    return row
+
+
 def rung_taus(ranking: list[dict], steps: tuple[int, ...], key: str = "fast") -> list[dict]:
     """Kendall tau against full training of the score a trial reports at each pruner rung.
 
@@ -338,14 +353,7 @@ def bench_search(cache: Cache, splits: Splits, spec: backbones.BackboneSpec, mod
     for i in range(rank_configs):
         trial = optuna.create_study(sampler=sampler).ask()
         params = space.suggest("head", trial)
-        row = {"params": params}
-        for name, obj in (("fast", head_obj), ("full", full_obj), *others.items()):
-            t = time.perf_counter()
-            history = keras.callbacks.History()
-            row[name] = obj.fit(obj.build(params, seed=i), obj.max_epochs, [history])
-            row[f"{name}_seconds"] = time.perf_counter() - t
-            row[f"{name}_history"] = [float(v) for v in history.history["val_accuracy"]]
-        ranking.append(row)
+        ranking.append(_train_at_each(params, {"fast": head_obj, "full": full_obj, **others}, seed=i))
     tau = kendall_tau([r["fast"] for r in ranking], [r["full"] for r in ranking])
     other_budgets = {name: {"budget": obj.budget,
                             "kendall_tau": kendall_tau([r[name] for r in ranking], [r["full"] for r in ranking]),
@@ -442,7 +450,6 @@ def tail_fidelity(objective: Any, budgets: list[tuple[int, int]], reference: tup
     reference's. ``on_row(partial)`` is called after every configuration with the result so far."""
     import dataclasses
 
-    import keras
     import optuna
 
     from search.engines.optuna_engine import rung_steps
@@ -471,14 +478,7 @@ def tail_fidelity(objective: Any, budgets: list[tuple[int, int]], reference: tup
     for i in range(configs):
         trial = optuna.create_study(sampler=sampler).ask()
         params = space.suggest("tail", trial, **objective.space_options)
-        row: dict[str, Any] = {"params": params}
-        for name, obj in objectives.items():
-            start = time.perf_counter()
-            history = keras.callbacks.History()
-            row[name] = obj.fit(obj.build(params, seed=i), obj.max_epochs, [history])
-            row[f"{name}_seconds"] = time.perf_counter() - start
-            row[f"{name}_history"] = [float(v) for v in history.history["val_accuracy"]]
-        ranking.append(row)
+        ranking.append(_train_at_each(params, objectives, seed=i))
         if on_row is not None:
             on_row(summary())
     return summary()
