@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(rows, type=int, default=budget.rows,
                        help=f"phase-{n} budget: stratified training images per trial (default {budget.rows}; 0: all)")
         p.add_argument(epochs, type=int, default=budget.max_epochs,
-                       help=f"phase-{n} budget: epochs per trial (default {budget.max_epochs})")
+                       help=f"phase-{n} budget: epochs per trial (default {budget.max_epochs})"
+                            + ("; on fewer training images than --tail-rows, the final's epochs" if n == 2 else ""))
     p.add_argument("--head-batch-size", type=int, default=None,
                    help="phase-1 budget: rows per optimizer step of a trial (default "
                         f"{BUDGETS['head'].batch_size}; the final head trains in batches of {HEAD_BATCH_SIZE})")

@@ -508,3 +508,23 @@ def test_tail_fidelity_trains_each_configuration_at_every_budget_and_the_referen
     assert all(-1.0 <= t <= 1.0 for t in taus)
     # ASHA judges a 2-epoch trial nowhere before its end (rung_steps(2) is empty): only its budget
     assert [r["epochs"] for r in out["budgets"]["60x2"]["rungs"]] == ["budget"]
+
+
+def test_a_tail_trial_on_data_smaller_than_its_rows_trains_for_the_finals_epochs(maps_cache, tiny_splits, parts):
+    """On a small folder a phase-2 trial already sees every training image; its epochs become the
+    final's, so the trial ranks configurations as the final trains them (and the pruner has rungs)."""
+    from search.engines.objective import TailObjective, tail_trial_epochs
+
+    assert tail_trial_epochs(45000, 4000, 2, 7) == 2  # CIFAR-10: the budget as given
+    assert tail_trial_epochs(1500, 4000, 2, 7) == 7  # a small folder: the final's epochs
+    assert tail_trial_epochs(1500, None, 2, 7) == 2  # all rows asked for: the budget as given
+    assert tail_trial_epochs(1500, 4000, 9, 7) == 9  # never fewer than asked
+    head = _head(parts)
+    available = len(tiny_splits.train_idx)
+
+    def epochs(rows: int) -> int:
+        return TailObjective(maps_cache, tiny_splits, parts, head, head.get_weights(), "maps", rows=rows,
+                             max_epochs=1, batch_size=32, precise_bn_rows=0, precision="float32",
+                             full_epochs=3).budget["max_epochs"]
+
+    assert (epochs(available - 10), epochs(available + 10)) == (1, 3)

@@ -15,7 +15,8 @@ objective freezes the objects alive at that point out of the garbage collector's
 
 Budget (multi-fidelity): a trial trains on ``rows`` stratified training rows for at most
 ``max_epochs`` epochs (a head trial in batches of ``batch_size`` rows); engines' pruners stop it
-earlier from its per-epoch validation accuracy.
+earlier from its per-epoch validation accuracy. A tail trial on a training set smaller than its
+``rows`` trains for the final's tail epochs (:func:`tail_trial_epochs`).
 
 Noise (:mod:`search.selection`): after every ``fit`` the objective's ``last_score`` holds the
 trial's estimate with its spread; engines record its ``scores`` and ``n`` with the trial. On
@@ -137,6 +138,7 @@ class TailObjective:
     head_provenance: dict = field(default_factory=dict)
     precision: str = "auto"
     precise_bn_rows: int = 1024
+    full_epochs: int = FinalConfig.tail_epochs
     phase: str = "tail"
     last_score: selection.Score | None = None
     _rows: np.ndarray | None = field(default=None, repr=False)
@@ -144,6 +146,7 @@ class TailObjective:
 
     def __post_init__(self) -> None:
         self._rows = batches.stratified_rows(self.splits.y_train, self.splits.train_idx, self.rows)
+        self.max_epochs = tail_trial_epochs(len(self._rows), self.rows, self.max_epochs, self.full_epochs)
         self._keep = tfgraph.custom_gradients()
         self.precision = finetune.resolve_precision(self.precision)
 
@@ -219,6 +222,21 @@ def make_objective(phase: str, cache: Cache, splits: Splits, rows: int | None, m
         precision = finetune.measure_precision(parts, head, maps)["chosen"]
     return TailObjective(cache, splits, parts, head, head.get_weights(), cache.path.name, rows=rows,
                          max_epochs=max_epochs, head_provenance=provenance["head"], precision=precision)
+
+
+def tail_trial_epochs(available: int, rows: int | None, max_epochs: int, full_epochs: int) -> int:
+    """Epochs of a phase-2 trial that trains on ``available`` rows with a budget of ``rows`` x
+    ``max_epochs``.
+
+    When the training set is smaller than the budget's ``rows`` (a small folder of images), a
+    trial already trains on all of it, and its few epochs would score configurations far from
+    the final's training (a tail that fits 1,500 images in 7 epochs is ranked after 2). There the
+    trial trains for the final's ``full_epochs`` instead: it *is* the final's tail training, at
+    a cost of at most ``rows`` x ``full_epochs`` images, and the pruner gets rungs to judge. With
+    ``rows`` None (all rows, a budget the user chose) or data at least that large, ``max_epochs``."""
+    if rows is None or available >= rows:
+        return max_epochs
+    return max(max_epochs, full_epochs)
 
 
 def head_folds(splits: Splits, rows: int | None = None) -> int:
