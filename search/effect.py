@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -36,7 +37,7 @@ import numpy as np
 
 from search.compare import wilson_interval
 from search.errors import UserError
-from search.io import read_json, write_json
+from search.io import code_version, read_json, write_json
 
 DATASETS = ("lowdata", "digits", "cifar10")
 LOWDATA = {"classes": 6, "train_per_class": 300, "test_per_class": 100}
@@ -135,8 +136,10 @@ def run_effect(datasets: list[str], seeds: list[int], results: str | os.PathLike
                cache_dir: str = "cache", work: str | os.PathLike = "cache/effect-data",
                shared: str | os.PathLike = "../shared", search_args: list[str] | None = None) -> dict:
     """Run the comparison (module docstring); write and return ``results/search_effect.json``.
-    A dataset already recorded in that file for the same seeds and search arguments is kept,
-    so a killed run resumes at the dataset it was on."""
+    A dataset already recorded in that file for the same seeds, search arguments and code
+    version (a clean commit: :func:`search.io.code_version`) is kept, so a killed run resumes at
+    the dataset it was on; any other is run again, its per-seed folders under
+    ``results/effect/`` cleared first (a study left there by older code is not resumed)."""
     results, work = Path(results), Path(work)
     for name in datasets:
         if name not in DATASETS:
@@ -144,8 +147,11 @@ def run_effect(datasets: list[str], seeds: list[int], results: str | os.PathLike
     search_args = list(search_args or [])
     out_path = results / "search_effect.json"
     previous = read_json(out_path) if out_path.exists() else {}
+    code = code_version()
+    resumable = code is not None and not code.endswith("-dirty")
+    same = (seeds, search_args, code)
     kept = {d["name"]: d for d in previous.get("datasets", [])
-            if d.get("seeds_run") == seeds and d.get("search_args") == search_args}
+            if resumable and (d.get("seeds_run"), d.get("search_args"), d.get("code_version")) == same}
     log = results / "effect" / "effect.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     out: dict[str, Any] = {"seeds": seeds, "search_args": search_args, "datasets": [],
@@ -162,6 +168,8 @@ def run_effect(datasets: list[str], seeds: list[int], results: str | os.PathLike
             data = os.environ.get("CIFAR10_NPZ") or ""
             if not data:
                 raise UserError("the cifar10 dataset needs $CIFAR10_NPZ (make offline)")
+        for old in sorted((results / "effect").glob(f"{name}-seed*")):
+            shutil.rmtree(old)
         rows = []
         for seed in seeds:
             searched_dir = results / "effect" / f"{name}-seed{seed}"
@@ -189,6 +197,7 @@ def run_effect(datasets: list[str], seeds: list[int], results: str | os.PathLike
                 "head_folds": _head_folds(searched_dir)})
         diffs = [r["searched_test"] - r["default_test"] for r in rows]
         entry = {"name": name, "data": data, "seeds": rows, "seeds_run": seeds, "search_args": search_args,
+                 "code_version": code,
                  "mean_default_test": float(np.mean([r["default_test"] for r in rows])),
                  "mean_searched_test": float(np.mean([r["searched_test"] for r in rows])),
                  "mean_difference": float(np.mean(diffs)),

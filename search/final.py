@@ -46,7 +46,7 @@ from search.cache import Cache, build_extractor, ensure_cache, frozen_pass
 from search.config import PARAM_MODES, FinalConfig  # noqa: F401  (FinalConfig: this module's input)
 from search.data import IMAGE_SHAPE, Splits, load_data
 from search.errors import UserError
-from search.io import append_row, atomic_path, write_json
+from search.io import append_row, atomic_path, code_version, write_json
 
 log = logging.getLogger(__name__)
 def _predict(model: keras.Model, x: Any, batch_size: int = 256) -> np.ndarray:
@@ -398,19 +398,6 @@ def build_final(config: FinalConfig, splits: Splits | None = None, model: keras.
     run.timings["total"] = time.perf_counter() - t_start  # the end's reference is not part of the run's time
     run.extra["reference_speed_end"] = backbones.reference_speed(model, cut_layer, resolution)
     return write_summary(run, saved)
-
-
-def code_version() -> str | None:
-    """``git describe --always --dirty`` of the repository this package runs from (a commit,
-    ``-dirty`` when tracked files were changed), or None outside a git checkout."""
-    import subprocess
-
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def machine(code: str | None) -> dict:

@@ -1,10 +1,12 @@
-"""Atomic writes: a crash leaves either the old file or the new one, never half of one."""
+"""Atomic writes: a crash leaves either the old file or the new one, never half of one; and the
+code version a result records."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -80,3 +82,14 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+def code_version() -> str | None:
+    """``git describe --always --dirty`` of the repository this package runs from (a commit,
+    ``-dirty`` when tracked files were changed), or None outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None

@@ -88,3 +88,41 @@ def test_the_readme_results_table_is_the_one_results_generates(tmp_path):
     copy.write_text(f"# x\n{TABLE_START}\nold\n{TABLE_END}\nrest\n")
     assert update_readme(copy, root / "results") and "old" not in copy.read_text()
     assert copy.read_text().endswith(f"{TABLE_END}\nrest\n") and not update_readme(copy, root / "results")
+
+
+def test_search_effect_resumes_only_what_the_same_code_recorded(tmp_path, monkeypatch):
+    """A dataset recorded by another code version is run again, its old study folders cleared;
+    one recorded by this clean commit is kept (a killed run resumes)."""
+    from search import effect
+
+    calls = []
+
+    def fake_cli(*args: str, log) -> float:
+        calls.append(args)
+        out = Path(args[args.index("--results") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        searched = "--params" not in args
+        assert not (out / "old-study.db").exists(), "a folder of older code is cleared before the search"
+        (out / "final.json").write_text(json.dumps({
+            "data": {"fingerprint": "f", "test": 100, "train": 400, "val": 100},
+            "test_accuracy": 0.81 if searched else 0.8, "val_accuracy": 0.8,
+            "params_provenance": {ph: {"source": "default", "why": "noise"} for ph in ("head", "tail")}}))
+        return 1.0
+
+    monkeypatch.setattr(effect, "_cli", fake_cli)
+    monkeypatch.setattr(effect, "make_digits_folder", lambda out: Path(out))
+    results = tmp_path / "r"
+    (results / "effect" / "digits-seed0").mkdir(parents=True)
+    (results / "effect" / "digits-seed0" / "old-study.db").write_text("")
+    old = {"name": "digits", "seeds_run": [0], "search_args": [], "code_version": "0ldc0de", "seeds": []}
+    (results / "search_effect.json").write_text(json.dumps({"datasets": [old]}))
+    monkeypatch.setattr(effect, "code_version", lambda: "abc1234")
+    out = effect.run_effect(["digits"], [0], results=results, work=tmp_path / "w")
+    assert len(calls) == 3 and out["datasets"][0]["code_version"] == "abc1234"
+    row = out["datasets"][0]["seeds"][0]
+    assert (row["searched_test"], row["default_test"]) == (0.81, 0.8) and out["datasets"][0]["mean_difference"] > 0
+    effect.run_effect(["digits"], [0], results=results, work=tmp_path / "w")
+    assert len(calls) == 3, "the same clean commit's dataset is kept"
+    monkeypatch.setattr(effect, "code_version", lambda: "abc1234-dirty")
+    effect.run_effect(["digits"], [0], results=results, work=tmp_path / "w")
+    assert len(calls) == 6, "a dirty tree's results are never resumed"
