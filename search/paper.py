@@ -393,67 +393,27 @@ def bench_cache_when(recorded: str | None, final: dict) -> str:
     return f"{abs(hours):.1f} h {'before' if hours > 0 else 'after'} the run started"
 
 
-def _precision_sentence(final: dict, bench_cache: dict) -> str:
-    """How the tail was trained: float32 or mixed bfloat16, with the step speed-up measured."""
+def _precision_sentence(final: dict) -> str:
+    """How the tail was trained: float32 or mixed bfloat16, and the run's own step timing that
+    chose it (``precision_probe``, recorded when ``--tail-precision auto`` measured)."""
     precision = final.get("tail_precision_resolved", "float32")
+    probe = final.get("precision_probe")
+    timed = (f"; timed on the cached maps before training, a mixed-bfloat16 step ran {probe['speedup']:.2f}x as fast "
+             f"as a float32 step, and the run uses bfloat16 only from {probe['threshold']:.2f}x" if probe else "")
     if precision == "float32":
-        return "The tail trained in float32."
-    speedup = bench_cache.get("tail_step_speedup_bf16_over_float32")
-    return ("The tail trained in mixed bfloat16 (variables in float32; `--tail-precision auto` chooses it on a CPU "
-            "with AMX bfloat16 tiles"
-            + (f", where a training step ran {speedup:.2f}× faster than in float32 in `bench-cache`" if speedup else "")
-            + "); the saved model computes in float32.")
+        return f"The tail trained in float32{timed}."
+    return f"The tail trained in mixed bfloat16, variables in float32{timed}; the saved model computes in float32."
 
 
-def _mirror_discussion(earlier: dict, final: dict) -> str:
-    """The reported recipe against the earlier one (``results/v1/``: mirrored images cached,
-    float32 tail, BN not folded), from their ``final.json`` files."""
-    images, maps = earlier.get("images"), earlier.get("maps")
-    if not images or final["config"]["mirror"] != "maps":
-        return ""
-    text = (f"The earlier default cached the mirrored images as well ({images['cache']['extraction']['images']:,} "
-            f"images through the frozen part, {images['cache']['extraction']['seconds'] / 60:.1f} min of extraction "
-            f"with batch normalization not folded; {images['timings_seconds']['total'] / 60:.1f} min in all) and "
-            f"reached {_pct(images['test_accuracy'])} test accuracy with seed {images['config']['seed']} "
-            f"(`results/v1/final_seed0.json`).")
-    if maps:
-        text += (f" Mirroring the cached maps with no test-time mirroring, in float32 for "
-                 f"{maps['config']['tail_epochs']} epochs, reached {_pct(maps['val_accuracy'])} validation but "
-                 f"{_pct(maps['test_accuracy'])} test accuracy (`results/v1/final_maps_seed0.json`).")
+def _mirror_sentence(final: dict) -> str:
+    """Test-time mirroring: the plain model's validation accuracy beside each candidate's."""
     cands = final.get("val_accuracy_tta_candidates") or {}
-    if cands:
-        text += (" The reported recipe mirrors maps in training and computes the mirrored images' activations only "
-                 "for the validation and test images, at test time; on validation the plain model scored "
-                 f"{_pct(final['val_accuracy_plain'])}, "
-                 + ", ".join(f"averaging with the mirrored {m} {_pct(v)}" for m, v in cands.items()) + ".")
-    return text
-
-
-RERUN_FILE = "final_rerun_seed0.json"  # the reported recipe, seed and cache, run again by later code
-
-
-def _rerun_sentence(final: dict, rerun: dict | None) -> str:
-    """Which head optimizer class the reported run trained with (``head_optimizer``, recorded
-    since the fused updates came: a run without it predates them and the single trace), and the
-    reported run's recipe, seed and cache run again by later code (``results/`` +
-    :data:`RERUN_FILE`): that code's version, and validation and test accuracy beside the
-    reported run's. An error when the rerun's recipe, seed or cache differ (it would not be a
-    rerun of the reported run)."""
-    out = ("" if final.get("head_optimizer") else
-           "The reported run records no head optimizer class: it predates the fused updates and the single trace of "
-           "Methods, which change a trial's speed and the rounding of the head's updates, not their formula. ")
-    if not rerun:
-        return out
-    from search.compare import recipe_of
-
-    if (recipe_of(rerun), rerun["config"]["seed"], rerun["cache"]["key"]) != (
-            recipe_of(final), final["config"]["seed"], final["cache"]["key"]):
-        raise UserError(f"results/{RERUN_FILE} is not a rerun of the reported run: its recipe, seed or cache differ")
-    code = rerun.get("machine", {}).get("code_version") or "an unrecorded version"
-    return out + (f"Run again with the same recipe, seed and cache by the code at `{code}` (finished "
-                  f"{rerun['finished']}, `results/{RERUN_FILE}`), the recipe reached {_pct(rerun['val_accuracy'])} "
-                  f"on validation and {_pct(rerun['test_accuracy'])} on test, against the reported run's "
-                  f"{_pct(final['val_accuracy'])} and {_pct(final['test_accuracy'])}.")
+    if not cands:
+        return ""
+    return ("The reported recipe mirrors maps in training and computes the mirrored images' activations only "
+            "for the validation and test images, at test time; on validation the plain model scored "
+            f"{_pct(final['val_accuracy_plain'])}, "
+            + ", ".join(f"averaging with the mirrored {m} {_pct(v)}" for m, v in cands.items()) + ".")
 
 
 def build_context(results: Path) -> dict:
@@ -469,14 +429,7 @@ def build_context(results: Path) -> dict:
             ctx[name] = read_json(path)
     if (results / "final_searched_seed0.json").exists():
         ctx["searched_run"] = read_json(results / "final_searched_seed0.json")
-    if (results / RERUN_FILE).exists():
-        ctx["rerun"] = read_json(results / RERUN_FILE)
-    ctx["earlier"] = {kind: read_json(results / "v1" / name) for kind, name in
-                      (("images", "final_seed0.json"), ("maps", "final_maps_seed0.json"))
-                      if (results / "v1" / name).exists()}
     final = ctx.get("final")
-    if final and "machine" in final:  # runs before the key was written with "_" named it "keras-tuner"
-        final["machine"]["versions"] = {k.replace("-", "_"): v for k, v in final["machine"]["versions"].items()}
     ctx.update(listings())
     for phase in space.PHASES:
         ctx[f"{phase}_space_table"] = _table(["parameter", "values", "only when"],
@@ -568,10 +521,8 @@ def build_context(results: Path) -> dict:
             f"extraction ran at {bench_cache['extraction_images_per_second']:.1f} images/s against "
             f"{bench_cache['raw_predict_images_per_second']:.1f} images/s for Keras's `predict` of the layers as "
             "the application builds them." if bench_cache.get("extraction_folds_batch_norm") else ""),
-        "precision_sentence": _precision_sentence(final, bench_cache),
+        "precision_sentence": _precision_sentence(final),
         "pruner_sentence": _pruner_sentence(),
-        "rerun_sentence": _rerun_sentence(final, ctx.get("rerun")),
-        "rerun_file": f"`results/{RERUN_FILE}` (its rerun), " if ctx.get("rerun") else "",
         "goal_sentence": ("Measured against the project's goals: " + "; ".join(goal) + ".") if goal else "",
         "n_train_all": final["data"]["train"] + final["data"]["val"],
         "image_side": final["data"].get("image_shape", [32])[0],
@@ -612,7 +563,7 @@ def build_context(results: Path) -> dict:
                     "test-time mirroring the frozen part runs on the mirrored validation and test images when the "
                     "model is scored (nothing more is cached).",
             "none": "No mirroring is used (`--mirror none`)."}[final["config"]["mirror"]],
-        "maps_discussion": _mirror_discussion(ctx.get("earlier", {}), final),
+        "maps_discussion": _mirror_sentence(final),
         "cache_name": Path(cache["path"]).name,
         "head_params": _params_text(final["params"]["head"]),
         "tail_params": _params_text(final["params"]["tail"]),

@@ -4,68 +4,33 @@ import json
 import re
 import shutil
 
+import numpy as np
 import pytest
 
-from conftest import ROOT, TINY_RES, run_cli
-from search import bench, engines, space
-from search.batches import PooledData
-from search.compare import compare_runs
-from search.engines.objective import HeadObjective
+from conftest import ROOT, synthetic_arrays
 from search.errors import UserError
-from search.final import FinalConfig, build_final
 from search.paper import _defaults_trial_sentence, render, write_paper
-from search.report import write_report
 
 SECTIONS = ["Abstract", "Introduction", "Materials and Methods", "Results", "Discussion", "Acknowledgments",
             "Literature Cited", "Appendices"]
 
 
-@pytest.fixture(scope="module")
-def tiny_results(tmp_path_factory, tiny_splits, tiny_npz, tiny_cache, spec):
-    """A whole tiny pipeline: final, search, report, benches (random weights, 32 px)."""
-    tmp = tmp_path_factory.mktemp("pipeline")
-    results = tmp / "results"
-    for seed in (1, 0):  # two seeds of one recipe; seed 0 last: the reported run and model
-        build_final(FinalConfig(weights=None, resolution=TINY_RES, tail_precision="float32",
-                         cache_root=str(tmp / "cache"),
-                                results=str(results), output=str(tmp / "cifar10.h5"), head_epochs=2, tail_epochs=1,
-                                tail_batch_size=32, bn_passes=1, parity_images=10, progress=False, seed=seed),
-                    tiny_splits)
-        shutil.copy(results / "final.json", tmp / f"final_seed{seed}.json")
-    compare_runs({"seed0": tmp / "final_seed0.json", "seed1": tmp / "final_seed1.json"}, results)
-    engines.make_engine("optuna", progress=False, results=results).run(
-        HeadObjective(PooledData.from_cache(tiny_cache, tiny_splits), "tiny", max_epochs=2), 4)
-    write_report(results / "report", results)
-    bench.bench_cache(spec, tiny_splits, None, TINY_RES, None, 60, results, compare_allocators=False)
-    import keras
-
-    keras.utils.set_random_seed(0)
-    model = spec.build(weights=None, size=TINY_RES)
-    searched = bench.bench_search(tiny_cache, tiny_splits, spec, model, 3, 2, 0, 20, results, weights=None,
-                                  full_max_epochs=2, baseline_trials=2)
-    phase1 = searched["phase1"]
-    assert phase1["trials"] == 3 and phase1["baseline"]["trials"] == 2 and phase1["speedup_median"] > 0
-    assert phase1["baseline"]["states"]["RUNNING"] == 0 and phase1["wall_seconds_per_trial"] > 0
-    assert phase1["pruner"] == "asha" and phase1["other_pruners"]["hyperband"]["trials"] == 3
-    rungs = searched["fidelity"]["rungs"]
-    assert [r["epochs"] for r in rungs] == [2, 4, "budget"]
-    assert rungs[-1]["kendall_tau"] == searched["fidelity"]["kendall_tau"]
-    assert all(len(r["fast_history"]) >= 1 for r in searched["fidelity"]["rows"])
-    fidelity = searched["fidelity"]
-    assert fidelity["fast_budget"]["batch_size"] == space.head_trial_batch_size() != space.HEAD_BATCH_SIZE
-    other = fidelity["other_budgets"][f"batch_{space.HEAD_BATCH_SIZE}"]
-    assert other["budget"]["batch_size"] == space.HEAD_BATCH_SIZE == fidelity["full_budget"]["batch_size"]
-    assert other["rungs"][-1]["kendall_tau"] == other["kendall_tau"]
-    assert all(f"batch_{space.HEAD_BATCH_SIZE}_history" in r for r in fidelity["rows"])
-    memory = bench.bench_memory(tiny_cache, tiny_splits, 11, 0, results)
-    assert memory["released"]["trials"] == 11 and memory["released"]["states"]["RUNNING"] == 0
-    assert "growth_pct" in memory["released"] and "baseline_not_released" not in memory
-    out = run_cli("evaluate", "--model", str(tmp / "cifar10.h5"), "--data", str(tiny_npz), "--results", str(results))
-    assert out.returncode == 0, out.stderr[-2000:]
-    docs = tmp / "docs"
-    docs.mkdir()
+@pytest.fixture
+def tiny_results(tmp_path):
+    """The paper's inputs as small JSON files: a copy of the committed ``results/*.json`` (what
+    ``make paper`` renders), the committed study figures, and CIFAR-shaped test images for the
+    picture on top (its indices reach the last of the 10,000)."""
+    results, docs = tmp_path / "results", tmp_path / "docs"
+    results.mkdir()
+    for path in (ROOT / "results").glob("*.json"):
+        shutil.copy(path, results / path.name)
+    shutil.copytree(ROOT / "docs" / "figures", docs / "figures")
     shutil.copy(ROOT / "docs" / "paper_template.md", docs / "paper_template.md")
-    return results, docs, tiny_npz
+    xtr, ytr, _, _ = synthetic_arrays(n_train=40)
+    xte, yte = np.resize(xtr, (10000, 32, 32, 3)), np.resize(ytr, (10000, 1))
+    npz = tmp_path / "images.npz"
+    np.savez(npz, x_train=xtr, y_train=ytr, x_test=xte, y_test=yte)
+    return results, docs, npz
 
 
 def test_paper_sections_picture_and_no_placeholders(tiny_results):
@@ -78,6 +43,7 @@ def test_paper_sections_picture_and_no_placeholders(tiny_results):
     assert headings == SECTIONS
     assert "{{" not in text and "}}" not in text
     assert "`results/bench_memory.json`" in text  # the memory goal is reported from its file
+    assert "results/v1" not in text and "rerun" not in text.lower()  # the repo's history is not the paper's
     final = json.loads((results / "final.json").read_text())
     assert f"{100 * final['test_accuracy']:.2f} %" in text
     page = (docs / "paper.html").read_text()
@@ -254,16 +220,15 @@ def test_cut_and_resolution_are_reported_only_when_the_ablation_varies_them():
     assert "makes no claim" not in text
 
 
-def test_a_rerun_is_reported_beside_the_run_and_an_older_run_says_it_predates_the_fused_updates(tiny_results):
-    from search.paper import _rerun_sentence
+def test_precision_and_mirror_sentences_report_the_runs_own_measurements():
+    from search.paper import _mirror_sentence, _precision_sentence
 
-    results, _, _ = tiny_results
-    final = json.loads((results / "final.json").read_text())
-    assert final["head_optimizer"].startswith("Fused") and _rerun_sentence(final, None) == ""
-    older = {k: v for k, v in final.items() if k != "head_optimizer"}
-    assert "predates the fused updates" in _rerun_sentence(older, None)
-    rerun = {**final, "val_accuracy": 0.4321, "test_accuracy": 0.1234, "machine": {"code_version": "abc1234"}}
-    text = _rerun_sentence(final, rerun)
-    assert "`abc1234`" in text and "43.21 %" in text and "12.34 %" in text and "predates" not in text
-    with pytest.raises(UserError, match="not a rerun"):
-        _rerun_sentence(final, {**rerun, "config": {**final["config"], "seed": final["config"]["seed"] + 1}})
+    probe = {"speedup": 1.36, "threshold": 1.1, "chosen": "mixed_bfloat16"}
+    text = _precision_sentence({"tail_precision_resolved": "mixed_bfloat16", "precision_probe": probe})
+    assert "mixed bfloat16" in text and "1.36x" in text and "1.10x" in text and "AMX" not in text
+    assert _precision_sentence({}) == "The tail trained in float32."
+    assert "1.05x" in _precision_sentence({"tail_precision_resolved": "float32",
+                                           "precision_probe": {**probe, "speedup": 1.05}})
+    text = _mirror_sentence({"val_accuracy_plain": 0.88, "val_accuracy_tta_candidates": {"images": 0.883}})
+    assert "88.00 %" in text and "mirrored images 88.30 %" in text
+    assert _mirror_sentence({"val_accuracy_plain": 0.88}) == ""
