@@ -118,3 +118,24 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None, timeou
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run([sys.executable, "-m", "search.cli", *args], capture_output=True, text=True,
                           env=full_env, cwd=cwd or ROOT, timeout=timeout)
+
+
+def search_cmd(npz: Path, tmp_path: Path, storage: str, trials: int, study: str = "resume",
+               heartbeat: int = 1) -> list[str]:
+    """A phase-1 search of the tiny data in a subprocess (tests of workers, kills and storages)."""
+    return [sys.executable, "-m", "search.cli", "search", "--data", str(npz), "--val-size", "20",
+            "--weights", "none", "--resolution", "32", "--cache-dir", str(tmp_path / "cache"),
+            "--results", str(tmp_path / "results"), "--storage", storage, "--study-name", study,
+            "--trials", str(trials), "--max-epochs", "4", "--heartbeat", str(heartbeat), "--quiet", "--phase", "head",
+            "--head-rows", "0"]
+
+
+def finished_trials(storage: str, study: str) -> dict[int, float]:
+    """Number -> value of the study's COMPLETE trials ({} while the study does not exist)."""
+    import optuna
+
+    try:
+        s = optuna.load_study(study_name=study, storage=storage)
+    except KeyError:
+        return {}
+    return {t.number: t.value for t in s.trials if t.state == optuna.trial.TrialState.COMPLETE}

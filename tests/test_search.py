@@ -1,20 +1,18 @@
 """Search engines on a tiny cache: both engines run both phases through the same objective;
-Optuna records, resumes after SIGKILL and shares PostgreSQL studies; final reads the best trials
-of its own cache key only; failing searches and options an engine cannot honour are refused."""
+Optuna records and opens in its CLI; final reads the best trials of its own cache key only;
+failing searches and options an engine cannot honour are refused. Workers in their own
+processes: test_workers.py (SIGKILL, SQLite) and test_postgres.py."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
-import uuid
 
 import keras
 import optuna
 import pytest
 
-from conftest import ROOT, TINY_RES, LogWatch
+from conftest import TINY_RES
 from search import batches, engines, space
 from search.engines.objective import HeadObjective, TailObjective, make_objective
 from search.errors import UserError
@@ -293,142 +291,6 @@ def test_final_takes_both_phases_of_its_own_cache_key_only(spec, tiny_splits, tm
     assert not any(r["stage"].endswith("BN re-estimated") for r in summary["stages"]), "frozen BN: no re-estimation"
     rows = json.loads((results / "ablation.json").read_text())
     assert rows and all(r["params"] == "search/search" for r in rows)
-
-
-def _search_cmd(npz, tmp_path, storage, trials, study="resume", heartbeat=1):
-    return [sys.executable, "-m", "search.cli", "search", "--data", str(npz), "--val-size", "20",
-            "--weights", "none", "--resolution", "32", "--cache-dir", str(tmp_path / "cache"),
-            "--results", str(tmp_path / "results"), "--storage", storage, "--study-name", study,
-            "--trials", str(trials), "--max-epochs", "4", "--heartbeat", str(heartbeat), "--quiet", "--phase", "head",
-            "--head-rows", "0"]
-
-
-def _finished(storage, study):
-    try:
-        s = optuna.load_study(study_name=study, storage=storage)
-    except KeyError:
-        return {}
-    return {t.number: t.value for t in s.trials if t.state == optuna.trial.TrialState.COMPLETE}
-
-
-def test_sigkill_midway_then_resume_keeps_completed_trials(tiny_npz, tmp_path):
-    storage = f"sqlite:///{tmp_path / 'study.db'}"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(_search_cmd(tiny_npz, tmp_path, storage, 200), env=env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    LogWatch(proc).wait(" COMPLETE", 3)  # the engine logs each finished trial once it is stored
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = time.monotonic()
-    before = _finished(storage, "resume")
-    assert len(before) >= 3, "search did not get going"
-    # Optuna calls a trial stale once its last heartbeat is older than the grace period (twice the
-    # heartbeat, 1 s here): a matter of the clock, which no event marks; wait until it has passed
-    time.sleep(max(0.0, killed_at + 2 * 1 + 0.2 - time.monotonic()))
-    out = subprocess.run(_search_cmd(tiny_npz, tmp_path, storage, 3), env=env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    after = _finished(storage, "resume")
-    assert all(after[n] == v for n, v in before.items()), "a completed trial was lost or changed"
-    study = optuna.load_study(study_name="resume", storage=storage)
-    states = [t.state for t in study.trials]
-    assert optuna.trial.TrialState.RUNNING not in states, "the killed trial must not stay RUNNING"
-    new = [t for t in study.trials if t.number > max(before) and t.state.is_finished()]
-    assert len([t for t in new if t.state != optuna.trial.TrialState.FAIL]) == 3
-
-
-@pytest.mark.postgres
-@pytest.mark.skipif(not os.environ.get("OPTUNA_TEST_PG_URL"), reason="needs $OPTUNA_TEST_PG_URL (CI starts one)")
-def test_postgres_four_workers_no_lost_or_duplicated_trials(tiny_npz, tmp_path):
-    url = os.environ["OPTUNA_TEST_PG_URL"]
-    study = f"workers-{uuid.uuid4().hex[:8]}"
-    per_worker = 2
-    cmd = _search_cmd(tiny_npz, tmp_path, url, per_worker, study, heartbeat=5)
-    # build the cache once so the four workers do not race to build it
-    subprocess.run([*cmd[:3], "extract", *cmd[4:14]], env={**os.environ, "PYTHONPATH": str(ROOT)},
-                   cwd=ROOT, check=True, capture_output=True, timeout=300)
-    out = subprocess.run([*cmd, "--workers", "4"], env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT,
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    trials = optuna.load_study(study_name=study, storage=url).trials
-    finished = [t for t in trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
-    assert len(finished) == 4 * per_worker
-    assert len({t.number for t in trials}) == len(trials) == 4 * per_worker
-
-
-@pytest.mark.postgres
-@pytest.mark.skipif(not os.environ.get("OPTUNA_TEST_PG_URL"), reason="needs $OPTUNA_TEST_PG_URL (CI starts one)")
-def test_postgres_worker_killed_midway_does_not_break_the_others(tiny_npz, tmp_path):
-    url = os.environ["OPTUNA_TEST_PG_URL"]
-    study = f"kill-{uuid.uuid4().hex[:8]}"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = _search_cmd(tiny_npz, tmp_path, url, 3, study, heartbeat=5)
-    subprocess.run([*cmd[:3], "extract", *cmd[4:14]], env=env, cwd=ROOT, check=True, capture_output=True,
-                   timeout=300)
-    from search.engines.optuna_engine import open_study
-
-    open_study(url, study)  # schema and study exist before the workers start
-    victim = subprocess.Popen([*cmd, "--trials", "200", "--worker-index", "9"], env=env, cwd=ROOT,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    others = [subprocess.Popen([*cmd, "--worker-index", str(w)], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True) for w in range(3)]
-    watch = LogWatch(victim, *others)
-    watch.wait(" COMPLETE", 2)  # the workers log each finished trial once it is stored
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    codes = [p.wait(timeout=600) for p in others]
-    assert codes == [0, 0, 0], watch.text()[-3000:]
-    trials = optuna.load_study(study_name=study, storage=url).trials
-    assert len({t.number for t in trials}) == len(trials)
-    finished = [t for t in trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
-    assert len(finished) >= 3 * 3
-
-
-@pytest.mark.postgres
-@pytest.mark.skipif(not (os.environ.get("OPTUNA_TEST_PG_URL") and os.environ.get("OPTUNA_TEST_PG_RESTART")),
-                    reason="needs $OPTUNA_TEST_PG_URL and $OPTUNA_TEST_PG_RESTART (a command; CI sets both)")
-def test_postgres_restarted_midway_workers_reconnect_and_a_rerun_completes(tiny_npz, tmp_path):
-    url = os.environ["OPTUNA_TEST_PG_URL"]
-    study = f"restart-{uuid.uuid4().hex[:8]}"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    per_worker = 3
-    cmd = _search_cmd(tiny_npz, tmp_path, url, per_worker, study, heartbeat=5)
-    subprocess.run([*cmd[:3], "extract", *cmd[4:14]], env=env, cwd=ROOT, check=True, capture_output=True,
-                   timeout=300)
-    from search.engines.optuna_engine import open_study
-
-    open_study(url, study)
-    workers = [subprocess.Popen([*cmd, "--worker-index", str(w)], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True) for w in range(4)]
-    watch = LogWatch(*workers)
-    watch.wait(" COMPLETE", 2)
-    assert len(_finished(url, study)) >= 2, "workers did not start"
-    subprocess.run(os.environ["OPTUNA_TEST_PG_RESTART"], shell=True, check=True, timeout=120,
-                   capture_output=True)
-    codes = [p.wait(timeout=600) for p in workers]
-    outcomes = [(code, watch.text(w)) for w, code in enumerate(codes)]
-    for code, err in outcomes:  # reconnected and finished, or stopped with one clear line
-        assert code == 0 or (code == 2 and "lost the study database" in err.strip().splitlines()[-1]), err[-1500:]
-    rerun = subprocess.run([*cmd, "--worker-index", "7", "--trials", "2"], env=env, cwd=ROOT, capture_output=True,
-                           text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stderr[-1500:]
-    trials = optuna.load_study(study_name=study, storage=url).trials
-    assert len({t.number for t in trials}) == len(trials), "no trial recorded twice"
-    assert optuna.trial.TrialState.RUNNING not in [t.state for t in trials], "a broken trial is marked FAIL"
-    failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
-    assert len(failed) <= len(workers), "at most the trial each worker was running when the server went away"
-    assert len(trials) >= per_worker * sum(code == 0 for code, _ in outcomes) + 2, "every worker owed trials ran"
-
-
-def test_a_trial_that_never_recorded_a_heartbeat_is_failed_once_its_grace_is_over(tmp_path):
-    """Optuna's stale-trial check skips trials without a heartbeat row (a process killed between
-    creating a trial and its first beat); a worker starting a search fails them after the grace."""
-    from search.engines.optuna_engine import fail_trials_without_heartbeat
-
-    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}", study_name="orphan")
-    study.ask()  # RUNNING, never beats
-    assert fail_trials_without_heartbeat(study, 3600) == [] and study.trials[0].state.name == "RUNNING"
-    assert fail_trials_without_heartbeat(study, 0) == [0] and study.trials[0].state.name == "FAIL"
 
 
 @pytest.mark.parametrize("engine_name", ["optuna", "kerastuner"])
