@@ -76,7 +76,7 @@ def curve(run: dict) -> dict[str, Any]:
 
 def recipe_of(run: dict) -> dict:
     """What defines a recipe: the configuration less the seed and where things are written."""
-    skip = {"seed", "output", "results", "cache_root", "progress", "build_cache", "params"}
+    skip = {"seed", "output", "results", "run_dir", "cache_root", "progress", "build_cache", "params"}
     return {k: v for k, v in run["config"].items() if k not in skip} | {"params": run["params"]}
 
 
@@ -107,7 +107,9 @@ def compare_runs(runs: dict[str, str | os.PathLike], results: str | os.PathLike 
             lo, hi = wilson_interval(run["test_accuracy"] * n, n)
             rows.append({"label": label, "seed": run["config"]["seed"], "val_accuracy": run["val_accuracy"],
                          "test_accuracy": run["test_accuracy"], "test_images": n, "test_ci95": [lo, hi],
-                         "total_seconds": run["timings_seconds"]["total"], "cache_reused": run["cache"]["reused"]})
+                         "total_seconds": run["timings_seconds"]["total"], "cache_reused": run["cache"]["reused"],
+                         "tail_precision": run.get("tail_precision_resolved"),
+                         "code_version": (run.get("machine") or {}).get("code_version")})
         tests = [r["test_accuracy"] for r in rows]
         seeds = {"recipe": recipe_of(first), "runs": rows, "mean_test_accuracy": float(np.mean(tests)),
                  "min_test_accuracy": float(np.min(tests)), "bar_each": GOALS.test_accuracy_each,
@@ -176,14 +178,14 @@ def results_table(results: str | os.PathLike = "results") -> str:
         return f"{pct(acc)} ({100 * lo:.1f}–{100 * hi:.1f})"
 
     rows = ["| data | model | validation | test (95 % interval) | file |", "|---|---|---|---|---|"]
+    final = read_json(results / "final.json") if (results / "final.json").exists() else None
     if (results / "seeds.json").exists():
         seeds = read_json(results / "seeds.json")
         for r in seeds["runs"]:
             rows.append(f"| CIFAR-10 | default recipe, seed {r['seed']} (an earlier version) | "
                         f"{pct(r['val_accuracy'])} | "
                         f"{ci(r['test_accuracy'], r['test_images'])} | `seeds.json` |")
-    if (results / "final.json").exists():
-        final = read_json(results / "final.json")
+    if final:
         norm = final.get("normalized_time") or {}
         cost = ""
         if norm.get("normalized_minutes") and not final["cache"]["reused"]:

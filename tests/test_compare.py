@@ -12,12 +12,13 @@ from search.errors import UserError
 
 def _run(seed: int, test: float, val: float, params: dict | None = None, reused: bool = False) -> dict:
     return {"config": {"seed": seed, "backbone": "MobileNet", "mirror": "maps", "tail_epochs": 2, "params": "auto",
-                       "output": f"m{seed}.h5"},
+                       "output": f"m{seed}.h5", "run_dir": f"results/runs/r{seed}"},
             "params": params or {"head": {}, "tail": {}}, "params_provenance": {"head": {"source": "default"}},
             "cache": {"key": {"id": "k", "cut_layer": "conv_pw_11_relu", "resolution": 224, "weights_fingerprint": "w"},
                       "reused": reused, "extraction": {"seconds": 600.0}, "bytes": 12345},
             "data": {"test": 10000}, "frozen_val_accuracy": 0.8, "val_accuracy": val, "test_accuracy": test,
-            "tta_chosen": "maps", "finished": f"T{seed}",
+            "tta_chosen": "maps", "finished": f"T{seed}", "machine": {"code_version": "c0de"},
+            "tail_precision_resolved": "mixed_bfloat16",
             "timings_seconds": {"head": 60.0, "total": 1000.0 if not reused else 400.0},
             "epochs": [{"epoch": 1, "seconds": 100.0, "val_accuracy": 0.85},
                        {"epoch": 2, "seconds": 200.0, "val_accuracy": val}]}
@@ -47,6 +48,7 @@ def test_frontier_and_seeds_written(tmp_path):
                      "cache_bytes": 12345, "seed": 1, "params": "default/?", "finished": "T1"}
     seeds = out["seeds"]
     assert [r["seed"] for r in seeds["runs"]] == [0, 1]
+    assert {(r["code_version"], r["tail_precision"]) for r in seeds["runs"]} == {("c0de", "mixed_bfloat16")}
     assert seeds["mean_test_accuracy"] == pytest.approx(0.887)
     assert seeds["meets_bars"] is True and seeds["bar_each"] == GOALS.test_accuracy_each
     (tmp_path / "c.json").write_text(json.dumps(_run(2, GOALS.test_accuracy_each - 0.001, 0.9)))
