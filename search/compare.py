@@ -178,14 +178,14 @@ def results_table(results: str | os.PathLike = "results") -> str:
         return f"{pct(acc)} ({100 * lo:.1f}–{100 * hi:.1f})"
 
     rows = ["| data | model | validation | test (95 % interval) | file |", "|---|---|---|---|---|"]
-    final = read_json(results / "final.json") if (results / "final.json").exists() else None
     if (results / "seeds.json").exists():
         seeds = read_json(results / "seeds.json")
         for r in seeds["runs"]:
             rows.append(f"| CIFAR-10 | default recipe, seed {r['seed']} (an earlier version) | "
                         f"{pct(r['val_accuracy'])} | "
                         f"{ci(r['test_accuracy'], r['test_images'])} | `seeds.json` |")
-    if final:
+    if (results / "final.json").exists():
+        final = read_json(results / "final.json")
         norm = final.get("normalized_time") or {}
         cost = ""
         if norm.get("normalized_minutes") and not final["cache"]["reused"]:
