@@ -169,15 +169,17 @@ class Run:
         return self.splits.y_train[self.splits.val_idx]
 
     def probs(self, model: keras.Model, split: str, rows: np.ndarray, tta: str = "none",
-              kind: str = "cut") -> np.ndarray:
+              kind: str = "cut", plain: np.ndarray | None = None) -> np.ndarray:
         """:func:`cached_probs`; with ``tta="images"`` on a cache without mirrored images, the
         mirrored images' activations are computed here by the frozen part (``extractor``), as
-        the saved model computes them, instead of being read from the cache."""
+        the saved model computes them, instead of being read from the cache; ``plain``, the
+        same rows' probabilities without averaging when already computed, is then reused."""
         if tta != "images" or self.cache.key["flip"]:
             return cached_probs(model, self.cache, split, rows, tta, kind)
         pixels = (self.splits.x_train if split == "train" else self.splits.x_test)[rows]
-        return (cached_probs(model, self.cache, split, rows, "none", kind)
-                + mirrored_image_probs(model, self.extractor, pixels, kind)) / 2
+        if plain is None:
+            plain = cached_probs(model, self.cache, split, rows, "none", kind)
+        return (plain + mirrored_image_probs(model, self.extractor, pixels, kind)) / 2
 
     def val_accuracy(self, model: keras.Model, tta: str = "none", kind: str = "cut") -> float:
         return accuracy(self.probs(model, "train", self.splits.val_idx, tta, kind), self.val_labels)
@@ -309,9 +311,13 @@ def stage_tta(run: Run) -> None:
 
 
 def stage_test(run: Run) -> None:
-    """The test set, scored once, with the configuration chosen on validation."""
+    """The test set, scored once, with the configuration chosen on validation; the plain
+    model's test accuracy (no mirror averaging) is recorded beside it, since the averaging was
+    chosen on validation (``test_accuracy_plain``)."""
     y = run.splits.y_test
-    probs = run.probs(run.trainer, "test", np.arange(len(y)), run.tta)
+    rows = np.arange(len(y))
+    plain = run.probs(run.trainer, "test", rows)
+    probs = plain if run.tta == "none" else run.probs(run.trainer, "test", rows, run.tta, plain=plain)
     pred = probs.argmax(1)
     k = run.cache.num_classes
     confusion = np.zeros((k, k), dtype=np.int64)
@@ -319,7 +325,8 @@ def stage_test(run: Run) -> None:
     names = list(run.splits.class_names)
     sample = np.sort(np.random.default_rng(run.config.seed).choice(len(y), size=min(48, len(y)), replace=False))
     run.extra.update(
-        test_probs=probs, test_accuracy=accuracy(probs, y), test_confusion_matrix=confusion.tolist(),
+        test_probs=probs, test_accuracy=accuracy(probs, y), test_accuracy_plain=accuracy(plain, y),
+        test_confusion_matrix=confusion.tolist(),
         test_per_class_accuracy={n: float(confusion[i, i] / max(1, confusion[i].sum())) for i, n in enumerate(names)},
         class_names=names,
         test_sample_predictions={"index": sample.tolist(), "true": y[sample].tolist(),

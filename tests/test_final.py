@@ -46,6 +46,12 @@ def test_summary_and_ablation_written(final_run):
     confusion = np.array(summary["test_confusion_matrix"])
     assert confusion.shape == (10, 10) and confusion.sum() == 40
     assert abs(np.trace(confusion) / 40 - summary["test_accuracy"]) < 1e-9
+    # the model without test-time mirroring is scored too (the averaging was chosen on validation)
+    if summary["tta_chosen"] == "none":
+        assert summary["test_accuracy_plain"] == summary["test_accuracy"]
+    else:
+        assert 0 < summary["test_accuracy_plain"] and summary["test_accuracy_plain"] * 40 == round(
+            summary["test_accuracy_plain"] * 40)
     assert set(summary["timings_seconds"]) >= {"cache", "head", "tail", "bn_reestimate", "test", "stitch_and_save"}
     assert summary["params_provenance"]["head"]["source"] == "default"  # no search in this results folder
     assert summary["head_optimizer"] == "FusedAdamW"  # the default head's AdamW, fused (heads.build_optimizer)
@@ -153,7 +159,11 @@ def test_mirrored_images_computed_at_test_time_score_as_the_stitched_model(livel
     stitched = stitch(spec, backbone, head, cut, TINY_RES, "images").predict(
         tiny_splits.x_test.astype(np.float32), verbose=0)
     np.testing.assert_allclose(mirrored, stitched, atol=2e-3)
-    assert np.abs(mirrored - run.probs(trainer, "test", rows, "none")).max() > 1e-3
+    plain = run.probs(trainer, "test", rows, "none")
+    assert np.abs(mirrored - plain).max() > 1e-3
+    # the plain probabilities, passed in, are reused as computed (stage_test scores both)
+    np.testing.assert_allclose(run.probs(trainer, "test", rows, "images", plain=plain), mirrored, atol=1e-6)
+    assert np.abs(run.probs(trainer, "test", rows, "images", plain=np.zeros_like(plain)) - mirrored).max() > 1e-3
 
 
 def lively_root(lively):
