@@ -6,9 +6,10 @@ Entry point: :func:`compare_runs`, behind ``python -m search.cli compare``. It w
   for each run: the frozen pass (the cache's extraction time, counted even when the run reused
   the cache), the head on pooled features, then each tail epoch; the test accuracy at the end
   (the test set is scored once per run, so there is one test point per run);
-- ``seeds.json``: the runs of one recipe under different seeds: test accuracy of each with its
-  95 % interval (Wilson, binomial on the test images), their mean, and the bars of the
-  final-model issue (each >= 87.0 %, mean >= 87.5 %);
+- ``seeds.json``: the runs of the first run's recipe (:func:`recipe_of`) under different seeds,
+  the latest finished run of each seed (earlier ones are listed as ``superseded``): test
+  accuracy of each with its 95 % interval (Wilson, binomial on the test images), their mean,
+  and the bars of :data:`search.config.GOALS`;
 - ``search_pair.json`` when given a run with default parameters and one with searched ones:
   under the keys ``default`` and ``searched`` (each with its run's label), validation and test
   accuracy of each. (``search_effect.json``, across datasets and seeds, is ``search.effect``'s.)
@@ -28,7 +29,7 @@ import numpy as np
 from search.config import GOALS
 from search.errors import UserError
 from search.io import read_json, save_figure, write_json
-from search.space import params_label
+from search.space import PHASES, params_label, with_defaults
 
 
 def wilson_interval(correct: float, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -75,14 +76,18 @@ def curve(run: dict) -> dict[str, Any]:
 
 
 def recipe_of(run: dict) -> dict:
-    """What defines a recipe: the configuration less the seed and where things are written."""
+    """What defines a recipe: the configuration less the seed and where things are written, and
+    the parameters each phase trained with, completed by the fixed defaults
+    (:func:`search.space.with_defaults`: a run recorded before a setting existed ran its default)."""
     skip = {"seed", "output", "results", "run_dir", "cache_root", "progress", "build_cache", "params"}
-    return {k: v for k, v in run["config"].items() if k not in skip} | {"params": run["params"]}
+    params = {phase: with_defaults(phase, run["params"].get(phase) or {}) for phase in PHASES}
+    return {k: v for k, v in run["config"].items() if k not in skip} | {"params": params}
 
 
 def compare_runs(runs: dict[str, str | os.PathLike], results: str | os.PathLike = "results",
                  default_run: str | None = None, searched_run: str | None = None) -> dict:
-    """Write ``frontier.json``/``.png``, ``seeds.json`` (runs sharing the first run's recipe) and,
+    """Write ``frontier.json``/``.png``, ``seeds.json`` (runs sharing the first run's recipe, the
+    latest of each seed) and,
     with ``default_run`` and ``searched_run`` (labels of ``runs``), ``search_pair.json``.
 
     Args:
@@ -100,6 +105,13 @@ def compare_runs(runs: dict[str, str | os.PathLike], results: str | os.PathLike 
 
     first = next(iter(loaded.values()))
     same = {label: run for label, run in loaded.items() if recipe_of(run) == recipe_of(first)}
+    latest: dict[Any, str] = {}  # one run per seed: the latest finished
+    for label, run in same.items():
+        seed, kept = run["config"]["seed"], latest.get(run["config"]["seed"])
+        if kept is None or (run.get("finished") or "") > (same[kept].get("finished") or ""):
+            latest[seed] = label
+    superseded = sorted(set(same) - set(latest.values()))
+    same = {label: run for label, run in same.items() if label in latest.values()}
     if len(same) >= 2:
         rows = []
         for label, run in same.items():
@@ -111,7 +123,8 @@ def compare_runs(runs: dict[str, str | os.PathLike], results: str | os.PathLike 
                          "tail_precision": run.get("tail_precision_resolved"),
                          "code_version": (run.get("machine") or {}).get("code_version")})
         tests = [r["test_accuracy"] for r in rows]
-        seeds = {"recipe": recipe_of(first), "runs": rows, "mean_test_accuracy": float(np.mean(tests)),
+        seeds = {"recipe": recipe_of(first), "runs": rows, "superseded": superseded,
+                 "mean_test_accuracy": float(np.mean(tests)),
                  "min_test_accuracy": float(np.min(tests)), "bar_each": GOALS.test_accuracy_each,
                  "bar_mean": GOALS.test_accuracy_mean, "goal_mean": GOALS.test_accuracy_goal_mean,
                  "meets_bars": bool(min(tests) >= GOALS.test_accuracy_each
@@ -164,8 +177,10 @@ TABLE_START, TABLE_END = "<!-- results-table:start -->", "<!-- results-table:end
 
 def results_table(results: str | os.PathLike = "results") -> str:
     """The README's results table, in Markdown, from the committed files of ``results/``:
-    ``seeds.json`` (the default recipe on CIFAR-10, one row per seed), ``final.json`` (the latest
-    final run, with its normalized minutes when its cache was cold), ``evaluate.json`` (the
+    ``seeds.json`` (the default recipe on CIFAR-10, one row per seed; a seed run by another code
+    version than ``final.json``'s is labelled so), ``final.json`` (the latest final run, with its
+    normalized minutes when its cache was cold), ``final_cold.json`` (the latest cold run, when
+    kept), ``evaluate.json`` (the
     course's script on the saved model) and ``search_effect.json`` (searched against default
     parameters, per dataset, mean over seeds). A file that is missing leaves its rows out."""
     results = Path(results)
@@ -178,26 +193,31 @@ def results_table(results: str | os.PathLike = "results") -> str:
         return f"{pct(acc)} ({100 * lo:.1f}–{100 * hi:.1f})"
 
     rows = ["| data | model | validation | test (95 % interval) | file |", "|---|---|---|---|---|"]
+    latest = (read_json(results / "final.json").get("machine") or {}).get("code_version") \
+        if (results / "final.json").exists() else None
     if (results / "seeds.json").exists():
         seeds = read_json(results / "seeds.json")
         for r in seeds["runs"]:
-            rows.append(f"| CIFAR-10 | default recipe, seed {r['seed']} (an earlier version) | "
+            older = "" if latest and r.get("code_version") == latest else " (an earlier code version)"
+            rows.append(f"| CIFAR-10 | default recipe, seed {r['seed']}{older} | "
                         f"{pct(r['val_accuracy'])} | "
                         f"{ci(r['test_accuracy'], r['test_images'])} | `seeds.json` |")
-    if (results / "final.json").exists():
-        final = read_json(results / "final.json")
+    for name, what in (("final", "the latest `make final`"), ("final_cold", "the latest cold `make final`")):
+        if not (results / f"{name}.json").exists():
+            continue
+        final = read_json(results / f"{name}.json")
         norm = final.get("normalized_time") or {}
-        cost = ""
+        cost = "; cache reused" if final["cache"]["reused"] else ""
         if norm.get("normalized_minutes") and not final["cache"]["reused"]:
             cost = f"; {norm['normalized_minutes']:.1f} min normalized"
             if norm.get("normalized_minutes_range"):
                 lo, hi = norm["normalized_minutes_range"]
                 cost += f", {lo:.1f}–{hi:.1f} over its speed measurements"
         source = str(final["data"]["source"])
-        name = "CIFAR-10" if "cifar10" in source.lower() else Path(source).name
-        rows.append(f"| {name} | the latest `make final`, seed "
+        data = "CIFAR-10" if "cifar10" in source.lower() else Path(source).name
+        rows.append(f"| {data} | {what}, seed "
                     f"{final['config']['seed']}{cost} | {pct(final['val_accuracy'])} | "
-                    f"{ci(final['test_accuracy'], final['data']['test'])} | `final.json` |")
+                    f"{ci(final['test_accuracy'], final['data']['test'])} | `{name}.json` |")
     if (results / "evaluate.json").exists():
         ev = read_json(results / "evaluate.json")
         rows.append(f"| CIFAR-10 | the course's script on `cifar10.h5` | | {pct(ev['accuracy'])} | `evaluate.json` |")

@@ -57,6 +57,24 @@ def test_frontier_and_seeds_written(tmp_path):
     assert seeds["runs"][0]["test_ci95"][0] < 0.891 < seeds["runs"][0]["test_ci95"][1]
 
 
+def test_seeds_keep_the_latest_run_of_each_seed_and_complete_params_with_defaults(tmp_path):
+    from search import space
+
+    runs = {"new0": _run(0, 0.88, 0.88), "old1": _run(1, 0.87, 0.87), "old0": _run(0, 0.5, 0.5)}
+    runs["new0"]["finished"], runs["old0"]["finished"] = "2026-12-06T04:00:00", "2026-11-30T14:00:00"
+    # recorded before a setting existed: the run trained with its default, the same recipe
+    runs["old1"]["params"] = {"head": {}, "tail": {k: v for k, v in space.DEFAULT_TAIL.items()
+                                                   if k != "unfreeze_blocks"}}
+    runs["other"] = _run(2, 0.9, 0.9, params={"head": {}, "tail": {"unfreeze_blocks": 1}})
+    paths = {}
+    for label, run in runs.items():
+        paths[label] = tmp_path / f"{label}.json"
+        paths[label].write_text(json.dumps(run))
+    seeds = compare_runs(paths, tmp_path / "results")["seeds"]
+    assert [r["label"] for r in seeds["runs"]] == ["new0", "old1"], "one run per seed, the latest; not 'other'"
+    assert seeds["superseded"] == ["old0"] and seeds["mean_test_accuracy"] == pytest.approx(0.875)
+
+
 def test_search_effect_needs_one_seed_and_cache(tmp_path):
     searched = _run(0, 0.885, 0.884, params={"head": {"units": 1}, "tail": {}})
     default = _run(0, 0.88, 0.879)
@@ -87,9 +105,25 @@ def test_the_readme_results_table_is_the_one_results_generates(tmp_path):
     block = readme.split(TABLE_START, 1)[1].split(TABLE_END, 1)[0].strip()
     assert block == results_table(root / "results"), "README's table is stale: run `make readme`"
     copy = tmp_path / "README.md"
-    copy.write_text(f"# x\n{TABLE_START}\nold\n{TABLE_END}\nrest\n")
-    assert update_readme(copy, root / "results") and "old" not in copy.read_text()
+    copy.write_text(f"# x\n{TABLE_START}\nSTALE TABLE\n{TABLE_END}\nrest\n")
+    assert update_readme(copy, root / "results") and "STALE TABLE" not in copy.read_text()
     assert copy.read_text().endswith(f"{TABLE_END}\nrest\n") and not update_readme(copy, root / "results")
+
+
+def test_results_table_labels_seeds_of_another_code_version(tmp_path):
+    from search.compare import results_table
+
+    final = {"machine": {"code_version": "aaa"}, "cache": {"reused": True}, "normalized_time": {},
+             "data": {"source": "cache/cifar10.npz", "test": 10000}, "config": {"seed": 0},
+             "val_accuracy": 0.88, "test_accuracy": 0.877}
+    row = {"val_accuracy": 0.88, "test_accuracy": 0.88, "test_images": 10000}
+    (tmp_path / "final.json").write_text(json.dumps(final))
+    (tmp_path / "seeds.json").write_text(json.dumps({"runs": [{**row, "seed": 0, "code_version": "aaa"},
+                                                              {**row, "seed": 1, "code_version": "bbb"}]}))
+    lines = results_table(tmp_path).splitlines()
+    assert "| default recipe, seed 0 |" in lines[2] and "earlier code version" not in lines[2]
+    assert "seed 1 (an earlier code version)" in lines[3]
+    assert "the latest `make final`, seed 0; cache reused" in lines[4]
 
 
 def test_search_effect_resumes_only_what_the_same_code_recorded(tmp_path, monkeypatch):
