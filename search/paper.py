@@ -333,6 +333,14 @@ def build_context(results: Path) -> dict:
         n = int(final["data"]["test"])
         lo, hi = wilson_interval(pair["default"]["test_accuracy"] * n, n)
         d["pair_within_ci"] = lo <= pair["searched"]["test_accuracy"] <= hi
+    cold = ctx.get("final_cold")
+    if cold and cold.get("finished") != final.get("finished") and probe and cold.get("precision_probe"):
+        # training and inference speed of the two runs' machines (each measured in its own run)
+        d["step"], d["cold_step"] = probe["step_seconds"]["float32"], cold["precision_probe"]["step_seconds"]["float32"]
+        d["cold_speed"] = cold["normalized_time"]["reference"]["images_per_second"]
+        d["step_ratio"], d["speed_ratio"] = d["step"] / d["cold_step"], d["cold_speed"] / d["speed"]
+    else:
+        d["step"] = None
     d["bar_each"], d["bar_mean"] = GOALS.test_accuracy_each, GOALS.test_accuracy_mean
     d["seeds_meet_bars"] = min(tests) >= GOALS.test_accuracy_each and float(np.mean(tests)) >= GOALS.test_accuracy_mean
     ctx["d"] = d
