@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from search.compare import wilson_interval
 from search.config import GOALS
 from search.errors import UserError
 from search.io import atomic_path, read_json, save_figure
@@ -98,8 +99,6 @@ def listings() -> dict[str, str]:
 
 
 def _interval(acc: float, n: int) -> str:
-    from search.compare import wilson_interval
-
     lo, hi = wilson_interval(acc * n, n)
     return f"{_pct(lo)} to {_pct(hi)}"
 
@@ -328,8 +327,6 @@ def build_context(results: Path) -> dict:
     }
     d["effect_all_defaults"] = bool(d["effect"]) and all(e["defaults_shipped"] == e["decisions"] for e in d["effect"])
     if pair:
-        from search.compare import wilson_interval
-
         n = int(final["data"]["test"])
         lo, hi = wilson_interval(pair["default"]["test_accuracy"] * n, n)
         d["pair_within_ci"] = lo <= pair["searched"]["test_accuracy"] <= hi
