@@ -298,8 +298,11 @@ def tta_candidates(config: FinalConfig, cache: Cache) -> tuple[str, ...]:
 
 def stage_tta(run: Run) -> None:
     """Choose on validation among no averaging and :func:`tta_candidates` (ties keep the plain model)."""
-    plain = run.val_accuracy(run.trainer)
-    scores = {mode: run.val_accuracy(run.trainer, mode) for mode in tta_candidates(run.config, run.cache)}
+    rows = run.splits.val_idx
+    plain_probs = run.probs(run.trainer, "train", rows)  # reused by the mirrored images' average
+    plain = accuracy(plain_probs, run.val_labels)
+    scores = {mode: accuracy(run.probs(run.trainer, "train", rows, mode, plain=plain_probs), run.val_labels)
+              for mode in tta_candidates(run.config, run.cache)}
     best = max(scores, key=lambda m: scores[m], default=None)
     run.tta = best if best is not None and scores[best] > plain else "none"
     run.extra.update(val_accuracy_plain=plain, val_accuracy_tta_candidates=scores,
