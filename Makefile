@@ -94,7 +94,7 @@ test: setup  ## the test suite (tiny data, tiny backbones; under 8 min) in TEST_
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 RELIABILITY_TESTS := tests/test_reliability.py tests/test_cache.py tests/test_cli.py tests/test_preprocess.py \
-  tests/test_search.py tests/test_workers.py tests/test_postgres.py tests/test_final.py tests/test_train.py tests/test_images.py tests/test_backbones.py
+  tests/test_search.py tests/test_workers.py tests/test_postgres_workers.py tests/test_postgres_kill.py tests/test_postgres_restart.py tests/test_final.py tests/test_train.py tests/test_images.py tests/test_backbones.py
 
 reliability: setup  ## fault-injection and bad-input suite -> results/reliability.json
 	mkdir -p results

@@ -43,10 +43,14 @@ class TwoRateModel(keras.Model):
         self._head_ids = {id(v) for v in head.trainable_variables}
         self.head_optimizer = head_optimizer
         self.before_evaluate: Callable[[], None] | None = None
+        self.ema: EMAWeights | None = None  # set by build_tail_trainer when the weights are averaged
 
     def evaluate(self, *args: Any, **kwargs: Any) -> Any:
         """Keras's ``evaluate`` (``fit`` validates through it), after ``before_evaluate`` if set
-        (a phase-2 trial sets :func:`precise_bn` there)."""
+        (a phase-2 trial sets :func:`precise_bn` there). Within ``fit`` of a trainer with weight
+        averaging, the averaged weights are swapped in first (:class:`EMAWeights`)."""
+        if self.ema is not None and self.ema.fitting:
+            self.ema.swap(averaged=True)
         if self.before_evaluate is not None:
             self.before_evaluate()
         return super().evaluate(*args, **kwargs)
@@ -67,6 +71,49 @@ class TwoRateModel(keras.Model):
             self.optimizer.apply_gradients(tail_pairs)
         self.head_optimizer.apply_gradients([(g, v) for g, v in pairs if id(v) in self._head_ids])
         return self.compute_metrics(x, y, y_pred)
+
+
+class EMAWeights(keras.callbacks.Callback):
+    """Validation sees the optimizers' exponential moving averages of the weights (Polyak
+    averaging; both optimizers built with ``use_ema``), as Keras's ``SwapEMAWeights`` does for a
+    model with one optimizer: the averages are swapped in before each validation
+    (:meth:`TwoRateModel.evaluate`) and stay in through ``on_epoch_end``, so ``EarlyStopping``
+    keeps the averaged weights of the best epoch; this callback swaps them out again at its
+    ``on_epoch_end`` (put it after ``EarlyStopping`` and before ``BackupAndRestore``, which then
+    saves the weights as trained and their averages in the optimizers). Keras's ``fit`` ends by
+    overwriting the weights with the one optimizer's averages (``finalize_variable_values``),
+    which the two-optimizer trainer skips: the best epoch's averaged weights are restored instead.
+    """
+
+    def __init__(self, trainer: TwoRateModel) -> None:
+        super().__init__()
+        self.trainer = trainer
+        self.averaged = False  # whether the model holds the averages now
+        self.fitting = False
+        trainer.optimizer.finalize_variable_values = lambda var_list: None  # see the class docstring
+        trainer.head_optimizer.finalize_variable_values = lambda var_list: None
+
+    def swap(self, averaged: bool) -> None:
+        """Put the averages (``averaged``) or the weights as trained into the model."""
+        if averaged == self.averaged:
+            return
+        for opt in (self.trainer.optimizer, self.trainer.head_optimizer):
+            # Keras's own SwapEMAWeights walks these two lists of the optimizer the same way
+            for var, average in zip(opt._trainable_variables, opt._model_variables_moving_average, strict=True):
+                value = np.array(var.numpy())
+                var.assign(average)
+                average.assign(value)
+        self.averaged = averaged
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self.fitting = True
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.swap(averaged=False)
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        self.swap(averaged=False)  # before EarlyStopping's on_train_end restores the best epoch
+        self.fitting = False
 
 
 @dataclass
@@ -220,9 +267,11 @@ def build_tail_trainer(parts: TailParts, head: keras.Model, head_weights: list[n
             layer.momentum = float(params["bn_momentum"])
     steps = steps_per_epoch * epochs
     lr, wd = float(params["tail_learning_rate"]), float(params["weight_decay"])
-    tail_opt = keras.optimizers.AdamW(_schedule(lr, steps, params["warmup_fraction"]), weight_decay=wd)
+    ema = float(params["ema_momentum"])
+    averaging = {"use_ema": ema > 0, "ema_momentum": ema if ema > 0 else 0.99}
+    tail_opt = keras.optimizers.AdamW(_schedule(lr, steps, params["warmup_fraction"]), weight_decay=wd, **averaging)
     head_opt = keras.optimizers.AdamW(_schedule(lr * float(params["head_lr_multiplier"]), steps,
-                                                params["warmup_fraction"]), weight_decay=wd)
+                                                params["warmup_fraction"]), weight_decay=wd, **averaging)
     cut_input = keras.Input(parts.tail.input.shape[1:], name="cached_maps")
     trainer = TwoRateModel(cut_input, head(parts.tail(cut_input)), head=head, head_optimizer=head_opt,
                            name="tail_and_head")
@@ -232,6 +281,8 @@ def build_tail_trainer(parts: TailParts, head: keras.Model, head_weights: list[n
     trainer.compile(optimizer=tail_opt,
                     loss=keras.losses.CategoricalCrossentropy(label_smoothing=float(params["label_smoothing"])),
                     metrics=["accuracy"])
+    if ema > 0:
+        trainer.ema = EMAWeights(trainer)
     build_training_state(trainer, np.zeros((1, *trainer.input.shape[1:]), np.float16),
                          np.zeros((1, head.output.shape[-1]), np.float32))
     return trainer
@@ -283,11 +334,12 @@ def fit_tail(trainer: keras.Model, train: CachedMaps, val: CachedMaps, epochs: i
             on_resume(train.epoch, epochs)
     best = keras.callbacks.EarlyStopping("val_accuracy", patience=epochs + 1, mode="max", restore_best_weights=True)
     resume = [keras.callbacks.BackupAndRestore(backup_dir)] if backup_dir else []
+    ema = [trainer.ema] if isinstance(trainer, TwoRateModel) and trainer.ema is not None else []
     # shuffle=False: the batches already hold each epoch's own permutation of the rows (seeded by
     # the epoch); Keras's default would also shuffle the batch order with Python's global `random`,
     # whose state a resumed run does not share with an uninterrupted one
     history = trainer.fit(train, epochs=epochs, initial_epoch=initial_epoch, validation_data=val, shuffle=False,
-                          callbacks=[*resume, _EpochSeed(train), best, *(callbacks or [])], verbose=verbose)
+                          callbacks=[_EpochSeed(train), best, *ema, *resume, *(callbacks or [])], verbose=verbose)
     return {k: [float(v) for v in vs] for k, vs in history.history.items()}
 
 

@@ -68,6 +68,10 @@ DEFAULT_TAIL: dict[str, Any] = {
     "bn_momentum": 0.9,
     "head_lr_multiplier": 1.0,
     "unfreeze_blocks": 2,  # the whole tail of the default cut (last2); fewer if the cut leaves fewer
+    # a fixed setting (not searched): momentum of the exponential moving average of the tail's and
+    # head's weights that validation, the best epoch and the saved model use (optimizer use_ema;
+    # 0: off, the weights as trained)
+    "ema_momentum": 0.0,
 }
 MAX_UNFREEZE = 2  # blocks of the default cut's tail (MobileNet last2)
 DEFAULTS: dict[str, dict[str, Any]] = {"head": DEFAULT_HEAD, "tail": DEFAULT_TAIL}

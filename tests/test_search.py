@@ -1,7 +1,7 @@
 """Search engines on a tiny cache: both engines run both phases through the same objective;
 Optuna records and opens in its CLI; final reads the best trials of its own cache key only;
 failing searches and options an engine cannot honour are refused. Workers in their own
-processes: test_workers.py (SIGKILL, SQLite) and test_postgres.py."""
+processes: test_workers.py (SIGKILL, SQLite) and test_postgres_*.py."""
 
 import json
 import os

@@ -314,6 +314,42 @@ def test_tail_trains_in_bfloat16_and_is_returned_in_float32(maps_cache, tiny_spl
         finetune.resolve_precision("float16")
 
 
+def test_weight_averaging_validates_and_returns_the_best_epochs_averaged_weights(maps_cache, tiny_splits, parts):
+    """``ema_momentum`` > 0: both optimizers average their weights (``use_ema``); each epoch's
+    validation scores the averages, not the weights as trained, training itself goes on from the
+    weights as trained, and the model ends with the best epoch's averages."""
+    head = train.build_head_model({"dropout": 0.0}, parts.tail.output.shape[-1], 10)
+    params = {"ema_momentum": 0.5, "bn_mode": "frozen", "warmup_fraction": 0.0, "tail_learning_rate": 0.05}
+    train_data, val = finetune.tail_batches(maps_cache, tiny_splits, params, batch_size=32)
+    trainer = finetune.build_tail_trainer(parts, head, head.get_weights(), params, len(train_data), 3)
+    assert trainer.optimizer.use_ema and trainer.head_optimizer.use_ema and trainer.ema is not None
+    averages, raw = [], []
+
+    class Spy(keras.callbacks.Callback):  # runs after the averages were swapped out again
+        def on_epoch_end(self, epoch, logs=None):
+            pairs = [(v, a) for opt in (trainer.optimizer, trainer.head_optimizer)
+                     for v, a in zip(opt._trainable_variables, opt._model_variables_moving_average, strict=True)]
+            averages.append({id(v): np.array(a.numpy()) for v, a in pairs})
+            raw.append({id(v): np.array(v.numpy()) for v, _ in pairs})
+
+    history = finetune.fit_tail(trainer, train_data, val, 3, callbacks=[Spy()])
+    assert len(averages) == 3 and len(averages[0]) == len(trainer.trainable_variables)
+
+    def evaluate(weights):
+        for v in trainer.trainable_variables:
+            v.assign(weights[id(v)])
+        return trainer.evaluate(val, verbose=0, return_dict=True)
+
+    final = {id(v): np.array(v.numpy()) for v in trainer.trainable_variables}
+    best = int(np.argmax(history["val_accuracy"]))
+    for v in trainer.trainable_variables:
+        np.testing.assert_array_equal(final[id(v)], averages[best][id(v)])
+    for epoch in range(3):
+        scored = evaluate(averages[epoch])
+        np.testing.assert_allclose(scored["loss"], history["val_loss"][epoch], rtol=1e-5)
+        assert abs(evaluate(raw[epoch])["loss"] - history["val_loss"][epoch]) > 1e-4, "the raw weights were scored"
+
+
 def test_precise_bn_sets_the_moving_statistics_from_a_batch(maps_cache, tiny_splits, parts):
     """After ``precise_bn`` the first BN layer's moving mean and variance are the batch statistics
     of its input on the given batch (whatever the momentum), momenta are restored, and a trial's
