@@ -213,6 +213,8 @@ def results_table(results: str | os.PathLike = "results") -> str:
             if norm.get("normalized_minutes_range"):
                 lo, hi = norm["normalized_minutes_range"]
                 cost += f", {lo:.1f}–{hi:.1f} over its speed measurements"
+            if (norm.get("by_stage") or {}).get("normalized_minutes"):
+                cost += f"; {norm['by_stage']['normalized_minutes']:.1f} with training scaled by its own step"
         source = str(final["data"]["source"])
         data = "CIFAR-10" if "cifar10" in source.lower() else Path(source).name
         rows.append(f"| {data} | {what}, seed "

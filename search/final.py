@@ -453,6 +453,30 @@ def normalized_time(seconds: float, reference: dict, end: dict | None = None) ->
                                          minutes * reference["max"] / REFERENCE_IMAGES_PER_SECOND]}
 
 
+REFERENCE_TAIL_STEP_SECONDS = 0.4
+TRAINING_STAGES = ("head", "tail")
+
+
+def normalized_by_stage(timings: dict[str, float], images_per_second: float, step_seconds: float | None
+                        ) -> dict | None:
+    """Wall time normalized stage by stage, since machines of one kind differ more in training than
+    in inference: the training stages (:data:`TRAINING_STAGES`) scaled by the run's own training
+    step (the precision probe's median step, batch 128, in the precision the tail trained in)
+    against a reference step of :data:`REFERENCE_TAIL_STEP_SECONDS`, the rest of the run by the
+    in-run inference speed against :data:`REFERENCE_IMAGES_PER_SECOND`. None without a step
+    (the probe runs only when the precision is ``auto``)."""
+    if not step_seconds:
+        return None
+    training = sum(float(timings.get(stage, 0.0)) for stage in TRAINING_STAGES)
+    other = float(timings["total"]) - training
+    training_factor = REFERENCE_TAIL_STEP_SECONDS / step_seconds
+    inference_factor = images_per_second / REFERENCE_IMAGES_PER_SECOND
+    return {"normalized_minutes": (training * training_factor + other * inference_factor) / 60,
+            "training_seconds": training, "training_factor": training_factor,
+            "other_seconds": other, "inference_factor": inference_factor,
+            "tail_step_seconds": step_seconds, "reference_tail_step_seconds": REFERENCE_TAIL_STEP_SECONDS}
+
+
 def write_summary(run: Run, saved: Path) -> dict:
     """``final.json`` (and the stage rows appended to ``ablation.json``) in the results folder, or
     in the run's own folder ``RESULTS/runs/NAME/`` for a named run (``run_dir``)."""
@@ -483,6 +507,10 @@ def write_summary(run: Run, saved: Path) -> dict:
                                                  run.extra.pop("reference_speed_end", None))
     summary.pop("reference_speed", None)
     summary.pop("reference_speed_end", None)
+    probe = summary.get("precision_probe")
+    summary["normalized_time"]["by_stage"] = normalized_by_stage(
+        run.timings, summary["normalized_time"]["reference"]["images_per_second"],
+        probe["step_seconds"][run.precision] if probe else None)
     write_json(results / "final.json", summary)
     log.info("val %.4f, test %.4f (cached path); stitched %.4f vs cached %.4f on %d test images; saved %s",
              summary["val_accuracy"], summary["test_accuracy"], summary["parity"]["stitched_accuracy"],

@@ -309,6 +309,7 @@ def build_context(results: Path) -> dict:
         "speed": norm["reference"]["images_per_second"],
         "wall_minutes": norm["wall_minutes"], "normalized_minutes": norm["normalized_minutes"],
         "normalized_lo": norm["normalized_minutes_range"][0], "normalized_hi": norm["normalized_minutes_range"][1],
+        "by_stage": norm.get("by_stage"),
         "tail_share": final["timings_seconds"]["tail"] / final["timings_seconds"]["total"],
         "tail_gain_points": 100 * (final["val_accuracy_plain"] - final["frozen_val_accuracy"]),
         "seed_spread_points": 100 * (max(tests) - min(tests)),

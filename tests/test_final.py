@@ -187,6 +187,21 @@ def test_normalized_time_scales_wall_time_by_the_speed_measured_in_the_run(final
     assert speed < PLANTED_SPEED
 
 
+def test_normalized_by_stage_scales_training_by_the_runs_step_and_the_rest_by_its_inference_speed(final_run):
+    from search.final import REFERENCE_TAIL_STEP_SECONDS, normalized_by_stage
+
+    timings = {"cache": 300.0, "head": 60.0, "tail": 540.0, "test": 300.0, "total": 1200.0}
+    out = normalized_by_stage(timings, 120.0, REFERENCE_TAIL_STEP_SECONDS * 3)  # training 3x slower than the reference
+    assert out["training_seconds"] == 600.0 and out["other_seconds"] == 600.0
+    assert out["normalized_minutes"] == pytest.approx((600 / 3 + 600 * 2) / 60)
+    # a machine twice as fast in training and alike in inference: only the training share doubles
+    faster = normalized_by_stage(timings, 120.0, REFERENCE_TAIL_STEP_SECONDS * 1.5)
+    assert faster["normalized_minutes"] - out["normalized_minutes"] == pytest.approx(600 / 3 / 60)
+    assert normalized_by_stage(timings, 120.0, None) is None
+    _, summary, _ = final_run  # precision forced to float32: no probe, so no step to normalize by
+    assert summary["normalized_time"]["by_stage"] is None
+
+
 def test_ablation_label_names_what_given_parameters_change(tmp_path):
     from search import space
     from search.engines import resolve_params
