@@ -83,11 +83,23 @@ class EMAWeights(keras.callbacks.Callback):
     saves the weights as trained and their averages in the optimizers). Keras's ``fit`` ends by
     overwriting the weights with the one optimizer's averages (``finalize_variable_values``),
     which the two-optimizer trainer skips: the best epoch's averaged weights are restored instead.
+
+    BatchNormalization layers that train with batch statistics keep moving statistics of the
+    weights as trained, not of their averages (which trail them by hundreds of steps): with the
+    averages swapped in, those statistics are re-estimated for them (:func:`precise_bn` on
+    ``bn_rows()``, augmented training maps that ``fit_tail`` sets) and the trained statistics are
+    put back with the trained weights.
     """
 
-    def __init__(self, trainer: TwoRateModel) -> None:
+    BN_ROWS = 1024  # training maps the averaged weights' BN statistics are re-estimated on
+
+    def __init__(self, trainer: TwoRateModel, tail: keras.Model) -> None:
         super().__init__()
-        self.trainer = trainer
+        self.trainer, self.tail = trainer, tail
+        self.bn_rows: Callable[[], np.ndarray] | None = None
+        self._bn = [v for la in tail.layers if isinstance(la, keras.layers.BatchNormalization) and la.trainable
+                    for v in (la.moving_mean, la.moving_variance)]
+        self._bn_trained: list[np.ndarray] = []
         self.averaged = False  # whether the model holds the averages now
         self.fitting = False
         trainer.optimizer.finalize_variable_values = lambda var_list: None  # see the class docstring
@@ -103,6 +115,13 @@ class EMAWeights(keras.callbacks.Callback):
                 value = np.array(var.numpy())
                 var.assign(average)
                 average.assign(value)
+        if averaged and self._bn and self.bn_rows is not None:
+            self._bn_trained = [np.array(v.numpy()) for v in self._bn]
+            precise_bn(self.tail, self.bn_rows())
+        elif not averaged and self._bn_trained:
+            for v, value in zip(self._bn, self._bn_trained, strict=True):
+                v.assign(value)
+            self._bn_trained = []
         self.averaged = averaged
 
     def on_train_begin(self, logs: dict | None = None) -> None:
@@ -282,7 +301,7 @@ def build_tail_trainer(parts: TailParts, head: keras.Model, head_weights: list[n
                     loss=keras.losses.CategoricalCrossentropy(label_smoothing=float(params["label_smoothing"])),
                     metrics=["accuracy"])
     if ema > 0:
-        trainer.ema = EMAWeights(trainer)
+        trainer.ema = EMAWeights(trainer, parts.tail)
     build_training_state(trainer, np.zeros((1, *trainer.input.shape[1:]), np.float16),
                          np.zeros((1, head.output.shape[-1]), np.float32))
     return trainer
@@ -335,6 +354,9 @@ def fit_tail(trainer: keras.Model, train: CachedMaps, val: CachedMaps, epochs: i
     best = keras.callbacks.EarlyStopping("val_accuracy", patience=epochs + 1, mode="max", restore_best_weights=True)
     resume = [keras.callbacks.BackupAndRestore(backup_dir)] if backup_dir else []
     ema = [trainer.ema] if isinstance(trainer, TwoRateModel) and trainer.ema is not None else []
+    if ema:
+        n = min(len(train), -(-EMAWeights.BN_ROWS // train.batch_size))
+        ema[0].bn_rows = lambda: np.concatenate([train[i][0] for i in range(n)])
     # shuffle=False: the batches already hold each epoch's own permutation of the rows (seeded by
     # the epoch); Keras's default would also shuffle the batch order with Python's global `random`,
     # whose state a resumed run does not share with an uninterrupted one

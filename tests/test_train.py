@@ -350,6 +350,28 @@ def test_weight_averaging_validates_and_returns_the_best_epochs_averaged_weights
         assert abs(evaluate(raw[epoch])["loss"] - history["val_loss"][epoch]) > 1e-4, "the raw weights were scored"
 
 
+def test_weight_averaging_re_estimates_batch_norm_statistics_for_the_averages(maps_cache, tiny_splits, parts):
+    """With BN training on batch statistics, the moving statistics follow the weights as trained;
+    the best epoch's averaged weights are validated and returned with statistics re-estimated for
+    them, while training goes on with its own statistics."""
+    head = train.build_head_model({"dropout": 0.0}, parts.tail.output.shape[-1], 10)
+    params = {"ema_momentum": 0.5, "bn_mode": "batch", "warmup_fraction": 0.0, "tail_learning_rate": 0.05}
+    train_data, val = finetune.tail_batches(maps_cache, tiny_splits, params, batch_size=32)
+    trainer = finetune.build_tail_trainer(parts, head, head.get_weights(), params, len(train_data), 2)
+    bn = [la for la in parts.tail.layers if isinstance(la, keras.layers.BatchNormalization)]
+    trained = []
+
+    class Spy(keras.callbacks.Callback):  # after the averages and their statistics were swapped out
+        def on_epoch_end(self, epoch, logs=None):
+            trained.append([np.array(la.moving_mean) for la in bn])
+
+    history = finetune.fit_tail(trainer, train_data, val, 2, callbacks=[Spy()])
+    best = int(np.argmax(history["val_accuracy"]))
+    assert any(np.abs(np.array(la.moving_mean) - m).max() > 1e-6 for la, m in zip(bn, trained[best], strict=True))
+    scored = trainer.evaluate(val, verbose=0, return_dict=True)  # the model as returned is the one validated
+    np.testing.assert_allclose(scored["loss"], history["val_loss"][best], rtol=1e-5)
+
+
 def test_precise_bn_sets_the_moving_statistics_from_a_batch(maps_cache, tiny_splits, parts):
     """After ``precise_bn`` the first BN layer's moving mean and variance are the batch statistics
     of its input on the given batch (whatever the momentum), momenta are restored, and a trial's
