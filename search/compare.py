@@ -5,7 +5,13 @@ Entry point: :func:`compare_runs`, behind ``python -m search.cli compare``. It w
 - ``frontier.json`` (+ ``frontier.png``): validation accuracy against cumulative wall seconds
   for each run: the frozen pass (the cache's extraction time, counted even when the run reused
   the cache), the head on pooled features, then each tail epoch; the test accuracy at the end
-  (the test set is scored once per run, so there is one test point per run);
+  (the test set is scored once per run, so there is one test point per run). A run whose
+  ``final.json`` has ``normalized_time.by_stage`` also gets each point and its end in normalized
+  minutes: its training seconds (head, tail) times its training factor, the rest times its
+  inference factor. A reused cache's extraction is then counted as normalized in the run of the
+  comparison that built that cache (same cache key); without one, the run has no normalized
+  figures. The figure plots normalized minutes when any run has them (those runs only), else
+  wall minutes;
 - ``seeds.json``: the runs of the first run's recipe (:func:`recipe_of`) under different seeds,
   the latest finished run of each seed (earlier ones are listed as ``superseded``): test
   accuracy of each with its 95 % interval (Wilson, binomial on the test images), their mean,
@@ -19,6 +25,7 @@ Nothing here trains or scores a model: every figure is read from the runs' JSON 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -57,7 +64,8 @@ def curve(run: dict) -> dict[str, Any]:
     """One run's (cumulative seconds, validation accuracy) points and its final test point, with
     what tells runs apart: the cut layer, input side, backbone weights' fingerprint, cache bytes,
     seed, parameters (``head/tail`` as :func:`search.space.params_label` says them) and when the
-    run finished."""
+    run finished; with ``normalized_time.by_stage`` the same points in normalized minutes (a
+    reused cache's extraction left for :func:`compare_runs` to add)."""
     extraction = float((run["cache"].get("extraction") or {}).get("seconds") or 0.0)
     head = float(run["timings_seconds"].get("head", 0.0))
     points = [{"stage": "frozen features + head", "seconds": extraction + head,
@@ -66,13 +74,46 @@ def curve(run: dict) -> dict[str, Any]:
         points.append({"stage": f"tail epoch {e['epoch']}", "seconds": extraction + head + e["seconds"],
                        "val_accuracy": e["val_accuracy"]})
     total = float(run["timings_seconds"]["total"]) + (extraction if run["cache"]["reused"] else 0.0)
-    return {"points": points, "final": {"seconds": total, "val_accuracy": run["val_accuracy"],
-                                        "test_accuracy": run["test_accuracy"], "tta": run.get("tta_chosen")},
+    by_stage = (run.get("normalized_time") or {}).get("by_stage")
+    normalized = None
+    if by_stage:  # the extraction of a reused cache is added by compare_runs from the run that built it
+        own = 0.0 if run["cache"]["reused"] else extraction * by_stage["inference_factor"] / 60
+        normalized = {"extraction_minutes": own, "training_factor": by_stage["training_factor"],
+                      "inference_factor": by_stage["inference_factor"],
+                      "points": [own + (p["seconds"] - extraction) * by_stage["training_factor"] / 60
+                                 for p in points],
+                      "final_minutes": float(by_stage["normalized_minutes"]),
+                      "extraction_from": None if run["cache"]["reused"] else "this run"}
+    return {"points": points, "normalized": normalized, "cache_key": _key_id(run["cache"]["key"]),
+            "final": {"seconds": total, "val_accuracy": run["val_accuracy"],
+                      "test_accuracy": run["test_accuracy"], "tta": run.get("tta_chosen")},
             "extraction_seconds": extraction, "cache_reused": run["cache"]["reused"],
             "cut_layer": run["cache"]["key"].get("cut_layer"), "resolution": run["cache"]["key"].get("resolution"),
             "weights_fingerprint": run["cache"]["key"].get("weights_fingerprint"),
             "cache_bytes": run["cache"].get("bytes"), "seed": run["config"]["seed"],
+            "tail_precision": run.get("tail_precision_resolved"),
             "params": params_label(run.get("params_provenance") or {}), "finished": run.get("finished")}
+
+
+def _key_id(key: dict) -> str:
+    return json.dumps(key, sort_keys=True)
+
+
+def _complete_normalized(frontier: dict[str, dict]) -> None:
+    """Add a reused cache's extraction, as normalized in the run that built it, to the normalized
+    figures of the runs that reused it; a run with no such builder among ``frontier`` loses them."""
+    built = {run["cache_key"]: (label, run["normalized"]["extraction_minutes"]) for label, run in frontier.items()
+             if run["normalized"] and not run["cache_reused"]}
+    for run in frontier.values():
+        norm = run["normalized"]
+        if not norm or not run["cache_reused"]:
+            continue
+        if run["cache_key"] not in built:
+            run["normalized"] = None
+            continue
+        label, minutes = built[run["cache_key"]]
+        norm.update(extraction_minutes=minutes, extraction_from=label, points=[m + minutes for m in norm["points"]],
+                    final_minutes=norm["final_minutes"] + minutes)
 
 
 def recipe_of(run: dict) -> dict:
@@ -98,6 +139,7 @@ def compare_runs(runs: dict[str, str | os.PathLike], results: str | os.PathLike 
     loaded = {label: _load(path) for label, path in runs.items()}
     results = Path(results)
     frontier = {label: {"path": str(runs[label]), **curve(run)} for label, run in loaded.items()}
+    _complete_normalized(frontier)
     write_json(results / "frontier.json", {"runs": frontier, "note": "seconds are cumulative wall seconds on the "
                                           "machine of each run; extraction counted even when the cache was reused"})
     _plot_frontier(frontier, results / "frontier.png")
@@ -158,13 +200,16 @@ def _plot_frontier(frontier: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, run in frontier.items():
-        pts = [p for p in run["points"] if p["val_accuracy"] is not None]
-        line, = ax.plot([p["seconds"] / 60 for p in pts], [100 * p["val_accuracy"] for p in pts], "o-", label=label)
-        ax.plot(run["final"]["seconds"] / 60, 100 * run["final"]["test_accuracy"], "*", ms=12,
-                color=line.get_color())
+    normalized = {label: run for label, run in frontier.items() if run["normalized"]}
+    for label, run in (normalized or frontier).items():
+        xs = run["normalized"]["points"] if normalized else [p["seconds"] / 60 for p in run["points"]]
+        end = run["normalized"]["final_minutes"] if normalized else run["final"]["seconds"] / 60
+        pts = [(x, p) for x, p in zip(xs, run["points"], strict=True) if p["val_accuracy"] is not None]
+        line, = ax.plot([x for x, _ in pts], [100 * p["val_accuracy"] for _, p in pts], "o-", label=label)
+        ax.plot(end, 100 * run["final"]["test_accuracy"], "*", ms=12, color=line.get_color())
     ax.axhline(87, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("cumulative wall minutes (frozen pass, head, tail epochs)")
+    ax.set_xlabel("cumulative normalized minutes (frozen pass, head, tail epochs)" if normalized
+                  else "cumulative wall minutes (frozen pass, head, tail epochs)")
     ax.set_ylabel("accuracy (%): validation (line), test (star)")
     ax.legend(fontsize=8)
     fig.tight_layout()

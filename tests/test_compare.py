@@ -162,3 +162,30 @@ def test_search_effect_resumes_only_what_the_same_code_recorded(tmp_path, monkey
     monkeypatch.setattr(effect, "code_version", lambda: "abc1234-dirty")
     effect.run_effect(["digits"], [0], results=results, work=tmp_path / "w")
     assert len(calls) == 6, "a dirty tree's results are never resumed"
+
+
+def test_frontier_normalizes_stage_by_stage_and_borrows_a_reused_caches_extraction(tmp_path):
+    def with_factors(run: dict, training: float, inference: float, minutes: float) -> dict:
+        run["normalized_time"] = {"by_stage": {"training_factor": training, "inference_factor": inference,
+                                               "normalized_minutes": minutes}}
+        return run
+
+    cold = with_factors(_run(0, 0.88, 0.88), 0.5, 2.0, 30.0)
+    reused = with_factors(_run(0, 0.89, 0.89, reused=True), 2.0, 1.0, 10.0)
+    other = with_factors(_run(0, 0.87, 0.87, reused=True), 1.0, 1.0, 7.0)
+    other["cache"]["key"] = {**other["cache"]["key"], "cut_layer": "conv_pw_12_relu"}
+    paths = {}
+    for label, run in (("cold", cold), ("reused", reused), ("other", other)):
+        paths[label] = tmp_path / f"{label}.json"
+        paths[label].write_text(json.dumps(run))
+    frontier = compare_runs(paths, tmp_path / "results")["frontier"]
+    # cold: 600 s of extraction x 2 = 20 min, then head 60 s and epochs at 100 and 200 s, x 0.5
+    assert frontier["cold"]["normalized"]["points"] == pytest.approx([20.5, 21.333333, 22.166667])
+    assert frontier["cold"]["normalized"]["final_minutes"] == 30.0
+    # reused: the cold run's 20 normalized minutes of extraction, then its own stages x 2
+    assert frontier["reused"]["normalized"]["extraction_from"] == "cold"
+    assert frontier["reused"]["normalized"]["points"] == pytest.approx([22.0, 25.333333, 28.666667])
+    assert frontier["reused"]["normalized"]["final_minutes"] == pytest.approx(30.0)
+    assert frontier["other"]["normalized"] is None, "no run of the comparison built its cache"
+    written = json.loads((tmp_path / "results" / "frontier.json").read_text())["runs"]
+    assert written["reused"]["normalized"]["extraction_from"] == "cold"

@@ -211,3 +211,21 @@ def test_training_and_inference_speed_of_two_machines_are_compared(tiny_results)
     assert d["step_ratio"] == pytest.approx(3) and d["speed_ratio"] == pytest.approx(1.5)
     text = write_paper(results, tiny_results[1], str(tiny_results[2])).read_text()
     assert "3.0 times as long, while their reference speeds were" in text and "a ratio of 1.50." in text
+
+
+def test_runs_table_names_given_settings_and_precision_and_shows_normalized_minutes():
+    from search.paper import _runs_table
+
+    final = {"cache": {"key": {"cut_layer": "c11", "resolution": 224}, "bytes": 100},
+             "tail_precision_resolved": "mixed_bfloat16"}
+    base = {"cut_layer": "c11", "resolution": 224, "cache_bytes": 100, "seed": 0,
+            "final": {"seconds": 600.0, "val_accuracy": 0.88, "test_accuracy": 0.87}}
+    frontier = {"runs": {
+        "ema": {**base, "params": "default/default, ema_momentum=0.998", "tail_precision": "mixed_bfloat16",
+                "finished": "1", "normalized": {"final_minutes": 12.34}},
+        "f32": {**base, "params": "default/default", "tail_precision": "float32", "finished": "2", "normalized": None},
+        "searched": {**base, "params": "search/search", "finished": "3"}}}
+    lines = _runs_table(frontier, final).splitlines()[2:]
+    assert [line.split("|")[1].strip() for line in lines] == ["ema_momentum=0.998", "float32 tail",
+                                                              "searched parameters"]
+    assert [line.split("|")[-2].strip() for line in lines] == ["12.3", "–", "–"]
