@@ -410,9 +410,23 @@ def build_final(config: FinalConfig, splits: Splits | None = None, model: keras.
     return write_summary(run, saved)
 
 
+CPU_FLAGS_RECORDED = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_description(cpuinfo: str) -> dict:
+    """The CPU's model name and which of :data:`CPU_FLAGS_RECORDED` it lists, from the text of
+    ``/proc/cpuinfo`` (first processor). Recorded to say which machine a run had; nothing is
+    decided by it (the tail precision is chosen by timing)."""
+    fields = dict(line.split(":", 1) for line in cpuinfo.split("\n\n")[0].splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    return {"model": fields.get("model name"), "flags": [f for f in CPU_FLAGS_RECORDED if f in flags]}
+
+
 def machine(code: str | None) -> dict:
-    """What the run ran on: CPU count, memory, accelerators seen, the library versions, and
-    ``code`` (:func:`code_version` when the run started)."""
+    """What the run ran on: CPU model and a few of its flags (:func:`cpu_description`), CPU
+    count, memory, accelerators seen, the library versions, and ``code`` (:func:`code_version`
+    when the run started)."""
     import importlib.metadata as md
     import platform
 
@@ -425,7 +439,11 @@ def machine(code: str | None) -> dict:
     for pkg in ("tensorflow", "keras", "numpy", "optuna", "keras-tuner"):
         with contextlib.suppress(md.PackageNotFoundError):
             versions[pkg.replace("-", "_")] = md.version(pkg)
-    return {"cpus": os.cpu_count(), "memory_bytes": mem, "gpus": len(tf.config.list_physical_devices("GPU")),
+    cpu = None
+    with contextlib.suppress(OSError):
+        cpu = cpu_description(Path("/proc/cpuinfo").read_text())
+    return {"cpu": cpu, "cpus": os.cpu_count(), "memory_bytes": mem,
+            "gpus": len(tf.config.list_physical_devices("GPU")),
             "python": platform.python_version(), "versions": versions, "code_version": code,
             "allocator": "BFC" if os.environ.get("TF_CPU_ALLOCATOR_USE_BFC", "").lower() == "true" else "default"}
 

@@ -210,3 +210,13 @@ def test_ablation_label_names_what_given_parameters_change(tmp_path):
     assert params["tail"]["warmup_fraction"] == 0.0 and params["head"] == space.with_defaults("head", {})
     assert space.params_label(provenance) == "default/default, warmup_fraction=0.0"
     assert space.params_label({"head": {"source": "search", "trial": 3}}) == "search/?"
+
+
+def test_cpu_description_reads_the_first_processors_model_and_recorded_flags():
+    from search.final import cpu_description
+
+    text = ("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Processor\nflags\t\t: fpu avx2 avx512f amx_tile "
+            "amx_bf16\n\nprocessor\t: 1\nmodel name\t: Other\nflags\t\t: fpu\n")
+    assert cpu_description(text) == {"model": "Intel(R) Xeon(R) Processor",
+                                     "flags": ["avx2", "avx512f", "amx_bf16", "amx_tile"]}
+    assert cpu_description("processor\t: 0\nflags\t\t: fpu\n") == {"model": None, "flags": []}
