@@ -209,6 +209,25 @@ def _factor(run: dict, default_cut: str, default_side: int, default_precision: s
     return ", ".join(parts) or "default recipe"
 
 
+def _precision_pair(frontier: dict | None, final: dict) -> dict | None:
+    """The latest run of ``frontier.json`` with the reported run's seed, parameters, cut and side
+    but its tail in the other precision: its accuracies and the reported run's lead in points."""
+    from search import space
+
+    label = space.params_label(final.get("params_provenance") or {})
+    used, key = final.get("tail_precision_resolved"), final["cache"]["key"]
+    pairs = [r for r in (frontier or {}).get("runs", {}).values()
+             if r.get("seed") == final["config"]["seed"] and r.get("params") == label and r.get("tail_precision")
+             and r["tail_precision"] != used and r.get("cut_layer") == key["cut_layer"]
+             and r.get("resolution") == key["resolution"]]
+    if not pairs:
+        return None
+    other = max(pairs, key=lambda r: r.get("finished") or "")
+    return {"precision": "mixed bfloat16" if other["tail_precision"] == "mixed_bfloat16" else "single precision",
+            "val": _pct(other["final"]["val_accuracy"]), "test": _pct(other["final"]["test_accuracy"]),
+            "lead_points": 100 * (final["test_accuracy"] - other["final"]["test_accuracy"])}
+
+
 def _runs_table(frontier: dict, final: dict) -> str:
     runs = list((frontier or {}).get("runs", {}).values())
     cut, side = final["cache"]["key"]["cut_layer"], final["cache"]["key"]["resolution"]
@@ -321,6 +340,7 @@ def build_context(results: Path) -> dict:
         "tail_share": final["timings_seconds"]["tail"] / final["timings_seconds"]["total"],
         "tail_gain_points": 100 * (final["val_accuracy_plain"] - final["frozen_val_accuracy"]),
         "seed_spread_points": 100 * (max(tests) - min(tests)),
+        "precision_pair": _precision_pair(ctx.get("frontier"), final),
         "seeds_same_code": len({r.get("code_version") for r in seeds["runs"]}) == 1
         and seeds["runs"][0].get("code_version") is not None,
         "worst_0": f"{worst[0]} at {_pct(per_class[worst[0]])}",

@@ -231,3 +231,26 @@ def test_runs_table_names_given_settings_and_precision_and_shows_normalized_minu
     assert [line.split("|")[1].strip() for line in lines] == ["ema_momentum=0.998", "float32 tail",
                                                               "searched parameters"]
     assert [line.split("|")[-2].strip() for line in lines] == ["12.3", "–", "–"]
+
+
+def test_the_other_precision_run_of_the_same_recipe_and_seed_is_reported_against_the_spread(tiny_results):
+    results = tiny_results[0]
+    final = json.loads((results / "final.json").read_text())
+    frontier = json.loads((results / "frontier.json").read_text())
+    from search import space
+
+    other = "float32" if final["tail_precision_resolved"] == "mixed_bfloat16" else "mixed_bfloat16"
+    base = {"seed": final["config"]["seed"], "params": space.params_label(final["params_provenance"]),
+            "cut_layer": final["cache"]["key"]["cut_layer"], "resolution": final["cache"]["key"]["resolution"],
+            "final": {"seconds": 60.0, "val_accuracy": 0.5, "test_accuracy": final["test_accuracy"] - 0.0125}}
+    frontier["runs"] = {"pair": {**base, "tail_precision": other, "finished": "z"},
+                        "other_seed": {**base, "seed": base["seed"] + 1, "tail_precision": other, "finished": "z"},
+                        "same_precision": {**base, "tail_precision": final["tail_precision_resolved"]}}
+    (results / "frontier.json").write_text(json.dumps(frontier))
+    pair = build_context(results)["d"]["precision_pair"]
+    assert pair["val"] == "50.00 %" and pair["lead_points"] == pytest.approx(1.25)
+    text = write_paper(results, tiny_results[1], str(tiny_results[2])).read_text()
+    assert "the reported run's lead of 1.25 test points" in text
+    del frontier["runs"]["pair"]
+    (results / "frontier.json").write_text(json.dumps(frontier))
+    assert build_context(results)["d"]["precision_pair"] is None
