@@ -141,7 +141,9 @@ def compare_runs(runs: dict[str, str | os.PathLike], results: str | os.PathLike 
     frontier = {label: {"path": str(runs[label]), **curve(run)} for label, run in loaded.items()}
     _complete_normalized(frontier)
     write_json(results / "frontier.json", {"runs": frontier, "note": "seconds are cumulative wall seconds on the "
-                                          "machine of each run; extraction counted even when the cache was reused"})
+                                          "machine of each run; extraction counted even when the cache was reused; "
+                                          "normalized: minutes scaled stage by stage, where the run recorded its "
+                                          "training step (null where not)"})
     _plot_frontier(frontier, results / "frontier.png")
     out = {"frontier": frontier}
 
