@@ -441,13 +441,19 @@ def parse_budget(text: str) -> tuple[int, int]:
 
 
 def tail_fidelity(objective: Any, budgets: list[tuple[int, int]], reference: tuple[int, int], configs: int,
-                  configs_seed: int = 3, on_row: Any = None) -> dict:
+                  configs_seed: int = 3, on_row: Any = None, previous: dict | None = None) -> dict:
     """Phase 2's fidelity: ``configs`` random tail configurations (Optuna's ``RandomSampler``,
     seed ``configs_seed``) trained at each trial budget of ``budgets`` and at ``reference``
     (``(rows, epochs)`` each), all from the same head (``objective``'s, a
     :class:`~search.engines.objective.TailObjective`; its precision and PreciseBN); Kendall's tau of
     each budget's score, and of its score at each pruner rung (:func:`rung_taus`), against the
-    reference's. ``on_row(partial)`` is called after every configuration with the result so far."""
+    reference's. ``on_row(partial)`` is called after every configuration with the result so far.
+
+    ``previous``: an earlier result of this function (on the same cache). A configuration it
+    trained with the same parameters at a budget of the same settings (the budget's whole record:
+    rows, epochs, batch, precision, PreciseBN rows, head) is taken from it, not trained again, and
+    named in the row's ``reused``; so a new trial budget is ranked against a reference measured
+    before."""
     import dataclasses
 
     import optuna
@@ -475,26 +481,46 @@ def tail_fidelity(objective: Any, budgets: list[tuple[int, int]], reference: tup
                 "full_seconds_median": float(np.median([r["full_seconds"] for r in ranking])) if ranking else None,
                 "rows": ranking}
 
+    earlier = _earlier_budgets(previous, configs_seed)
     for i in range(configs):
         trial = optuna.create_study(sampler=sampler).ask()
         params = space.suggest("tail", trial, **objective.space_options)
-        ranking.append(_train_at_each(params, objectives, seed=i))
+        old = previous["rows"][i] if earlier and i < len(previous["rows"]) else None
+        same = [name for name, obj in objectives.items() if old is not None and old["params"] == params
+                and name in old and earlier.get(name) == obj.budget]
+        row = _train_at_each(params, {n: o for n, o in objectives.items() if n not in same}, seed=i)
+        row.update({key: old[key] for name in same for key in (name, f"{name}_seconds", f"{name}_history")})
+        ranking.append({**row, "reused": same} if same else row)
         if on_row is not None:
             on_row(summary())
     return summary()
 
 
+def _earlier_budgets(previous: dict | None, configs_seed: int) -> dict[str, dict]:
+    """The budgets (name -> settings, ``"full"`` the reference) of an earlier
+    :func:`tail_fidelity` result drawn with ``configs_seed``; none otherwise."""
+    if not previous or previous.get("configs_seed") != configs_seed or not previous.get("rows"):
+        return {}
+    return {"full": previous["reference"], **{name: b["budget"] for name, b in previous.get("budgets", {}).items()}}
+
+
 def bench_tail(cache: Cache, splits: Splits, model: Any, results: Path, budgets: list[tuple[int, int]],
-               reference: tuple[int, int], configs: int, configs_seed: int = 3) -> dict:
+               reference: tuple[int, int], configs: int, configs_seed: int = 3, precision: str = "auto",
+               reuse: bool = True) -> dict:
     """:func:`tail_fidelity` on ``cache`` (the head of this cache key's phase-1 search, else the
-    default head), written to ``results/bench_search.json`` under ``phase2_fidelity`` after every
-    configuration (``complete`` false until the last), the rest of that file kept."""
+    default head; tail trials in ``precision``), written to ``results/bench_search.json`` under
+    ``phase2_fidelity`` after every configuration (``complete`` false until the last), the rest of
+    that file kept. ``reuse``: the trainings that file already holds for this cache with the same
+    settings are taken from it (:func:`tail_fidelity`'s ``previous``)."""
     from search.engines.objective import make_objective
     from search.io import read_json
 
     objective = make_objective("tail", cache, splits, budgets[0][0], budgets[0][1], backbone=model,
-                               results=str(results))
+                               results=str(results), precision=precision)
     path = results / "bench_search.json"
+    previous = (read_json(path) if path.exists() else {}).get("phase2_fidelity") if reuse else None
+    if previous and previous.get("cache") != cache.path.name:
+        previous = None
 
     def write(partial: dict, complete: bool = False) -> None:
         out = read_json(path) if path.exists() else {}
@@ -502,7 +528,7 @@ def bench_tail(cache: Cache, splits: Splits, model: Any, results: Path, budgets:
                                   "recorded": time.strftime("%Y-%m-%dT%H:%M:%S")}
         write_json(path, out)
 
-    result = tail_fidelity(objective, budgets, reference, configs, configs_seed, on_row=write)
+    result = tail_fidelity(objective, budgets, reference, configs, configs_seed, on_row=write, previous=previous)
     write(result, complete=True)
     return result
 

@@ -38,8 +38,8 @@ FINAL = FinalConfig()  # the defaults of `final`, stated once in search.config
 def _add_precision_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tail-precision", default=FINAL.tail_precision, choices=PRECISIONS,
                    help=f"compute precision of the tail's training (default {FINAL.tail_precision}): 'auto' times "
-                        "a few tail steps in each on the cached maps and takes mixed_bfloat16 if it is at least "
-                        "10%% faster; a saved model is float32 either way")
+                        "tail steps in each, alternating, on the cached maps and takes mixed_bfloat16 if it is at "
+                        "least 10%% faster; a saved model is float32 either way")
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -255,6 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", default="20000x5", help="the longer training ranked against (default 20000x5)")
     p.add_argument("--configs", type=int, default=8, help="random tail configurations (default 8)")
     p.add_argument("--configs-seed", type=int, default=3, help="seed of the configurations (default 3)")
+    p.add_argument("--fresh", action="store_true",
+                   help="train every configuration again (default: a training results/bench_search.json already "
+                        "holds for this cache, configuration and budget settings is reused)")
+    _add_precision_arg(p)
 
     p = _cache_verb(sub, "bench-memory",
                        help="resident memory over a long phase-1 search -> results/bench_memory.json")
@@ -540,7 +544,7 @@ def cmd_bench_tail(args: argparse.Namespace, argv: list[str]) -> int:
     model = spec.build(weights=_weights(args), size=resolution)
     cache = _cache(args, splits, spec, model=model)
     out = bench.bench_tail(cache, splits, model, Path(args.results), budgets, reference, args.configs,
-                           args.configs_seed)
+                           args.configs_seed, precision=args.tail_precision, reuse=not args.fresh)
     print(json.dumps({name: b["kendall_tau"] for name, b in out["budgets"].items()}, indent=2))
     return 0
 

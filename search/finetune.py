@@ -191,35 +191,40 @@ def resolve_precision(precision: str = "auto") -> str:
     return "float32" if precision == "auto" else precision
 
 
-def measure_precision(parts: TailParts, head: keras.Model, maps: np.ndarray, steps: int = 3) -> dict[str, Any]:
-    """Choose the tail's precision by timing it here: ``steps`` training steps of the tail and
-    head on ``maps`` (a batch of cached cut maps), after one warm-up step that traces, in float32
-    and in mixed bfloat16; the median step of each. Mixed bfloat16 is chosen when it is at least
+def measure_precision(parts: TailParts, head: keras.Model, maps: np.ndarray, steps: int = 6) -> dict[str, Any]:
+    """Choose the tail's precision by timing it here: a trainer of the tail and head on ``maps`` (a
+    batch of cached cut maps) in float32 and one in mixed bfloat16, each warmed up by one step that
+    traces, then ``steps`` rounds of one step of each, the order alternating from round to round
+    (float32 first, then bfloat16 first) so that a drift of the machine's speed during the probe
+    falls on both alike; the median step of each. Mixed bfloat16 is chosen when it is at least
     :data:`PRECISION_GAIN` times faster (any CPU or GPU with fast bfloat16, whatever its flags).
     The tail and head are left as they were (weights, float32)."""
     import statistics
     import time
 
+    policies = ("float32", "mixed_bfloat16")
     saved, saved_tail = head.get_weights(), parts.tail.get_weights()
     labels = one_hot(np.arange(len(maps)) % head.output.shape[-1], head.output.shape[-1])
-    seconds = {}
+    times: dict[str, list[float]] = {policy: [] for policy in policies}
     try:
-        for policy in ("float32", "mixed_bfloat16"):
-            trainer = build_tail_trainer(parts, head, saved, {}, steps + 1, 1, policy)
-            trainer.train_on_batch(maps, labels)
-            times = []
-            for _ in range(steps):
+        trainers = {}
+        for policy in policies:  # each traced in its own precision; the trace keeps it
+            trainers[policy] = build_tail_trainer(parts, head, saved, {}, steps + 1, 1, policy)
+            trainers[policy].train_on_batch(maps, labels)
+        for round_ in range(steps):
+            for policy in policies if round_ % 2 == 0 else policies[::-1]:
                 start = time.perf_counter()
-                trainer.train_on_batch(maps, labels)
-                times.append(time.perf_counter() - start)
-            seconds[policy] = statistics.median(times)
+                trainers[policy].train_on_batch(maps, labels)
+                times[policy].append(time.perf_counter() - start)
     finally:
         set_precision(parts.tail, head, "float32")
         parts.tail.set_weights(saved_tail)
         head.set_weights(saved)
+    seconds = {policy: statistics.median(t) for policy, t in times.items()}
     speedup = seconds["float32"] / seconds["mixed_bfloat16"]
     return {"chosen": "mixed_bfloat16" if speedup >= PRECISION_GAIN else "float32", "step_seconds": seconds,
-            "speedup": speedup, "threshold": PRECISION_GAIN, "batch": len(maps), "steps": steps}
+            "speedup": speedup, "threshold": PRECISION_GAIN, "batch": len(maps), "steps": steps,
+            "order": "alternating", "times": times}
 
 
 def set_precision(tail: keras.Model, head: keras.Model, policy: str) -> None:

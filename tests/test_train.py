@@ -544,6 +544,49 @@ def test_auto_precision_is_measured_on_the_tail_and_leaves_it_as_it_was(parts, m
     assert finetune.resolve_precision("auto") == "float32"  # nothing measured: float32
 
 
+def test_the_precision_probe_alternates_the_precisions_round_by_round(parts, maps_cache, tiny_splits, monkeypatch):
+    """A drift of the machine's speed during the probe must fall on both precisions alike: after
+    one warm-up step each, the timed steps alternate float32/bfloat16, bfloat16/float32, ..."""
+    head = train.build_head_model({}, parts.tail.output.shape[-1], 10)
+    maps = batches.CachedMaps(maps_cache, "train", tiny_splits.train_idx[:16], 16)[0][0]
+    calls = []
+    build = finetune.build_tail_trainer
+
+    class Logged:
+        def __init__(self, trainer, policy):
+            self.trainer, self.policy = trainer, policy
+
+        def train_on_batch(self, x, y):
+            calls.append(self.policy)
+            return self.trainer.train_on_batch(x, y)
+
+    built = {}
+
+    def logged_build(parts_, head_, weights, params, steps, epochs, precision="float32"):
+        built[precision] = Logged(build(parts_, head_, weights, params, steps, epochs, precision), precision)
+        return built[precision]
+
+    monkeypatch.setattr(finetune, "build_tail_trainer", logged_build)
+    probe = finetune.measure_precision(parts, head, maps, steps=4)
+    f, b = "float32", "mixed_bfloat16"
+    assert calls == [f, b, f, b, b, f, f, b, b, f]  # warm-ups, then rounds in alternating order
+    assert {p: len(t) for p, t in probe["times"].items()} == {f: 4, b: 4}
+    assert probe["step_seconds"][b] == pytest.approx(float(np.median(probe["times"][b])))
+
+    def traced(fn, depth=0):  # the tf.functions Keras's train function closes over
+        if hasattr(fn, "_list_all_concrete_functions"):
+            return [c.graph for c in fn._list_all_concrete_functions()]
+        cells = [c.cell_contents for c in getattr(fn, "__closure__", None) or ()]
+        return [g for c in cells if callable(c) and depth < 3 for g in traced(c, depth + 1)]
+
+    def bf16_ops(trainer):  # the traced train step keeps the precision it was traced in
+        graphs = traced(trainer.train_function)
+        return sum(op.type == "Cast" and op.get_attr("DstT").name == "bfloat16" for g in graphs
+                   for op in g.get_operations())
+
+    assert bf16_ops(built[f].trainer) == 0 < bf16_ops(built[b].trainer)
+
+
 def test_tail_fidelity_trains_each_configuration_at_every_budget_and_the_reference(maps_cache, tiny_splits, parts):
     """bench-tail's measurement: the same random configurations at each trial budget and at the
     reference, from one head; the partial result is reported after every configuration."""
@@ -566,6 +609,40 @@ def test_tail_fidelity_trains_each_configuration_at_every_budget_and_the_referen
     assert all(-1.0 <= t <= 1.0 for t in taus)
     # ASHA judges a 2-epoch trial nowhere before its end (rung_steps(2) is empty): only its budget
     assert [r["epochs"] for r in out["budgets"]["60x2"]["rungs"]] == ["budget"]
+
+
+def test_tail_fidelity_reuses_the_trainings_an_earlier_result_made_with_the_same_settings(
+        maps_cache, tiny_splits, parts, monkeypatch):
+    """A new trial budget is ranked against the reference measured before: a (configuration,
+    budget) pair trained before with the same settings is taken over, not trained again; a
+    reference of other settings, or configurations of another seed, are trained."""
+    from search import bench
+    from search.engines.objective import TailObjective
+
+    head = _head(parts)
+    objective = TailObjective(maps_cache, tiny_splits, parts, head, head.get_weights(), "maps", rows=None,
+                              max_epochs=1, batch_size=32, precise_bn_rows=0, precision="float32")
+    first = bench.tail_fidelity(objective, [(40, 1)], (60, 2), configs=2)
+    trained = []
+    train_at_each = bench._train_at_each
+
+    def logged(params, objectives, seed):
+        trained.append(sorted(objectives))
+        return train_at_each(params, objectives, seed)
+
+    monkeypatch.setattr(bench, "_train_at_each", logged)
+    second = bench.tail_fidelity(objective, [(40, 1), (50, 1)], (60, 2), configs=3, previous=first)
+    assert trained == [["50x1"], ["50x1"], ["40x1", "50x1", "full"]]  # the third configuration is new
+    for old, new in zip(first["rows"], second["rows"], strict=False):
+        assert sorted(new["reused"]) == ["40x1", "full"] and new["params"] == old["params"]
+        assert [new["full_history"], new["40x1"]] == [old["full_history"], old["40x1"]]
+    assert "reused" not in second["rows"][2]
+    trained.clear()
+    bench.tail_fidelity(objective, [(40, 1)], (60, 1), configs=2, previous=first)  # another reference
+    assert trained == [["full"], ["full"]]
+    trained.clear()
+    bench.tail_fidelity(objective, [(40, 1)], (60, 2), configs=2, configs_seed=4, previous=first)
+    assert trained == [["40x1", "full"], ["40x1", "full"]]
 
 
 def test_a_tail_trial_on_data_smaller_than_its_rows_trains_for_the_finals_epochs(maps_cache, tiny_splits, parts):
