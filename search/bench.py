@@ -166,11 +166,15 @@ def bench_cache(spec: backbones.BackboneSpec, splits: Splits, cut: str | None, r
     return out
 
 
-def kendall_tau(a: list[float], b: list[float]) -> float:
-    """Kendall's tau-b of two equally long score lists (ties counted as neither)."""
+def kendall_tau(a: list[float], b: list[float], groups: list[Any] | None = None) -> float:
+    """Kendall's tau-b of two equally long score lists (ties counted as neither). With ``groups``
+    (one label per item), only the pairs within a group count: a stratified tau, how well ``a``
+    ranks items that share a label (0.0 when no group holds two)."""
     n, concordant, discordant, ties_a, ties_b = len(a), 0, 0, 0, 0
     for i in range(n):
         for j in range(i + 1, n):
+            if groups is not None and groups[i] != groups[j]:
+                continue
             da, db = np.sign(a[i] - a[j]), np.sign(b[i] - b[j])
             if da == 0 and db == 0:
                 continue
@@ -447,7 +451,9 @@ def tail_fidelity(objective: Any, budgets: list[tuple[int, int]], reference: tup
     (``(rows, epochs)`` each), all from the same head (``objective``'s, a
     :class:`~search.engines.objective.TailObjective`; its precision and PreciseBN); Kendall's tau of
     each budget's score, and of its score at each pruner rung (:func:`rung_taus`), against the
-    reference's. ``on_row(partial)`` is called after every configuration with the result so far.
+    reference's; and the tau within depth (only pairs that unfreeze as many blocks: how well the
+    budget ranks the rates of one depth). ``on_row(partial)`` is called after every configuration
+    with the result so far.
 
     ``previous``: an earlier result of this function (on the same cache). A configuration it
     trained with the same parameters at a budget of the same settings (the budget's whole record:
@@ -469,10 +475,13 @@ def tail_fidelity(objective: Any, budgets: list[tuple[int, int]], reference: tup
 
     def summary() -> dict:
         full = [r["full"] for r in ranking]
+        depth = [r["params"]["unfreeze_blocks"] for r in ranking]
         return {"configs": len(ranking), "configs_seed": configs_seed, "goal_kendall_tau": GOALS.tail_kendall_tau,
                 "reference": objectives["full"].budget,
                 "budgets": {name: {"budget": objectives[name].budget,
                                    "kendall_tau": kendall_tau([r[name] for r in ranking], full) if ranking else None,
+                                   "kendall_tau_within_depth": kendall_tau([r[name] for r in ranking], full, depth)
+                                   if ranking else None,
                                    "rungs": rung_taus(ranking, rung_steps(objectives[name].max_epochs), key=name)
                                    if ranking else [],
                                    "seconds_median": float(np.median([r[f"{name}_seconds"] for r in ranking]))

@@ -204,7 +204,7 @@ def test_training_and_inference_speed_of_two_machines_are_compared(tiny_results)
     (results / "final_cold.json").write_text(json.dumps(cold))  # a cold run of another machine
     cold_step = cold["precision_probe"]["step_seconds"]["float32"]
     final.update(finished="later", cache={**final["cache"], "reused": True},
-                 precision_probe={"speedup": 1 / 3, "threshold": 1.1, "chosen": "float32",
+                 precision_probe={"speedup": 1 / 3, "threshold": 1.1, "chosen": "float32", "steps": 3,
                                   "step_seconds": {"float32": 3 * cold_step, "mixed_bfloat16": 9 * cold_step}})
     final["normalized_time"]["reference"]["images_per_second"] = cold["normalized_time"]["reference"][
         "images_per_second"] / 1.5
@@ -213,6 +213,14 @@ def test_training_and_inference_speed_of_two_machines_are_compared(tiny_results)
     assert d["step_ratio"] == pytest.approx(3) and d["speed_ratio"] == pytest.approx(1.5)
     text = write_paper(results, tiny_results[1], str(tiny_results[2])).read_text()
     assert "3.0 times as long, while their reference speeds were" in text and "a ratio of 1.50." in text
+    # a probe of the earlier kind (one precision after the other) is not said to alternate
+    assert "timed 3 training steps of the tail" in text and "alternating between the two" not in text
+    assert cold["precision_probe"]["order"] == "alternating"  # the fixture's run, by today's probe
+    final["precision_probe"] = cold["precision_probe"]
+    (results / "final.json").write_text(json.dumps(final))
+    text = write_paper(results, tiny_results[1], str(tiny_results[2])).read_text()
+    assert f"timed {cold['precision_probe']['steps']} training steps" in text
+    assert "alternating between the two step by step" in text
 
 
 def test_runs_table_names_given_settings_and_precision_and_shows_normalized_minutes():

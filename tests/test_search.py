@@ -300,3 +300,17 @@ def test_a_time_budget_stops_starting_trials(engine_name, pooled, tmp_path):
     assert summary["trials"] == 1, "the budget ran out during the first trial: no other started"
     unlimited = engine.run(HeadObjective(pooled, "tiny", max_epochs=1, batch_size=32), 3, study_name="more")
     assert unlimited["trials"] == 3
+
+
+def test_a_stratified_kendall_tau_counts_only_the_pairs_within_a_group():
+    """Phase 2's budget may rank the rates of one depth well and the depths badly: the tau within
+    depth counts only the pairs that share a depth."""
+    from search import bench
+
+    short = [0.60, 0.65, 0.80, 0.82]  # two configurations of depth 2, two of depth 0
+    long = [0.83, 0.84, 0.81, 0.82]  # depth 2 ahead in the long run; each depth's order kept
+    depth = [2, 2, 0, 0]
+    assert bench.kendall_tau(short, long) == pytest.approx(-1 / 3)  # 2 concordant, 4 discordant
+    assert bench.kendall_tau(short, long, depth) == pytest.approx(1.0)
+    assert bench.kendall_tau(short, long[::-1], depth) == pytest.approx(-1.0)
+    assert bench.kendall_tau(short, long, [0, 1, 2, 3]) == 0.0  # no pair shares a group
