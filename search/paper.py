@@ -272,6 +272,19 @@ def _provenance_table(ctx: dict) -> str:
     return _table(["file", "run", "code version", "command", "recorded"], rows)
 
 
+def _tail_fidelity(fidelity: dict | None) -> list[dict] | None:
+    """The budgets of a complete ``bench-tail`` (fewest rows x epochs first): each one's taus
+    against the reference, overall and within depth, and its median seconds; None if none."""
+    if not fidelity or not fidelity.get("complete") or not fidelity.get("budgets"):
+        return None
+    rows = [{"rows": b["budget"]["rows"], "epochs": b["budget"]["max_epochs"], "tau": b["kendall_tau"],
+             "tau_within": b.get("kendall_tau_within_depth"), "seconds": b["seconds_median"],
+             "configs": fidelity["configs"], "ref_rows": fidelity["reference"]["rows"],
+             "ref_epochs": fidelity["reference"]["max_epochs"], "ref_seconds": fidelity["full_seconds_median"]}
+            for b in fidelity["budgets"].values()]
+    return sorted(rows, key=lambda r: r["rows"] * r["epochs"])
+
+
 def build_context(results: Path) -> dict:
     """Everything the template may cite: the JSON files of ``results/`` under their names,
     derived numbers under ``d``, the tables and the listings."""
@@ -354,6 +367,7 @@ def build_context(results: Path) -> dict:
         if pair else None,
         "head_params": _params_text(final["params"]["head"]), "tail_params": _params_text(final["params"]["tail"]),
     }
+    d["tail_fidelity"] = _tail_fidelity(bench.get("phase2_fidelity"))
     d["effect_all_defaults"] = bool(d["effect"]) and all(e["defaults_shipped"] == e["decisions"] for e in d["effect"])
     if pair:
         n = int(final["data"]["test"])
