@@ -91,6 +91,7 @@ def curve(run: dict) -> dict[str, Any]:
             "cut_layer": run["cache"]["key"].get("cut_layer"), "resolution": run["cache"]["key"].get("resolution"),
             "weights_fingerprint": run["cache"]["key"].get("weights_fingerprint"),
             "cache_bytes": run["cache"].get("bytes"), "seed": run["config"]["seed"],
+            "tail_epochs": run["config"].get("tail_epochs"),
             "tail_precision": run.get("tail_precision_resolved"),
             "params": params_label(run.get("params_provenance") or {}), "finished": run.get("finished")}
 
@@ -245,7 +246,7 @@ def results_table(results: str | os.PathLike = "results") -> str:
     if (results / "seeds.json").exists():
         seeds = read_json(results / "seeds.json")
         for r in seeds["runs"]:
-            older = "" if latest and r.get("code_version") == latest else " (an earlier code version)"
+            older = "" if latest and r.get("code_version") == latest else " (another code version)"
             rows.append(f"| CIFAR-10 | default recipe, seed {r['seed']}{older} | "
                         f"{pct(r['val_accuracy'])} | "
                         f"{ci(r['test_accuracy'], r['test_images'])} | `seeds.json` |")

@@ -188,9 +188,10 @@ def _goals_table(ctx: dict, d: dict) -> str:
     return _table(["goal", "bar", "measured", "verdict"], rows)
 
 
-def _factor(run: dict, default_cut: str, default_side: int, default_precision: str | None = None) -> str:
+def _factor(run: dict, default_cut: str, default_side: int, default_precision: str | None = None,
+            default_epochs: int | None = None) -> str:
     """What a run of ``frontier.json`` changed against the default recipe (and the reported run's
-    tail precision), in words."""
+    tail precision and tail epochs), in words."""
     parts = []
     if run.get("cut_layer") != default_cut:
         parts.append(f"cut at `{run.get('cut_layer')}`")
@@ -202,6 +203,8 @@ def _factor(run: dict, default_cut: str, default_side: int, default_precision: s
         if "search" in phases:
             parts.append("searched parameters")
         parts.extend(phase.split(", ", 1)[1] for phase in phases if phase.startswith("default, "))
+    if default_epochs and run.get("tail_epochs") not in (None, default_epochs):
+        parts.append(f"{run['tail_epochs']} tail epochs")
     if default_precision and run.get("tail_precision") not in (None, default_precision):
         parts.append(f"{run['tail_precision']} tail")
     if (run.get("cache_bytes") or 0) > 1.5 * (run.get("_default_bytes") or float("inf")):
@@ -234,7 +237,8 @@ def _runs_table(frontier: dict, final: dict) -> str:
     default_bytes = final["cache"]["bytes"]
     rows = []
     for run in sorted(runs, key=lambda r: (r.get("finished") or "")):
-        factor = _factor({**run, "_default_bytes": default_bytes}, cut, side, final.get("tail_precision_resolved"))
+        factor = _factor({**run, "_default_bytes": default_bytes}, cut, side, final.get("tail_precision_resolved"),
+                         (final.get("config") or {}).get("tail_epochs"))
         norm = (run.get("normalized") or {}).get("final_minutes")
         rows.append([factor, run.get("seed"), _pct(run["final"]["val_accuracy"]), _pct(run["final"]["test_accuracy"]),
                      f"{run['final']['seconds'] / 60:.1f}", "–" if norm is None else f"{norm:.1f}"])

@@ -39,6 +39,7 @@ def test_frontier_and_seeds_written(tmp_path):
     out = compare_runs(paths, tmp_path / "results")
     frontier = json.loads((tmp_path / "results" / "frontier.json").read_text())["runs"]
     assert [p["seconds"] for p in frontier["a"]["points"]] == [660.0, 760.0, 860.0]
+    assert frontier["a"]["tail_epochs"] == 2  # the paper names a run of other tail epochs
     assert frontier["b"]["final"]["seconds"] == 1000.0, "a reused cache's extraction is counted"
     assert (tmp_path / "results" / "frontier.png").stat().st_size > 0
     # the fixture records no tail provenance: "?"
@@ -121,8 +122,8 @@ def test_results_table_labels_seeds_of_another_code_version(tmp_path):
     (tmp_path / "seeds.json").write_text(json.dumps({"runs": [{**row, "seed": 0, "code_version": "aaa"},
                                                               {**row, "seed": 1, "code_version": "bbb"}]}))
     lines = results_table(tmp_path).splitlines()
-    assert "| default recipe, seed 0 |" in lines[2] and "earlier code version" not in lines[2]
-    assert "seed 1 (an earlier code version)" in lines[3]
+    assert "| default recipe, seed 0 |" in lines[2] and "another code version" not in lines[2]
+    assert "seed 1 (another code version)" in lines[3]
     assert "the latest `make final`, seed 0; cache reused" in lines[4]
 
 

@@ -250,18 +250,20 @@ def test_runs_table_names_given_settings_and_precision_and_shows_normalized_minu
     from search.paper import _runs_table
 
     final = {"cache": {"key": {"cut_layer": "c11", "resolution": 224}, "bytes": 100},
-             "tail_precision_resolved": "mixed_bfloat16"}
+             "tail_precision_resolved": "mixed_bfloat16", "config": {"tail_epochs": 7}}
     base = {"cut_layer": "c11", "resolution": 224, "cache_bytes": 100, "seed": 0,
             "final": {"seconds": 600.0, "val_accuracy": 0.88, "test_accuracy": 0.87}}
     frontier = {"runs": {
         "ema": {**base, "params": "default/default, ema_momentum=0.998", "tail_precision": "mixed_bfloat16",
                 "finished": "1", "normalized": {"final_minutes": 12.34}},
         "f32": {**base, "params": "default/default", "tail_precision": "float32", "finished": "2", "normalized": None},
-        "searched": {**base, "params": "search/search", "finished": "3"}}}
+        "searched": {**base, "params": "search/search", "finished": "3", "tail_epochs": 7},
+        "short": {**base, "params": "default/default, ema_momentum=0.998", "finished": "4", "tail_epochs": 5}}}
     lines = _runs_table(frontier, final).splitlines()[2:]
     assert [line.split("|")[1].strip() for line in lines] == ["ema_momentum=0.998", "float32 tail",
-                                                              "searched parameters"]
-    assert [line.split("|")[-2].strip() for line in lines] == ["12.3", "–", "–"]
+                                                              "searched parameters",
+                                                              "ema_momentum=0.998, 5 tail epochs"]
+    assert [line.split("|")[-2].strip() for line in lines] == ["12.3", "–", "–", "–"]
 
 
 def test_the_other_precision_run_of_the_same_recipe_and_seed_is_reported_against_the_spread(tiny_results):
