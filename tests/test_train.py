@@ -622,15 +622,17 @@ def test_tail_fidelity_reuses_the_trainings_an_earlier_result_made_with_the_same
     head = _head(parts)
     objective = TailObjective(maps_cache, tiny_splits, parts, head, head.get_weights(), "maps", rows=None,
                               max_epochs=1, batch_size=32, precise_bn_rows=0, precision="float32")
-    first = bench.tail_fidelity(objective, [(40, 1)], (60, 2), configs=2)
     trained = []
-    train_at_each = bench._train_at_each
 
-    def logged(params, objectives, seed):
+    def logged(params, objectives, seed):  # what is asked to train (the training itself: the test above)
         trained.append(sorted(objectives))
-        return train_at_each(params, objectives, seed)
+        return {"params": params, **{key: value for name in objectives for key, value in (
+            (name, 0.5 + seed / 10), (f"{name}_seconds", 1.0), (f"{name}_history", [0.5 + seed / 10]))}}
 
     monkeypatch.setattr(bench, "_train_at_each", logged)
+    first = bench.tail_fidelity(objective, [(40, 1)], (60, 2), configs=2)
+    assert trained == [["40x1", "full"], ["40x1", "full"]]
+    trained.clear()
     second = bench.tail_fidelity(objective, [(40, 1), (50, 1)], (60, 2), configs=3, previous=first)
     assert trained == [["50x1"], ["50x1"], ["40x1", "50x1", "full"]]  # the third configuration is new
     for old, new in zip(first["rows"], second["rows"], strict=False):
