@@ -276,17 +276,18 @@ def _provenance_table(ctx: dict) -> str:
     return _table(["file", "run", "code version", "command", "recorded"], rows)
 
 
-def _tail_fidelity(fidelity: dict | None) -> list[dict] | None:
-    """The budgets of a complete ``bench-tail`` (fewest rows x epochs first): each one's taus
-    against the reference, overall and within depth, and its median seconds; None if none."""
+def _tail_fidelity(fidelity: dict | None) -> dict | None:
+    """A complete ``bench-tail``: its configurations and reference (rows, epochs, median seconds),
+    and its budgets, fewest rows x epochs first, each with its taus against the reference (overall
+    and within depth) and its median seconds; None if there is none."""
     if not fidelity or not fidelity.get("complete") or not fidelity.get("budgets"):
         return None
-    rows = [{"rows": b["budget"]["rows"], "epochs": b["budget"]["max_epochs"], "tau": b["kendall_tau"],
-             "tau_within": b.get("kendall_tau_within_depth"), "seconds": b["seconds_median"],
-             "configs": fidelity["configs"], "ref_rows": fidelity["reference"]["rows"],
-             "ref_epochs": fidelity["reference"]["max_epochs"], "ref_seconds": fidelity["full_seconds_median"]}
-            for b in fidelity["budgets"].values()]
-    return sorted(rows, key=lambda r: r["rows"] * r["epochs"])
+    budgets = [{"rows": b["budget"]["rows"], "epochs": b["budget"]["max_epochs"], "tau": b["kendall_tau"],
+                "tau_within": b.get("kendall_tau_within_depth"), "seconds": b["seconds_median"]}
+               for b in fidelity["budgets"].values()]
+    return {"configs": fidelity["configs"], "ref_rows": fidelity["reference"]["rows"],
+            "ref_epochs": fidelity["reference"]["max_epochs"], "ref_seconds": fidelity["full_seconds_median"],
+            "budgets": sorted(budgets, key=lambda b: b["rows"] * b["epochs"])}
 
 
 def build_context(results: Path) -> dict:
@@ -358,6 +359,7 @@ def build_context(results: Path) -> dict:
         "tail_gain_points": 100 * (final["val_accuracy_plain"] - final["frozen_val_accuracy"]),
         "seed_spread_points": 100 * (max(tests) - min(tests)),
         "precision_pair": _precision_pair(ctx.get("frontier"), final),
+        "tail_fidelity": _tail_fidelity(bench.get("phase2_fidelity")),
         "seeds_same_code": len({r.get("code_version") for r in seeds["runs"]}) == 1
         and seeds["runs"][0].get("code_version") is not None,
         "worst_0": f"{worst[0]} at {_pct(per_class[worst[0]])}",
@@ -371,7 +373,6 @@ def build_context(results: Path) -> dict:
         if pair else None,
         "head_params": _params_text(final["params"]["head"]), "tail_params": _params_text(final["params"]["tail"]),
     }
-    d["tail_fidelity"] = _tail_fidelity(bench.get("phase2_fidelity"))
     d["effect_all_defaults"] = bool(d["effect"]) and all(e["defaults_shipped"] == e["decisions"] for e in d["effect"])
     if pair:
         n = int(final["data"]["test"])
