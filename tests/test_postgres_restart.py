@@ -13,6 +13,7 @@ from conftest import ROOT, LogWatch, finished_trials, search_cmd
 
 
 @pytest.mark.postgres
+@pytest.mark.slow  # a minute of four workers and a rerun: make reliability runs it
 @pytest.mark.skipif(not (os.environ.get("OPTUNA_TEST_PG_URL") and os.environ.get("OPTUNA_TEST_PG_RESTART")),
                     reason="needs $OPTUNA_TEST_PG_URL and $OPTUNA_TEST_PG_RESTART (a command; CI sets both)")
 def test_postgres_restarted_midway_workers_reconnect_and_a_rerun_completes(tiny_npz, tmp_path):

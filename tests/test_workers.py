@@ -7,10 +7,12 @@ import subprocess
 import time
 
 import optuna
+import pytest
 
 from conftest import ROOT, LogWatch, finished_trials, search_cmd
 
 
+@pytest.mark.slow  # a minute of two searches in subprocesses: make reliability runs it
 def test_sigkill_midway_then_resume_keeps_completed_trials(tiny_npz, tmp_path):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
