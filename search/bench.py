@@ -22,7 +22,7 @@ import numpy as np
 
 from search import ALLOCATOR_ENV, backbones, batches, finetune, heads, space
 from search.cache import Cache, build_extractor, ensure_cache
-from search.config import GOALS
+from search.config import GOALS, fidelity_key
 from search.data import Splits, one_hot
 from search.io import write_json
 
@@ -425,8 +425,8 @@ def bench_search(cache: Cache, splits: Splits, spec: backbones.BackboneSpec, mod
     if previous.exists():  # bench-tail's measurement is its own run's: kept
         from search.io import read_json
 
-        if "phase2_fidelity" in (kept := read_json(previous)):
-            out["phase2_fidelity"] = kept["phase2_fidelity"]
+        kept = read_json(previous)
+        out.update({key: kept[key] for key in (fidelity_key(False), fidelity_key(True)) if key in kept})
     write_json(results / "bench_search.json", out)
     return out
 
@@ -477,6 +477,7 @@ def tail_fidelity(objective: Any, budgets: list[tuple[int, int]], reference: tup
         full = [r["full"] for r in ranking]
         depth = [r["params"]["unfreeze_blocks"] for r in ranking]
         return {"configs": len(ranking), "configs_seed": configs_seed, "goal_kendall_tau": GOALS.tail_kendall_tau,
+                "search_depth": bool(objective.space_options.get("search_depth")),
                 "reference": objectives["full"].budget,
                 "budgets": {name: {"budget": objectives[name].budget,
                                    "kendall_tau": kendall_tau([r[name] for r in ranking], full) if ranking else None,
@@ -515,25 +516,26 @@ def _earlier_budgets(previous: dict | None, configs_seed: int) -> dict[str, dict
 
 def bench_tail(cache: Cache, splits: Splits, model: Any, results: Path, budgets: list[tuple[int, int]],
                reference: tuple[int, int], configs: int, configs_seed: int = 3, precision: str = "auto",
-               reuse: bool = True) -> dict:
+               reuse: bool = True, search_depth: bool = False) -> dict:
     """:func:`tail_fidelity` on ``cache`` (the head of this cache key's phase-1 search, else the
     default head; tail trials in ``precision``), written to ``results/bench_search.json`` under
-    ``phase2_fidelity`` after every configuration (``complete`` false until the last), the rest of
+    :func:`fidelity_key` after every configuration (``complete`` false until the last), the rest of
     that file kept. ``reuse``: the trainings that file already holds for this cache with the same
-    settings are taken from it (:func:`tail_fidelity`'s ``previous``)."""
+    settings are taken from it (:func:`tail_fidelity`'s ``previous``). ``search_depth``: the
+    configurations sample the depth, as ``search --search-depth`` does (default: all blocks)."""
     from search.engines.objective import make_objective
     from search.io import read_json
 
     objective = make_objective("tail", cache, splits, budgets[0][0], budgets[0][1], backbone=model,
-                               results=str(results), precision=precision)
-    path = results / "bench_search.json"
-    previous = (read_json(path) if path.exists() else {}).get("phase2_fidelity") if reuse else None
+                               results=str(results), precision=precision, search_depth=search_depth)
+    path, key = results / "bench_search.json", fidelity_key(search_depth)
+    previous = (read_json(path) if path.exists() else {}).get(key) if reuse else None
     if previous and previous.get("cache") != cache.path.name:
         previous = None
 
     def write(partial: dict, complete: bool = False) -> None:
         out = read_json(path) if path.exists() else {}
-        out["phase2_fidelity"] = {**partial, "cache": cache.path.name, "complete": complete,
+        out[key] = {**partial, "cache": cache.path.name, "complete": complete,
                                   "recorded": time.strftime("%Y-%m-%dT%H:%M:%S")}
         write_json(path, out)
 

@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(epochs, type=int, default=budget.max_epochs,
                        help=f"phase-{n} budget: epochs per trial (default {budget.max_epochs})"
                             + ("; on fewer training images than --tail-rows, the final's epochs" if n == 2 else ""))
+    p.add_argument("--search-depth", action="store_true",
+                   help="phase 2 also searches how many of the tail's blocks to unfreeze (default: all of them, "
+                        "fixed; the default trial budget ranks depths in reverse, results/bench_search.json)")
     p.add_argument("--head-batch-size", type=int, default=None,
                    help="phase-1 budget: rows per optimizer step of a trial (default "
                         f"{BUDGETS['head'].batch_size}; the final head trains in batches of {HEAD_BATCH_SIZE})")
@@ -249,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _cache_verb(sub, "bench-tail",
                        help="phase-2 fidelity: random tail configurations at trial budgets and at a reference, "
-                            "Kendall tau -> results/bench_search.json (phase2_fidelity)")
+                            "Kendall tau -> results/bench_search.json (phase2_fidelity; with --search-depth "
+                            "phase2_fidelity_search_depth)")
     p.add_argument("--budgets", default=None,
                    help="trial budgets ROWSxEPOCHS, comma-separated (default: the phase-2 default budget)")
     p.add_argument("--reference", default="20000x5", help="the longer training ranked against (default 20000x5)")
@@ -258,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true",
                    help="train every configuration again (default: a training results/bench_search.json already "
                         "holds for this cache, configuration and budget settings is reused)")
+    p.add_argument("--search-depth", action="store_true",
+                   help="configurations of every depth (default: all of the tail's blocks unfrozen, as the search)")
     _add_precision_arg(p)
 
     p = _cache_verb(sub, "bench-memory",
@@ -339,7 +345,7 @@ def cmd_search(args: argparse.Namespace, argv: list[str]) -> int:
             trials = args.trials if phase == "head" else args.tail_trials  # Hyperband refuses an explicit count
         objective = make_objective(phase, cache, splits, rows, max_epochs, backbone=model, results=args.results,
                                    seed=args.seed, mirrored=args.use_flips, batch_size=args.head_batch_size,
-                                   folds=args.folds, precision=args.tail_precision)
+                                   folds=args.folds, precision=args.tail_precision, search_depth=args.search_depth)
         log.info("phase %s: %s trials, budget %s", phase, trials, objective.budget)
         name = f"{args.study_name}-{phase}" if args.study_name and len(phases) > 1 else args.study_name
         timeout = None if deadline is None else max(1.0, deadline - time.monotonic())
@@ -374,7 +380,8 @@ def _spawn_workers(args: argparse.Namespace, argv: list[str], phases: tuple[str,
             from search.backbones import get_backbone
 
             spec = get_backbone(args.backbone)
-            options = {"max_unfreeze": len(spec.tail_blocks(spec.cut_layer(args.cut))) + 1}
+            options = {"max_unfreeze": len(spec.tail_blocks(spec.cut_layer(args.cut))) + 1,
+                       "search_depth": args.search_depth}
         engine.enqueue_defaults(open_study(args.storage, name, heartbeat=args.heartbeat), phase, options)
         procs = [subprocess.Popen([sys.executable, "-m", "search.cli", *rest, "--phase", phase, "--study-name", name,
                                    "--quiet", "--worker-index", str(w)], cwd=os.getcwd())
@@ -544,7 +551,8 @@ def cmd_bench_tail(args: argparse.Namespace, argv: list[str]) -> int:
     model = spec.build(weights=_weights(args), size=resolution)
     cache = _cache(args, splits, spec, model=model)
     out = bench.bench_tail(cache, splits, model, Path(args.results), budgets, reference, args.configs,
-                           args.configs_seed, precision=args.tail_precision, reuse=not args.fresh)
+                           args.configs_seed, precision=args.tail_precision, reuse=not args.fresh,
+                           search_depth=args.search_depth)
     print(json.dumps({name: b["kendall_tau"] for name, b in out["budgets"].items()}, indent=2))
     return 0
 

@@ -39,6 +39,13 @@ class Goals:
 GOALS = Goals()
 
 
+def fidelity_key(search_depth: bool) -> str:
+    """Where ``bench-tail`` writes in ``results/bench_search.json`` (and the paper reads):
+    ``phase2_fidelity`` for the search's default space (the depth fixed),
+    ``phase2_fidelity_search_depth`` with the depth sampled."""
+    return "phase2_fidelity_search_depth" if search_depth else "phase2_fidelity"
+
+
 @dataclass
 class FinalConfig:
     """Everything ``make final`` can change; the defaults are the documented recipe.

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from search.compare import wilson_interval
-from search.config import GOALS
+from search.config import GOALS, fidelity_key
 from search.errors import UserError
 from search.io import atomic_path, read_json, save_figure
 from search.report import confusion_figure
@@ -172,7 +172,7 @@ def _goals_table(ctx: dict, d: dict) -> str:
         from search import space
 
         budget = f"{space.BUDGETS['tail'].rows}x{space.BUDGETS['tail'].max_epochs}"  # bench-tail's name of the default
-        tail_tau = ((bench.get("phase2_fidelity") or {}).get("budgets", {}).get(budget) or {}).get("kendall_tau")
+        tail_tau = ((bench.get(fidelity_key(False)) or {}).get("budgets", {}).get(budget) or {}).get("kendall_tau")
         rows.append(["phase-2 fidelity, Kendall's tau", f"at least {GOALS.tail_kendall_tau:g}",
                      "not measured" if tail_tau is None else f"{tail_tau:.2f}",
                      "not measured" if tail_tau is None else verdict(tail_tau >= GOALS.tail_kendall_tau)])
@@ -277,15 +277,18 @@ def _provenance_table(ctx: dict) -> str:
 
 
 def _tail_fidelity(fidelity: dict | None) -> dict | None:
-    """A complete ``bench-tail``: its configurations and reference (rows, epochs, median seconds),
-    and its budgets, fewest rows x epochs first, each with its taus against the reference (overall
-    and within depth) and its median seconds; None if there is none."""
+    """A complete ``bench-tail``: its configurations (of every depth, or of the search's one) and
+    reference (rows, epochs, median seconds), and its budgets, fewest rows x epochs first, each
+    with its taus against the reference (overall, and within depth when depths were sampled) and
+    its median seconds; None if there is none."""
     if not fidelity or not fidelity.get("complete") or not fidelity.get("budgets"):
         return None
     budgets = [{"rows": b["budget"]["rows"], "epochs": b["budget"]["max_epochs"], "tau": b["kendall_tau"],
-                "tau_within": b.get("kendall_tau_within_depth"), "seconds": b["seconds_median"]}
+                "tau_within": b.get("kendall_tau_within_depth") if fidelity.get("search_depth") else None,
+                "seconds": b["seconds_median"]}
                for b in fidelity["budgets"].values()]
-    return {"configs": fidelity["configs"], "ref_rows": fidelity["reference"]["rows"],
+    return {"configs": fidelity["configs"], "search_depth": bool(fidelity.get("search_depth")),
+            "ref_rows": fidelity["reference"]["rows"],
             "ref_epochs": fidelity["reference"]["max_epochs"], "ref_seconds": fidelity["full_seconds_median"],
             "budgets": sorted(budgets, key=lambda b: b["rows"] * b["epochs"])}
 
@@ -359,7 +362,8 @@ def build_context(results: Path) -> dict:
         "tail_gain_points": 100 * (final["val_accuracy_plain"] - final["frozen_val_accuracy"]),
         "seed_spread_points": 100 * (max(tests) - min(tests)),
         "precision_pair": _precision_pair(ctx.get("frontier"), final),
-        "tail_fidelity": _tail_fidelity(bench.get("phase2_fidelity")),
+        "tail_fidelity": [f for f in (_tail_fidelity(bench.get(fidelity_key(depth))) for depth in (True, False))
+                          if f],
         "seeds_same_code": len({r.get("code_version") for r in seeds["runs"]}) == 1
         and seeds["runs"][0].get("code_version") is not None,
         "worst_0": f"{worst[0]} at {_pct(per_class[worst[0]])}",

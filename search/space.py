@@ -148,6 +148,8 @@ class KerasTunerSource:
         self.hp = hp
 
     def int(self, name: str, low: int, high: int) -> int:
+        if low == high:  # one value: KerasTuner's Fixed (Int refuses an empty range)
+            return self.hp.Fixed(name, low)
         return self.hp.Int(name, low, high)
 
     def float(self, name: str, low: float, high: float, log: bool = False) -> float:
@@ -195,11 +197,18 @@ def suggest_head(s: Source) -> dict[str, Any]:
     return p
 
 
-def suggest_tail(s: Source, max_unfreeze: int = MAX_UNFREEZE) -> dict[str, Any]:
+def suggest_tail(s: Source, max_unfreeze: int = MAX_UNFREEZE, search_depth: bool = False) -> dict[str, Any]:
     """Tail fine-tuning: how many of the tail's last blocks train (0: the head alone on the
     frozen tail; ``max_unfreeze``: the whole tail of the cache's cut, the blocks before the
     unfrozen ones running frozen), AdamW peak rate, decay, warm-up, smoothing, shifts, BN mode,
     head rate.
+
+    The depth is searched (0 to ``max_unfreeze``) only with ``search_depth``; otherwise it is
+    fixed at ``max_unfreeze`` (an integer parameter of one value: Optuna records it, KerasTuner
+    declares it ``Fixed``). A phase-2 trial budget cannot choose it: at 4,000 to 12,000 rows its
+    ranking of depths was the reverse of training on 20,000 rows for 5 epochs, where fine-tuning
+    the whole tail ranked best (``make bench-tail``, ``results/bench_search.json``,
+    ``phase2_fidelity``), as in the ablation.
 
     The BN momentum is not searched: a phase-2 trial validates after PreciseBN
     (``finetune.precise_bn``) has replaced the moving statistics, so its score cannot depend on
@@ -208,7 +217,7 @@ def suggest_tail(s: Source, max_unfreeze: int = MAX_UNFREEZE) -> dict[str, Any]:
     0.99 this way and its final lagged). It stays fixed at ``DEFAULT_TAIL["bn_momentum"]``.
     """
     p: dict[str, Any] = {
-        "unfreeze_blocks": s.int("unfreeze_blocks", 0, max_unfreeze),
+        "unfreeze_blocks": s.int("unfreeze_blocks", 0 if search_depth else max_unfreeze, max_unfreeze),
         "tail_learning_rate": s.float("tail_learning_rate", 5e-5, 3e-3, log=True),
         "weight_decay": s.float("weight_decay", 1e-3, 0.2, log=True),
         "warmup_fraction": s.float("warmup_fraction", 0.0, 0.3),
@@ -226,7 +235,7 @@ SUGGEST: dict[str, Callable[[Source], dict[str, Any]]] = {"head": suggest_head, 
 def suggest(phase: str, source: Any, **options: Any) -> dict[str, Any]:
     """Sample one configuration of ``phase`` from an Optuna trial or KerasTuner ``hp``;
     ``options`` bound the space by what the cache allows (an objective's ``space_options``:
-    the tail's ``max_unfreeze`` blocks)."""
+    the tail's ``max_unfreeze`` blocks, and ``search_depth``)."""
     return SUGGEST[check_phase(phase)](_adapt(source), **options)
 
 
@@ -240,7 +249,7 @@ class _Recorder:
         self.rows.setdefault(name, {"name": name, "values": values, "condition": ""})
 
     def int(self, name: str, low: int, high: int) -> int:
-        self._add(name, f"integer {low}–{high}")
+        self._add(name, f"fixed at {low}" if low == high else f"integer {low}–{high}")
         return high
 
     def float(self, name: str, low: float, high: float, log: bool = False) -> float:
@@ -259,10 +268,11 @@ class _Recorder:
         return out
 
 
-def describe(phase: str) -> list[dict[str, str]]:
-    """Every parameter of ``phase`` with its range and condition (for the paper and ``--help``)."""
+def describe(phase: str, **options: Any) -> list[dict[str, str]]:
+    """Every parameter of ``phase`` with its range and condition (for the paper and ``--help``);
+    ``options`` as :func:`suggest` (the tail's depth reads "fixed at 2" unless ``search_depth``)."""
     recorder = _Recorder()
-    SUGGEST[check_phase(phase)](recorder)
+    SUGGEST[check_phase(phase)](recorder, **options)
     return list(recorder.rows.values())
 
 
@@ -304,10 +314,13 @@ def default_trial(phase: str, **options: Any) -> dict[str, Any]:
     """``DEFAULTS[phase]`` as a trial of the phase's space would record it: only the parameters
     the space samples (and only those active for these values), e.g. for Optuna's
     ``enqueue_trial``. A fixed setting such as ``bn_momentum`` is left out. ``options``: as
-    :func:`suggest` (``max_unfreeze`` caps the default's unfrozen blocks)."""
+    :func:`suggest` (``max_unfreeze`` caps the default's unfrozen blocks; without
+    ``search_depth`` the depth is the space's one value, ``max_unfreeze``)."""
     values = dict(DEFAULTS[check_phase(phase)])
     if "max_unfreeze" in options:
         values["unfreeze_blocks"] = min(values["unfreeze_blocks"], options["max_unfreeze"])
+        if not options.get("search_depth"):
+            values["unfreeze_blocks"] = options["max_unfreeze"]
     fixed = _Fixed(values)
     SUGGEST[phase](fixed, **options)
     return fixed.params

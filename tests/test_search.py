@@ -70,6 +70,8 @@ def test_both_engines_run_both_phases_through_the_same_objective(engine_name, ti
         # every sampled configuration is one of this phase's space, and the best value is a fit's result
         declared = {row["name"] for row in space.describe(phase)}
         assert all(p and set(p) <= declared for p in spy.builds), (declared, spy.builds)
+        if phase == "tail":  # the search's default space fine-tunes the whole tail
+            assert {p["unfreeze_blocks"] for p in spy.builds} == {objective.parts.n_blocks}
         assert summary["best_value"] in spy.fits
         params, provenance = engines.best_params(tmp_path, phase, tiny_cache.path.name)
         assert provenance["engine"] == engine_name and params == summary["best_params"]
@@ -314,3 +316,31 @@ def test_a_stratified_kendall_tau_counts_only_the_pairs_within_a_group():
     assert bench.kendall_tau(short, long, depth) == pytest.approx(1.0)
     assert bench.kendall_tau(short, long[::-1], depth) == pytest.approx(-1.0)
     assert bench.kendall_tau(short, long, [0, 1, 2, 3]) == 0.0  # no pair shares a group
+
+
+def test_the_tail_depth_is_fixed_at_the_whole_tail_unless_searched():
+    import keras_tuner as kt
+
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    searched, fixed = set(), set()
+    for i in range(24):  # one study: a depth-searching trial and a fixed one do not clash
+        trial = study.ask()
+        params = space.suggest("tail", trial, max_unfreeze=3, search_depth=i % 2 == 0)
+        assert trial.params["unfreeze_blocks"] == params["unfreeze_blocks"]  # recorded, so the final gets it
+        (searched if i % 2 == 0 else fixed).add(params["unfreeze_blocks"])
+        study.tell(trial, 0.5)
+    assert fixed == {3} and searched <= {0, 1, 2, 3} and len(searched) > 1
+    hp = kt.HyperParameters()
+    assert space.suggest("tail", hp, max_unfreeze=1)["unfreeze_blocks"] == 1
+    assert [type(h).__name__ for h in hp.space if h.name == "unfreeze_blocks"] == ["Fixed"]
+    hp = kt.HyperParameters()
+    space.suggest("tail", hp, max_unfreeze=1, search_depth=True)
+    assert [type(h).__name__ for h in hp.space if h.name == "unfreeze_blocks"] == ["Int"]
+    # the defaults' trial unfreezes what the space allows: all of the tail, or the default (2) when searched
+    assert space.default_trial("tail", max_unfreeze=3)["unfreeze_blocks"] == 3
+    assert space.default_trial("tail", max_unfreeze=3, search_depth=True)["unfreeze_blocks"] == 2
+    assert space.default_trial("tail", max_unfreeze=1, search_depth=True)["unfreeze_blocks"] == 1
+    rows = {search_depth: {r["name"]: r["values"] for r in space.describe("tail", search_depth=search_depth)}
+            for search_depth in (False, True)}
+    assert rows[False]["unfreeze_blocks"] == f"fixed at {space.MAX_UNFREEZE}"
+    assert rows[True]["unfreeze_blocks"] == f"integer 0–{space.MAX_UNFREEZE}"

@@ -605,6 +605,8 @@ def test_tail_fidelity_trains_each_configuration_at_every_budget_and_the_referen
         assert [len(row[f"{k}_history"]) for k in ("40x1", "60x2", "full")] == [1, 2, 3]
         assert row["60x2"] == max(row["60x2_history"])  # a budget's score is its best epoch
     assert len({json.dumps(r["params"], sort_keys=True) for r in out["rows"]}) == 3, "three configurations"
+    # of the search's space: the whole tail fine-tuned, and recorded so
+    assert out["search_depth"] is False and {r["params"]["unfreeze_blocks"] for r in out["rows"]} == {parts.n_blocks}
     taus = [out["budgets"][k][t] for k in ("40x1", "60x2") for t in ("kendall_tau", "kendall_tau_within_depth")]
     assert all(-1.0 <= t <= 1.0 for t in taus)
     # ASHA judges a 2-epoch trial nowhere before its end (rung_steps(2) is empty): only its budget

@@ -139,6 +139,7 @@ class TailObjective:
     precision: str = "auto"
     precise_bn_rows: int = 1024
     full_epochs: int = FinalConfig.tail_epochs
+    search_depth: bool = False
     phase: str = "tail"
     last_score: selection.Score | None = None
     _rows: np.ndarray | None = field(default=None, repr=False)
@@ -152,8 +153,9 @@ class TailObjective:
 
     @property
     def space_options(self) -> dict[str, Any]:
-        """The tail's blocks bound how many can be unfrozen (``space.suggest_tail``)."""
-        return {"max_unfreeze": self.parts.n_blocks}
+        """The tail's blocks bound how many can be unfrozen; the depth is searched only with
+        ``search_depth``, else fixed at all of them (``space.suggest_tail``)."""
+        return {"max_unfreeze": self.parts.n_blocks, "search_depth": self.search_depth}
 
     @property
     def budget(self) -> dict[str, Any]:
@@ -190,13 +192,14 @@ Objective = HeadObjective | TailObjective
 def make_objective(phase: str, cache: Cache, splits: Splits, rows: int | None, max_epochs: int,
                    backbone: keras.Model | None = None, results: str = "results", seed: int = 0,
                    mirrored: bool = False, batch_size: int | None = None, folds: int | None = None,
-                   precision: str = FinalConfig.tail_precision) -> Objective:
+                   precision: str = FinalConfig.tail_precision, search_depth: bool = False) -> Objective:
     """The ``phase`` objective on ``cache`` with a budget of ``rows`` x ``max_epochs``; a head
     trial steps in batches of ``batch_size`` rows (None: ``space.BUDGETS["head"]``'s).
 
     ``folds``: cross-validation folds of a head trial; None chooses (:func:`head_folds`): 1 from
     :data:`search.selection.SMALL_DATA_ROWS` training images up, else :data:`search.selection.FOLDS`
     or as many as the smallest class allows. ``precision``: the tail trials' compute precision.
+    ``search_depth``: the tail's trials sample how many blocks to unfreeze (default: all of them).
 
     The tail objective starts from the head of the best phase-1 trial on this cache key (or the
     default head when there is none), trained once here on all pooled features; ``backbone`` is
@@ -221,7 +224,8 @@ def make_objective(phase: str, cache: Cache, splits: Splits, rows: int | None, m
         maps = batches.CachedMaps(cache, "train", splits.train_idx[:128], 128)[0][0]
         precision = finetune.measure_precision(parts, head, maps)["chosen"]
     return TailObjective(cache, splits, parts, head, head.get_weights(), cache.path.name, rows=rows,
-                         max_epochs=max_epochs, head_provenance=provenance["head"], precision=precision)
+                         max_epochs=max_epochs, head_provenance=provenance["head"], precision=precision,
+                         search_depth=search_depth)
 
 
 def tail_trial_epochs(available: int, rows: int | None, max_epochs: int, full_epochs: int) -> int:
