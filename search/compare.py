@@ -102,9 +102,12 @@ def _key_id(key: dict) -> str:
 
 def _complete_normalized(frontier: dict[str, dict]) -> None:
     """Add a reused cache's extraction, as normalized in the run that built it, to the normalized
-    figures of the runs that reused it; a run with no such builder among ``frontier`` loses them."""
-    built = {run["cache_key"]: (label, run["normalized"]["extraction_minutes"]) for label, run in frontier.items()
-             if run["normalized"] and not run["cache_reused"]}
+    figures of the runs that reused it; a run with no such builder among ``frontier`` loses them.
+    Of several runs that built the same cache, the latest finished is the measurement taken."""
+    builders = sorted(((run.get("finished") or "", label) for label, run in frontier.items()
+                       if run["normalized"] and not run["cache_reused"]))
+    built = {frontier[label]["cache_key"]: (label, frontier[label]["normalized"]["extraction_minutes"])
+             for _, label in builders}  # later builders overwrite earlier ones
     for run in frontier.values():
         norm = run["normalized"]
         if not norm or not run["cache_reused"]:

@@ -190,3 +190,12 @@ def test_frontier_normalizes_stage_by_stage_and_borrows_a_reused_caches_extracti
     assert frontier["other"]["normalized"] is None, "no run of the comparison built its cache"
     written = json.loads((tmp_path / "results" / "frontier.json").read_text())["runs"]
     assert written["reused"]["normalized"]["extraction_from"] == "cold"
+    # two runs built the cache: the later one's extraction is taken, whatever the order given
+    later = with_factors(_run(0, 0.88, 0.88), 0.5, 3.0, 40.0)
+    later["finished"] = "T0-later"
+    (tmp_path / "later.json").write_text(json.dumps(later))
+    for order in (("later", "cold", "reused"), ("cold", "later", "reused")):
+        given = {label: tmp_path / "later.json" if label == "later" else paths[label] for label in order}
+        frontier = compare_runs(given, tmp_path / "results")["frontier"]
+        assert frontier["reused"]["normalized"]["extraction_from"] == "later"
+        assert frontier["reused"]["normalized"]["points"][0] == pytest.approx(30.0 + 2.0)  # 600 s x 3, then head x 2
