@@ -196,14 +196,26 @@ def frozen_layers(model: keras.Model, layer_name: str) -> list[keras.layers.Laye
     return [op for op in before if isinstance(op, keras.layers.Layer)]
 
 
+def at_resolution(spec: BackboneSpec, model: keras.Model, resolution: int) -> keras.Model:
+    """``model`` (built by ``spec.build``) with input side ``resolution``: ``model`` itself when
+    it already has that side, else the application rebuilt at that side carrying ``model``'s
+    weights (a convolutional backbone's weights do not depend on the input side)."""
+    if model.input_shape[1] == resolution:
+        return model
+    copy = spec.build(weights=None, size=resolution)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
 def reference_speed(backbone: keras.Model, cut_layer: str, resolution: int, batch: int = 32,
                     repeats: int = 7, warmups: int = 2) -> dict:
     """This machine's speed now: Keras ``predict`` of the frozen part as the application builds
-    it (input to ``cut_layer``, unfolded) on one fixed batch of ``batch`` images, after
-    ``warmups`` untimed calls (here the first call after a single warm-up still ran at half the
-    speed of the next ones); the median of ``repeats`` timed calls, with every speed kept.
-    Measured inside the run it normalizes (``final.normalized_time``), never taken from another
-    run or machine."""
+    it (input to ``cut_layer``, unfolded) on one fixed batch of ``batch`` images of side
+    ``resolution`` (``backbone``'s input side), after ``warmups`` untimed calls (here the first
+    call after a single warm-up still ran at half the speed of the next ones); the median of
+    ``repeats`` timed calls, with every speed kept. Measured inside the run it normalizes
+    (``final.normalized_time``, at one side for runs of every resolution), never taken from
+    another run or machine."""
     import time
 
     frozen = keras.Model(backbone.inputs, cut_layer_of(backbone, cut_layer).output)

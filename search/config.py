@@ -65,6 +65,10 @@ class FinalConfig:
     ``tail_precision``: :data:`PRECISIONS`; ``"auto"`` times a few tail steps in both on the
     cached maps and trains in mixed bfloat16 when it is at least 10 % faster
     (``finetune.measure_precision``).
+    ``reference_resolution``: the input side at which the run measures this machine's speed
+    (``final.normalized_time``); None, the backbone's native side, whatever ``resolution`` is,
+    so that runs at different sides are normalized by the same measurement (tests set a small
+    side to stay fast).
     ``bn_passes`` defaults to 0: re-estimating the tail's BN statistics lowered
     validation accuracy in the run recorded in ``results/ablation.json`` and costs minutes.
     """
@@ -73,6 +77,7 @@ class FinalConfig:
     weights: str | None = "imagenet"
     cut: str | None = None
     resolution: int | None = None
+    reference_resolution: int | None = None  # the in-run speed reference's input side (None: native)
     mirror: str = "maps"
     data: str | None = None
     image_size: int | None = None

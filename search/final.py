@@ -396,7 +396,10 @@ def build_final(config: FinalConfig, splits: Splits | None = None, model: keras.
         model = spec.build(weights=config.weights, size=resolution)
     run = Run(config, spec, splits, model, cut_layer, resolution,
               precision=finetune.resolve_precision(config.tail_precision))  # "auto": measured in stage_tail
-    run.extra["reference_speed"] = backbones.reference_speed(model, cut_layer, resolution)
+    # the machine's speed, at one input side whatever the run's (config.reference_resolution)
+    reference_side = spec.resolution(config.reference_resolution)
+    reference_model = backbones.at_resolution(spec, model, reference_side)
+    run.extra["reference_speed"] = backbones.reference_speed(reference_model, cut_layer, reference_side)
     _timed(run, "cache", stage_cache)
     stage_params(run)
     _timed(run, "head", stage_head)
@@ -406,7 +409,7 @@ def build_final(config: FinalConfig, splits: Splits | None = None, model: keras.
     _timed(run, "test", stage_test)
     saved = _timed(run, "stitch_and_save", stage_save)
     run.timings["total"] = time.perf_counter() - t_start  # the end's reference is not part of the run's time
-    run.extra["reference_speed_end"] = backbones.reference_speed(model, cut_layer, resolution)
+    run.extra["reference_speed_end"] = backbones.reference_speed(reference_model, cut_layer, reference_side)
     return write_summary(run, saved)
 
 
@@ -454,9 +457,10 @@ REFERENCE_IMAGES_PER_SECOND = 60.0
 def normalized_time(seconds: float, reference: dict, end: dict | None = None) -> dict:
     """Wall time normalized to a machine whose raw frozen pass runs at 60 images/s:
     ``minutes x measured / 60``, ``measured`` the in-run reference speed
-    (``backbones.reference_speed``): the median of the repeats taken at the run's start and, with
-    ``end``, at its end too (this machine's speed drifts within a run); their spread gives the
-    normalized minutes' range."""
+    (``backbones.reference_speed``, at the backbone's native input side for runs of every
+    resolution unless ``FinalConfig.reference_resolution`` says otherwise): the median of the
+    repeats taken at the run's start and, with ``end``, at its end too (this machine's speed
+    drifts within a run); their spread gives the normalized minutes' range."""
     if end is not None:
         speeds = [*reference.get("speeds", [reference["images_per_second"]]),
                   *end.get("speeds", [end["images_per_second"]])]
@@ -484,7 +488,9 @@ def normalized_by_stage(timings: dict[str, float], images_per_second: float, ste
     step (the precision probe's median step, batch 128, in the precision the tail trained in)
     against a reference step of :data:`REFERENCE_TAIL_STEP_SECONDS`, the rest of the run by the
     in-run inference speed against :data:`REFERENCE_IMAGES_PER_SECOND`. None without a step
-    (the probe runs only when the precision is ``auto``)."""
+    (the probe runs only when the precision is ``auto``). The step is timed on the run's own
+    maps, so this figure compares runs of one input side only (a smaller side has a faster step
+    and so a larger training factor); :func:`normalized_time` compares across sides."""
     if not step_seconds:
         return None
     training = sum(float(timings.get(stage, 0.0)) for stage in TRAINING_STAGES)

@@ -32,7 +32,7 @@ def test_script_is_unmodified():
 
 
 def test_classic_script_runs_and_reports_the_model_accuracy(tmp_path, tiny_splits, tiny_npz):
-    config = FinalConfig(weights=None, resolution=TINY_RES, tail_precision="float32",
+    config = FinalConfig(weights=None, resolution=TINY_RES, reference_resolution=TINY_RES, tail_precision="float32",
                          cache_root=str(tmp_path / "cache"),
                          results=str(tmp_path / "results"), output=str(tmp_path / "cifar10.h5"),
                          head_epochs=2, tail_epochs=0, bn_passes=0, parity_images=10, progress=False)

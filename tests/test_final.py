@@ -185,6 +185,20 @@ def test_normalized_time_scales_wall_time_by_the_speed_measured_in_the_run(final
     assert len(both) == 2 * norm["reference"]["start"]["repeats"] >= 6 and speed == pytest.approx(np.median(both))
     assert norm["normalized_minutes"] == pytest.approx(summary["timings_seconds"]["total"] / 60 * speed / 60)
     assert speed < PLANTED_SPEED
+    # at the backbone's native side though the run is at TINY_RES, so runs at any side compare
+    native = backbones.get_backbone(summary["config"]["backbone"]).native_size
+    assert norm["reference"]["start"]["resolution"] == norm["reference"]["end"]["resolution"] == native != TINY_RES
+
+
+def test_at_resolution_rebuilds_the_backbone_at_another_side_with_the_same_weights(spec):
+    from search.backbones import at_resolution
+
+    keras.utils.set_random_seed(0)
+    model = spec.build(weights=None, size=TINY_RES)
+    assert at_resolution(spec, model, TINY_RES) is model
+    bigger = at_resolution(spec, model, 2 * TINY_RES)
+    assert bigger.input_shape[1:3] == (2 * TINY_RES, 2 * TINY_RES)
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), bigger.get_weights(), strict=True))
 
 
 def test_normalized_by_stage_scales_training_by_the_runs_step_and_the_rest_by_its_inference_speed(final_run):

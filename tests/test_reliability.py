@@ -104,7 +104,7 @@ def test_unwritable_results_dir_names_the_path(tmp_path):
 def test_final_into_unwritable_output_leaves_nothing(tmp_path, tiny_splits):
     blocker = tmp_path / "out"
     blocker.write_text("not a folder")
-    config = FinalConfig(weights=None, resolution=TINY_RES, tail_precision="float32",
+    config = FinalConfig(weights=None, resolution=TINY_RES, reference_resolution=TINY_RES, tail_precision="float32",
                          cache_root=str(tmp_path / "cache"),
                          results=str(tmp_path / "results"), output=str(blocker / "cifar10.h5"), head_epochs=1,
                          tail_epochs=0, bn_passes=0, parity_images=5, progress=False)

@@ -280,7 +280,7 @@ def test_final_takes_both_phases_of_its_own_cache_key_only(spec, tiny_splits, tm
         study.tell(trial, 0.5)
         engines.write_pointer(results, phase, own, {"engine": "optuna", "storage": storage,
                                                     "study_name": f"{phase}-{own}"})
-    config = FinalConfig(weights=None, resolution=TINY_RES, tail_precision="float32",
+    config = FinalConfig(weights=None, resolution=TINY_RES, reference_resolution=TINY_RES, tail_precision="float32",
                          cache_root=str(tmp_path / "cache"),
                          results=str(results), output=str(tmp_path / "m.h5"), head_epochs=1, tail_epochs=1,
                          tail_batch_size=32, bn_passes=1, parity_images=8, progress=False, params="study")
