@@ -66,7 +66,8 @@ def _add_cache_args(p: argparse.ArgumentParser) -> None:
                    help="'imagenet' (default) or 'none' (random: smoke tests only, never 'pretrained')")
     p.add_argument("--cut", default=None, help="cut point: last1, last2, ... (default per backbone)")
     p.add_argument("--resolution", type=int, default=None,
-                   help="input side the 32x32 images are upsampled to, 32..1024 (default: the backbone's native size)")
+                   help="input side the 32x32 images are upsampled to, 32..1024 (default: the backbone's default side, "
+                        "MobileNet 176; else its native size)")
     p.add_argument("--mirror", default="maps", choices=("images", "maps", "none"),
                    help="mirroring for augmentation: 'maps' (default) mirrors the cached activation maps (the "
                         "frozen pass runs over the images once); 'images' also caches the mirrored images "

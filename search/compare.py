@@ -123,10 +123,15 @@ def _complete_normalized(frontier: dict[str, dict]) -> None:
 def recipe_of(run: dict) -> dict:
     """What defines a recipe: the configuration less the seed and where things are written, and
     the parameters each phase trained with, completed by the fixed defaults
-    (:func:`search.space.with_defaults`: a run recorded before a setting existed ran its default)."""
-    skip = {"seed", "output", "results", "run_dir", "cache_root", "progress", "build_cache", "params"}
+    (:func:`search.space.with_defaults`: a run recorded before a setting existed ran its default),
+    and the cut layer and input side it ran at (from its cache key: a side given as the default's
+    value and a side left to the default are one recipe)."""
+    skip = {"seed", "output", "results", "run_dir", "cache_root", "progress", "build_cache", "params",
+            "cut", "resolution"}
     params = {phase: with_defaults(phase, run["params"].get(phase) or {}) for phase in PHASES}
-    return {k: v for k, v in run["config"].items() if k not in skip} | {"params": params}
+    key = run["cache"]["key"]
+    return ({k: v for k, v in run["config"].items() if k not in skip}
+            | {"params": params, "cut_layer": key.get("cut_layer"), "resolution": key.get("resolution")})
 
 
 def compare_runs(runs: dict[str, str | os.PathLike], results: str | os.PathLike = "results",

@@ -85,7 +85,7 @@ class FinalConfig:
     seed: int = 0
     params: str | dict = "auto"
     head_epochs: int = 30
-    tail_epochs: int = 5
+    tail_epochs: int = 6
     tail_batch_size: int = 128
     tail_precision: str = "auto"
     bn_passes: int = 0

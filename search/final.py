@@ -397,7 +397,8 @@ def build_final(config: FinalConfig, splits: Splits | None = None, model: keras.
     run = Run(config, spec, splits, model, cut_layer, resolution,
               precision=finetune.resolve_precision(config.tail_precision))  # "auto": measured in stage_tail
     # the machine's speed, at one input side whatever the run's (config.reference_resolution)
-    reference_side = spec.resolution(config.reference_resolution)
+    reference_side = spec.native_size if config.reference_resolution is None else spec.resolution(
+        config.reference_resolution)
     reference_model = backbones.at_resolution(spec, model, reference_side)
     run.extra["reference_speed"] = backbones.reference_speed(reference_model, cut_layer, reference_side)
     _timed(run, "cache", stage_cache)

@@ -355,6 +355,8 @@ def build_context(results: Path) -> dict:
         "speed_min": norm["reference"].get("min", norm["reference"]["images_per_second"]),
         "speed_max": norm["reference"].get("max", norm["reference"]["images_per_second"]),
         "speed": norm["reference"]["images_per_second"],
+        # the side the reference was measured at (runs before it was fixed at the native side: their own)
+        "reference_side": norm["reference"].get("start", norm["reference"]).get("resolution"),
         "wall_minutes": norm["wall_minutes"], "normalized_minutes": norm["normalized_minutes"],
         "normalized_lo": norm["normalized_minutes_range"][0], "normalized_hi": norm["normalized_minutes_range"][1],
         "by_stage": norm.get("by_stage"),

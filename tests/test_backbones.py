@@ -41,6 +41,16 @@ def test_lookup_is_case_insensitive():
     assert backbones.get_backbone("mobilenetv2").name == "MobileNetV2"
 
 
+def test_default_side_is_the_specs_own_else_the_native_one_and_is_checked():
+    for spec in backbones.BACKBONES.values():
+        assert spec.resolution() == (spec.default_size or spec.native_size)
+        assert spec.resolve(None, 96) == (spec.cut_layer(), 96)
+    mobilenet = backbones.get_backbone("MobileNet")
+    assert mobilenet.resolution() == mobilenet.default_size != mobilenet.native_size
+    with pytest.raises(UserError, match="resolution must be"):
+        mobilenet.resolution(16)
+
+
 @pytest.mark.parametrize("name", ["MobileNet", "MobileNetV2", pytest.param("ResNet50", marks=pytest.mark.slow)])
 def test_folded_extractor_computes_the_same_function(name):
     """The extraction copy with BN folded into the convolutions gives the unfolded model's cut

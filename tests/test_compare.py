@@ -67,12 +67,15 @@ def test_seeds_keep_the_latest_run_of_each_seed_and_complete_params_with_default
     runs["old1"]["params"] = {"head": {}, "tail": {k: v for k, v in space.DEFAULT_TAIL.items()
                                                    if k != "unfreeze_blocks"}}
     runs["other"] = _run(2, 0.9, 0.9, params={"head": {}, "tail": {"unfreeze_blocks": 1}})
+    runs["old1"]["config"]["resolution"] = 224  # given as the default's value: the same recipe
+    runs["side"] = _run(3, 0.9, 0.9)  # another side: another recipe
+    runs["side"]["config"]["resolution"] = runs["side"]["cache"]["key"]["resolution"] = 176
     paths = {}
     for label, run in runs.items():
         paths[label] = tmp_path / f"{label}.json"
         paths[label].write_text(json.dumps(run))
     seeds = compare_runs(paths, tmp_path / "results")["seeds"]
-    assert [r["label"] for r in seeds["runs"]] == ["new0", "old1"], "one run per seed, the latest; not 'other'"
+    assert [r["label"] for r in seeds["runs"]] == ["new0", "old1"], "the latest per seed; not 'other', 'side'"
     assert seeds["superseded"] == ["old0"] and seeds["mean_test_accuracy"] == pytest.approx(0.875)
 
 
