@@ -36,7 +36,7 @@ import numpy as np
 from search.config import GOALS
 from search.errors import UserError
 from search.io import read_json, save_figure, write_json
-from search.space import PHASES, params_label, with_defaults
+from search.space import DEFAULTS, PHASES, params_label, with_defaults
 
 
 def wilson_interval(correct: float, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -93,7 +93,24 @@ def curve(run: dict) -> dict[str, Any]:
             "cache_bytes": run["cache"].get("bytes"), "seed": run["config"]["seed"],
             "tail_epochs": run["config"].get("tail_epochs"),
             "tail_precision": run.get("tail_precision_resolved"),
-            "params": params_label(run.get("params_provenance") or {}), "finished": run.get("finished")}
+            "params": params_label(run.get("params_provenance") or {}), "param_changes": param_changes(run),
+            "flip": run["cache"]["key"].get("flip"), "finished": run.get("finished")}
+
+
+def param_changes(run: dict) -> dict[str, dict[str, Any]]:
+    """Per phase not taken from a search, the parameters whose values differ from today's
+    defaults (:data:`search.space.DEFAULTS`), a run's own values completed by
+    :func:`search.space.with_defaults`: what a run recorded under older defaults changed."""
+    provenance = run.get("params_provenance") or {}
+    out = {}
+    for phase in PHASES:
+        if (provenance.get(phase) or {}).get("source") == "search":
+            continue
+        values = with_defaults(phase, (run.get("params") or {}).get(phase) or {})
+        changed = {k: v for k, v in values.items() if v != DEFAULTS[phase].get(k)}
+        if changed:
+            out[phase] = changed
+    return out
 
 
 def _key_id(key: dict) -> str:
@@ -238,7 +255,8 @@ def results_table(results: str | os.PathLike = "results") -> str:
     normalized minutes when its cache was cold), ``final_cold.json`` (the latest cold run, when
     kept), ``evaluate.json`` (the
     course's script on the saved model) and ``search_effect.json`` (searched against default
-    parameters, per dataset, mean over seeds). A file that is missing leaves its rows out."""
+    parameters, per dataset, mean over seeds; labelled when run by another code version than
+    ``final.json``'s). A file that is missing leaves its rows out."""
     results = Path(results)
 
     def pct(x: float) -> str:
@@ -283,10 +301,11 @@ def results_table(results: str | os.PathLike = "results") -> str:
         for d in read_json(results / "search_effect.json").get("datasets", []):
             n = d["seeds"][0]["test_images"]
             seeds = ", ".join(str(s["seed"]) for s in d["seeds"])
+            older = "" if latest and d.get("code_version") == latest else " (another code version)"
             for role in ("default", "searched"):
                 val = float(np.mean([s[f"{role}_val"] for s in d["seeds"]]))
                 rows.append(f"| {d['name']} ({d['seeds'][0]['train_images']} training images) | {role} parameters, "
-                            f"mean of seeds {seeds} | {pct(val)} | {ci(d[f'mean_{role}_test'], n)} | "
+                            f"mean of seeds {seeds}{older} | {pct(val)} | {ci(d[f'mean_{role}_test'], n)} | "
                             "`search_effect.json` |")
     return "\n".join(rows)
 

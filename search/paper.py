@@ -198,16 +198,15 @@ def _factor(run: dict, default_cut: str, default_side: int, default_precision: s
     if run.get("resolution") != default_side:
         parts.append(f"{run.get('resolution')} px input")
     label = run.get("params")
-    if label not in (None, "default/default"):
-        phases = label.split("/")
-        if "search" in phases:
-            parts.append("searched parameters")
-        parts.extend(phase.split(", ", 1)[1] for phase in phases if phase.startswith("default, "))
+    if label not in (None, "default/default") and "search" in label.split("/"):
+        parts.append("searched parameters")
+    for changed in (run.get("param_changes") or {}).values():  # against today's defaults
+        parts.extend(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in changed.items())
     if default_epochs and run.get("tail_epochs") not in (None, default_epochs):
         parts.append(f"{run['tail_epochs']} tail epochs")
     if default_precision and run.get("tail_precision") not in (None, default_precision):
         parts.append(f"{run['tail_precision']} tail")
-    if (run.get("cache_bytes") or 0) > 1.5 * (run.get("_default_bytes") or float("inf")):
+    if run.get("flip"):
         parts.append("mirrored images cached")
     return ", ".join(parts) or "default recipe"
 
@@ -234,10 +233,9 @@ def _precision_pair(frontier: dict | None, final: dict) -> dict | None:
 def _runs_table(frontier: dict, final: dict) -> str:
     runs = list((frontier or {}).get("runs", {}).values())
     cut, side = final["cache"]["key"]["cut_layer"], final["cache"]["key"]["resolution"]
-    default_bytes = final["cache"]["bytes"]
     rows = []
     for run in sorted(runs, key=lambda r: (r.get("finished") or "")):
-        factor = _factor({**run, "_default_bytes": default_bytes}, cut, side, final.get("tail_precision_resolved"),
+        factor = _factor(run, cut, side, final.get("tail_precision_resolved"),
                          (final.get("config") or {}).get("tail_epochs"))
         norm = (run.get("normalized") or {}).get("final_minutes")
         rows.append([factor, run.get("seed"), _pct(run["final"]["val_accuracy"]), _pct(run["final"]["test_accuracy"]),

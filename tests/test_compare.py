@@ -79,6 +79,18 @@ def test_seeds_keep_the_latest_run_of_each_seed_and_complete_params_with_default
     assert seeds["superseded"] == ["old0"] and seeds["mean_test_accuracy"] == pytest.approx(0.875)
 
 
+def test_param_changes_are_against_todays_defaults_and_skip_searched_phases():
+    from search import space
+    from search.compare import param_changes
+
+    run = _run(0, 0.88, 0.88, params={"head": {"dropout": 0.1},
+                                      "tail": {**space.DEFAULT_TAIL, "tail_learning_rate": 5e-4}})
+    assert param_changes(run) == {"head": {"dropout": 0.1}, "tail": {"tail_learning_rate": 5e-4}}
+    run["params_provenance"] = {"head": {"source": "search"}, "tail": {"source": "default"}}
+    assert param_changes(run) == {"tail": {"tail_learning_rate": 5e-4}}
+    assert param_changes(_run(0, 0.88, 0.88)) == {}
+
+
 def test_search_effect_needs_one_seed_and_cache(tmp_path):
     searched = _run(0, 0.885, 0.884, params={"head": {"units": 1}, "tail": {}})
     default = _run(0, 0.88, 0.879)
@@ -124,7 +136,13 @@ def test_results_table_labels_seeds_of_another_code_version(tmp_path):
     (tmp_path / "final.json").write_text(json.dumps(final))
     (tmp_path / "seeds.json").write_text(json.dumps({"runs": [{**row, "seed": 0, "code_version": "aaa"},
                                                               {**row, "seed": 1, "code_version": "bbb"}]}))
+    seed = {"seed": 0, "default_val": 0.8, "searched_val": 0.8, "test_images": 100, "train_images": 900}
+    effect = {"name": "lowdata", "seeds": [seed], "mean_default_test": 0.8, "mean_searched_test": 0.8}
+    (tmp_path / "search_effect.json").write_text(json.dumps({"datasets": [{**effect, "code_version": "aaa"},
+                                                                          {**effect, "code_version": "ccc"}]}))
     lines = results_table(tmp_path).splitlines()
+    assert "another code version" not in lines[-4] + lines[-3] and "mean of seeds 0 |" in lines[-4]
+    assert all("mean of seeds 0 (another code version)" in line for line in lines[-2:])
     assert "| default recipe, seed 0 |" in lines[2] and "another code version" not in lines[2]
     assert "seed 1 (another code version)" in lines[3]
     assert "the latest `make final`, seed 0; cache reused" in lines[4]

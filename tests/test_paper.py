@@ -263,16 +263,18 @@ def test_runs_table_names_given_settings_and_precision_and_shows_normalized_minu
              "tail_precision_resolved": "mixed_bfloat16", "config": {"tail_epochs": 7}}
     base = {"cut_layer": "c11", "resolution": 224, "cache_bytes": 100, "seed": 0,
             "final": {"seconds": 600.0, "val_accuracy": 0.88, "test_accuracy": 0.87}}
+    ema = {"tail": {"ema_momentum": 0.998}}
     frontier = {"runs": {
-        "ema": {**base, "params": "default/default, ema_momentum=0.998", "tail_precision": "mixed_bfloat16",
-                "finished": "1", "normalized": {"final_minutes": 12.34}},
+        "ema": {**base, "params": "default/default, ema_momentum=0.998", "param_changes": ema,
+                "tail_precision": "mixed_bfloat16", "finished": "1", "normalized": {"final_minutes": 12.34}},
         "f32": {**base, "params": "default/default", "tail_precision": "float32", "finished": "2", "normalized": None},
         "searched": {**base, "params": "search/search", "finished": "3", "tail_epochs": 7},
-        "short": {**base, "params": "default/default, ema_momentum=0.998", "finished": "4", "tail_epochs": 5}}}
+        "short": {**base, "params": "default/default, ema_momentum=0.998", "param_changes": ema, "finished": "4",
+                  "tail_epochs": 5, "flip": True, "resolution": 176}}}
     lines = _runs_table(frontier, final).splitlines()[2:]
-    assert [line.split("|")[1].strip() for line in lines] == ["ema_momentum=0.998", "float32 tail",
-                                                              "searched parameters",
-                                                              "ema_momentum=0.998, 5 tail epochs"]
+    assert [line.split("|")[1].strip() for line in lines] == [
+        "ema_momentum=0.998", "float32 tail", "searched parameters",
+        "176 px input, ema_momentum=0.998, 5 tail epochs, mirrored images cached"]
     assert [line.split("|")[-2].strip() for line in lines] == ["12.3", "–", "–", "–"]
 
 
