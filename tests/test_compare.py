@@ -177,6 +177,8 @@ def test_search_effect_resumes_only_what_the_same_code_recorded(tmp_path, monkey
     monkeypatch.setattr(effect, "code_version", lambda: "abc1234")
     out = effect.run_effect(["digits"], [0], results=results, work=tmp_path / "w")
     assert len(calls) == 3 and out["datasets"][0]["code_version"] == "abc1234"
+    finals = [c for c in calls if c[0] == "final"]  # one precision for both: only the parameters differ
+    assert [c[c.index("--tail-precision") + 1] for c in finals] == [effect.FINAL_PRECISION] * 2
     row = out["datasets"][0]["seeds"][0]
     assert (row["searched_test"], row["default_test"]) == (0.81, 0.8) and out["datasets"][0]["mean_difference"] > 0
     effect.run_effect(["digits"], [0], results=results, work=tmp_path / "w")
