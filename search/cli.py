@@ -177,8 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None,
                    help="name this run: its final.json and stage rows go to RESULTS/runs/NAME/ (the searches are "
                         "still read from RESULTS/), and the model to RESULTS/runs/NAME/model.h5 unless --output")
+    p.add_argument("--reference-resolution", type=int, default=FINAL.reference_resolution,
+                   help="input side at which the run times this machine for its normalized minutes (default: the "
+                        "backbone's native side, whatever --resolution, so that runs of every side compare; a "
+                        "smaller side only for quick runs, whose minutes then compare with no other run)")
     p.add_argument("--no-tta", dest="tta", action="store_false",
-                   help="never average the mirrored image's prediction in the saved model")
+                   help="never average the predictions of mirrored or shifted views in the saved model")
     p.add_argument("--output", default=None, help=f"where to save the model (default ./{FINAL.output}, or the "
                                                    "run's folder with --name)")
 
@@ -420,7 +424,8 @@ def cmd_final(args: argparse.Namespace, argv: list[str]) -> int:
     output = args.output or (str(run_dir / "model.h5") if run_dir else FINAL.output)
     config = FinalConfig(
         backbone=args.backbone, weights=_weights(args), cut=args.cut, resolution=args.resolution,
-        mirror=args.mirror, data=args.data, image_size=args.image_size, val_size=args.val_size, seed=args.seed,
+        reference_resolution=args.reference_resolution, mirror=args.mirror, data=args.data,
+        image_size=args.image_size, val_size=args.val_size, seed=args.seed,
         params=_params(args.params),
         head_epochs=args.head_epochs, tail_epochs=args.tail_epochs, bn_passes=args.bn_passes, tta=args.tta,
         tail_precision=args.tail_precision, output=output, results=args.results,

@@ -60,15 +60,16 @@ class FinalConfig:
     ``"maps"`` (default) mirrors the cached activation maps (the frozen pass runs over the 60,000
     images once); ``"images"`` also caches the mirrored images' activations (120,000 images,
     twice the extraction and the disk). Test-time averaging (``tta``) is chosen on validation
-    among :func:`tta_candidates`; without cached mirror images, the mirrored images' activations
-    are computed at test time for the validation and test splits only.
+    among ``final.tta_candidates`` and the best of them over the tail's training shifts
+    (``final.stage_tta``); without cached mirror images, the mirrored images' activations are
+    computed at test time for the validation and test splits only.
     ``tail_precision``: :data:`PRECISIONS`; ``"auto"`` times a few tail steps in both on the
     cached maps and trains in mixed bfloat16 when it is at least 10 % faster
     (``finetune.measure_precision``).
     ``reference_resolution``: the input side at which the run measures this machine's speed
     (``final.normalized_time``); None, the backbone's native side, whatever ``resolution`` is,
     so that runs at different sides are normalized by the same measurement (tests set a small
-    side to stay fast).
+    side to stay fast: ``--reference-resolution``).
     ``bn_passes`` defaults to 0: re-estimating the tail's BN statistics lowered
     validation accuracy in the run recorded in ``results/ablation.json`` and costs minutes.
     """

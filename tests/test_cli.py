@@ -85,7 +85,8 @@ def test_failed_download_is_one_line(capsys, monkeypatch):
 
 def test_bad_optimizer_in_params_is_one_line(tiny_npz, tmp_path, capsys):
     out = _in_process(capsys, "final", "--data", str(tiny_npz), "--val-size", "20", "--weights", "none",
-                      "--resolution", "32", "--cache-dir", str(tmp_path / "c"), "--results", str(tmp_path / "r"),
+                      "--resolution", "32", "--reference-resolution", "32", "--cache-dir", str(tmp_path / "c"),
+                      "--results", str(tmp_path / "r"),
                       "--quiet", "--params", '{"head": {"optimizer": "rmsprop"}}', "--output", str(tmp_path / "m.h5"))
     _one_line_error(out, "unknown optimizer 'rmsprop'")
     assert not (tmp_path / "m.h5").exists()

@@ -155,13 +155,14 @@ def test_search_final_and_report_on_a_folder(folder, tmp_path):
                  "--tail-max-epochs", "1", "--head-rows", "0", "--tail-rows", "0", "--tail-precision", "float32"]) == 0
     output = tmp_path / "own.h5"
     assert main(["final", *common, "--head-epochs", "2", "--tail-epochs", "1", "--output", str(output),
-                 "--tail-precision", "float32", "--name", "own"]) == 0
+                 "--tail-precision", "float32", "--name", "own", "--reference-resolution", "32"]) == 0
     # a named run writes into its own folder, and still finds the searches of its cache key
     assert not (tmp_path / "results" / "final.json").exists()
     final = json.loads((tmp_path / "results" / "runs" / "own" / "final.json").read_text())
     assert (tmp_path / "results" / "runs" / "own" / "ablation.json").exists()
     assert final["class_names"] == list(CLASSES) and final["data"]["classes"] == 3
     assert np.array(final["test_confusion_matrix"]).shape == (3, 3)
+    assert final["normalized_time"]["reference"]["start"]["resolution"] == 32  # --reference-resolution honoured
     for phase in ("head", "tail"):  # each phase's search was weighed against its defaults' trial
         provenance = final["params_provenance"][phase]
         assert provenance["decision"]["ship"] == provenance["source"], provenance
