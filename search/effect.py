@@ -146,7 +146,9 @@ def run_effect(datasets: list[str], seeds: list[int], results: str | os.PathLike
     A dataset already recorded in that file for the same seeds, search arguments and code
     version (a clean commit: :func:`search.io.code_version`) is kept, so a killed run resumes at
     the dataset it was on; any other is run again, its per-seed folders under
-    ``results/effect/`` cleared first (a study left there by older code is not resumed)."""
+    ``results/effect/`` cleared first (a study left there by older code is not resumed). A
+    dataset recorded in the file but not asked for now stays in it as recorded, with its own
+    ``code_version``, after the ones asked for."""
     results, work = Path(results), Path(work)
     for name in datasets:
         if name not in DATASETS:
@@ -164,6 +166,11 @@ def run_effect(datasets: list[str], seeds: list[int], results: str | os.PathLike
     out: dict[str, Any] = {"seeds": seeds, "search_args": search_args, "datasets": [],
                            "final_tail_precision": FINAL_PRECISION,
                            "command": "python -m search.cli effect " + " ".join(sys.argv[2:])}
+    others = [d for d in previous.get("datasets", []) if d["name"] not in datasets]
+
+    def save() -> None:  # after each dataset: a killed run keeps what it finished
+        write_json(out_path, {**out, "datasets": [*out["datasets"], *others]})
+
     for name in datasets:
         if name in kept:
             out["datasets"].append(kept[name])
@@ -213,8 +220,9 @@ def run_effect(datasets: list[str], seeds: list[int], results: str | os.PathLike
                  "seed_spread_default": float(np.ptp([r["default_test"] for r in rows])),
                  "seed_spread_searched": float(np.ptp([r["searched_test"] for r in rows]))}
         out["datasets"].append(entry)
-        write_json(out_path, out)  # after each dataset: a killed run keeps what it finished
+        save()
     out["recorded"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    out["datasets"] = [*out["datasets"], *others]
     write_json(out_path, out)
     return out
 
