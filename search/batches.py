@@ -153,7 +153,8 @@ class CachedMaps(keras.utils.PyDataset):
     cached activations of the mirrored image (a cache built with ``flip=True``), ``"maps"``
     mirrors the cached activation map itself (no extra extraction), ``"none"`` never mirrors;
     ``"auto"`` is ``"images"`` when the cache has them, else ``"maps"``. ``view="flipped_maps"``
-    yields every map mirrored (test-time averaging without cached mirror images). Every random draw
+    yields every map mirrored (test-time averaging without cached mirror images); ``offset`` moves
+    every map by that fixed ``(dy, dx)`` (:func:`shift_by`, test-time averaging). Every random draw
     comes from a generator seeded by ``(seed, epoch, batch index)``, so batches are the same
     whichever worker thread builds them and in whatever order. ``epoch`` is set by the trainer
     (:func:`fit_tail`) at the start of each epoch, also after a resume.
@@ -161,8 +162,9 @@ class CachedMaps(keras.utils.PyDataset):
 
     def __init__(self, cache: Cache, split: str, rows: np.ndarray, batch_size: int, augment: bool = False,
                  shift: int = 0, view: str = "orig", seed: int = 0, workers: int = 1,
-                 mirror: str = "auto") -> None:
+                 mirror: str = "auto", offset: tuple[int, int] = (0, 0)) -> None:
         super().__init__(workers=workers, use_multiprocessing=False)
+        self.offset = tuple(offset)
         mirror = resolve_mirror(mirror, cache)
         self.flip_all = view == "flipped_maps"
         self.orig = cache.array(split, "cut", "orig" if self.flip_all else view)
@@ -187,6 +189,7 @@ class CachedMaps(keras.utils.PyDataset):
         x = np.asarray(self.orig[idx])
         if self.flip_all:
             x = np.ascontiguousarray(x[:, :, ::-1])
+        x = shift_by(x, *self.offset)
         if self.augment:
             rng = np.random.default_rng([self.seed, self.epoch, i])
             if self.mirror != "none":
@@ -211,6 +214,23 @@ def resolve_mirror(mirror: str, cache: Cache) -> str:
         raise UserError(f"mirror='images' needs a cache of mirrored images; {cache.path.name} has none "
                         "(extract with mirrored images, or mirror the maps)")
     return mirror
+
+
+def offsets(shift: int) -> tuple[tuple[int, int], ...]:
+    """Every offset ``(dy, dx)`` that :func:`shift_maps` draws with ``shift``: ``(2 shift + 1)^2``
+    of them, ``(0, 0)`` first."""
+    rest = [(dy, dx) for dy in range(-shift, shift + 1) for dx in range(-shift, shift + 1) if (dy, dx) != (0, 0)]
+    return ((0, 0), *rest)
+
+
+def shift_by(x: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """``(b, h, w, c)`` maps moved by one fixed offset, ``out[:, i, j] = x[:, i + dy, j + dx]``, zero
+    fill: one of the views :func:`shift_maps` draws at random (``backbones.shift_cells`` in the graph)."""
+    if dy == dx == 0:
+        return x
+    s = max(abs(dy), abs(dx))
+    h, w = x.shape[1:3]
+    return np.pad(x, ((0, 0), (s, s), (s, s), (0, 0)))[:, s + dy:s + dy + h, s + dx:s + dx + w]
 
 
 def shift_maps(x: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:

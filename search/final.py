@@ -14,13 +14,14 @@ part runs over the data once, in :func:`stage_cache`, and never again):
    on the pretrained tail;
 4. :func:`stage_bn`: the tail's BatchNormalization statistics re-estimated over the training
    split, *kept only if validation accuracy does not drop* (else the trained ones are restored);
-5. :func:`stage_tta`: mirror averaging (test-time augmentation: the mirrored image's cached
-   activations with ``mirror="images"``, the mirrored activation map with ``"maps"``) kept only
-   if it does not lower validation accuracy;
+5. :func:`stage_tta`: test-time averaging, chosen on validation: the mirrored image's or the
+   mirrored activation map's prediction averaged in (:func:`tta_candidates`), then the better
+   mirror also over every shift of the tail's training augmentation (:func:`tta_views`); each
+   kept only if it raises validation accuracy;
 6. :func:`stage_test`: the test set, scored once, with what was chosen above;
 7. :func:`stage_save`: one Keras model stitched: ``Input(s, s, 3)`` (CIFAR-10: 32) -> Lambda(upsample) ->
-   Lambda(preprocess) -> the frozen part -> the tail (just trained) -> head (and, with mirror
-   averaging, the same on the mirrored image or map, averaged); compiled; checked against the
+   Lambda(preprocess) -> the frozen part -> the tail (just trained) -> head (and, with test-time
+   averaging, the same on each mirrored or shifted view, averaged); compiled; checked against the
    cached path; saved atomically, with a sidecar ``<output stem>.json`` naming the classes
    (``class_names[i]`` is output ``i``) and the input size.
 
@@ -57,32 +58,68 @@ def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.argmax(probs, axis=1) == labels))
 
 
-def cached_probs(model: keras.Model, cache: Cache, split: str, rows: np.ndarray, tta: str = "none",
-                 kind: str = "cut") -> np.ndarray:
-    """Class probabilities of ``model`` on cached ``kind`` arrays; with ``tta`` (``"images"``
-    or ``"maps"``) averaged with those of the mirrored image or activation map."""
-    views = {"none": ("orig",), "images": ("orig", "flip"), "maps": ("orig", "flipped_maps")}[tta]
-    if kind == "pool" and tta == "maps":
-        raise ValueError("pooled features have no mirrored maps")
-    total = 0
-    for view in views:
+SHIFTED = "+shifts"
+MIRROR_VIEWS = {"none": ("orig",), "images": ("orig", "flip"), "maps": ("orig", "flipped_maps")}
+View = tuple[str, tuple[int, int]]  # (cached view, offset in cells)
+ORIGINAL: View = ("orig", (0, 0))
+
+
+def tta_views(tta: str, shift: int = 0) -> list[View]:
+    """The ``(view, offset)`` pairs whose predictions the test-time average ``tta`` averages: the
+    views of its mirror (``"none"``: the image; ``"images"``: and the mirrored image; ``"maps"``:
+    and the mirrored cut map), each at offset ``(0, 0)``, or for ``"<mirror>+shifts"`` at every
+    offset of the tail's training shifts of ``shift`` cells (``batches.offsets``)."""
+    mirror = tta.removesuffix(SHIFTED)
+    if mirror not in MIRROR_VIEWS:
+        raise ValueError(f"unknown test-time average {tta!r}")
+    offsets = batches.offsets(shift) if tta.endswith(SHIFTED) else ((0, 0),)
+    return [(view, offset) for view in MIRROR_VIEWS[mirror] for offset in offsets]
+
+
+def average(probs: dict[View, np.ndarray], views: list[View]) -> np.ndarray:
+    """The mean of the probabilities of ``views`` (keys of ``probs``)."""
+    return sum(probs[v] for v in views) / len(views)
+
+
+def cached_view_probs(model: keras.Model, cache: Cache, split: str, rows: np.ndarray, views: list[View],
+                      kind: str = "cut") -> dict[View, np.ndarray]:
+    """Class probabilities of ``model`` on cached ``kind`` arrays, one array per ``(view, offset)``
+    (``batches.CachedMaps``: ``"orig"``, ``"flip"`` (cached mirrored images), ``"flipped_maps"``)."""
+    out = {}
+    for view, offset in dict.fromkeys(views):
         if kind == "cut":
-            total = total + _predict(model, batches.CachedMaps(cache, split, rows, batches.VAL_BATCH, view=view))
+            out[view, offset] = _predict(model, batches.CachedMaps(cache, split, rows, batches.VAL_BATCH, view=view,
+                                                                   offset=offset))
+        elif view == "flipped_maps" or offset != (0, 0):
+            raise ValueError("pooled features have no mirrored or shifted maps")
         else:
-            total = total + _predict(model, np.asarray(cache.array(split, "pool", view)[rows]))
-    return total / len(views)
+            out[view, offset] = _predict(model, np.asarray(cache.array(split, "pool", view)[rows]))
+    return out
+
+
+def cached_probs(model: keras.Model, cache: Cache, split: str, rows: np.ndarray, tta: str = "none",
+                 kind: str = "cut", shift: int = 0) -> np.ndarray:
+    """Class probabilities of ``model`` on cached ``kind`` arrays, averaged over the views of the
+    test-time average ``tta`` (:func:`tta_views`)."""
+    views = tta_views(tta, shift)
+    return average(cached_view_probs(model, cache, split, rows, views, kind), views)
 
 
 def mirrored_image_probs(model: keras.Model, extractor: keras.Model, pixels: np.ndarray, kind: str = "cut",
-                         chunk: int = 1000) -> np.ndarray:
-    """Probabilities of ``model`` on the mirrored ``pixels`` ``(n, h, w, 3)``: the frozen pass
-    (``extractor``, ``cache.build_extractor``) runs now, ``chunk`` images at a time, its cut
-    activations rounded to float16 as the cache stores them; nothing is written."""
-    out = []
+                         chunk: int = 1000, offsets: tuple[tuple[int, int], ...] = ((0, 0),),
+                         ) -> dict[tuple[int, int], np.ndarray]:
+    """Probabilities of ``model`` on the mirrored ``pixels`` ``(n, h, w, 3)``, one array per
+    offset of the cut maps (``batches.shift_by``): the frozen pass (``extractor``,
+    ``cache.build_extractor``) runs now, once, ``chunk`` images at a time, its cut activations
+    rounded to float16 as the cache stores them; nothing is written."""
+    out: dict[tuple[int, int], list] = {tuple(o): [] for o in offsets}
+    if kind != "cut" and set(out) != {(0, 0)}:
+        raise ValueError("pooled features have no shifted maps")
     for start in range(0, len(pixels), chunk):
         cut, pool = frozen_pass(extractor, np.ascontiguousarray(pixels[start:start + chunk, :, ::-1]))
-        out.append(_predict(model, cut if kind == "cut" else pool))
-    return np.concatenate(out)
+        for offset, parts in out.items():
+            parts.append(_predict(model, batches.shift_by(cut, *offset) if kind == "cut" else pool))
+    return {offset: np.concatenate(parts) for offset, parts in out.items()}
 
 
 def reestimate_bn(tail: keras.Model, data: keras.utils.PyDataset, passes: int) -> None:
@@ -96,16 +133,23 @@ def reestimate_bn(tail: keras.Model, data: keras.utils.PyDataset, passes: int) -
             step(data[i][0])
 
 
+def _signed(n: int) -> str:
+    return f"m{-n}" if n < 0 else f"p{n}"
+
+
 def stitch(spec: backbones.BackboneSpec, backbone: keras.Model, head: keras.Model, cut_layer: str,
-           resolution: int, tta: str = "none", image_shape: tuple[int, ...] = IMAGE_SHAPE) -> keras.Model:
+           resolution: int, tta: str = "none", image_shape: tuple[int, ...] = IMAGE_SHAPE,
+           shift: int = 0) -> keras.Model:
     """``(b, *image_shape)`` 0-255 pixels (CIFAR-10: ``(b, 32, 32, 3)``) -> ``(b, classes)``
     probabilities, one Keras model.
 
     The first layer is the Lambda that upsamples to ``resolution``; then the frozen part (layers
-    up to ``cut_layer``, ``trainable=False``), the tail (trainable) and the head. ``tta``:
-    ``"images"`` averages with the prediction on the mirrored image (the frozen part runs twice),
-    ``"maps"`` with the prediction on the mirrored cut activations (the frozen part runs once),
-    exactly as :func:`cached_probs` scored them on the cache.
+    up to ``cut_layer``, ``trainable=False``), the tail (trainable) and the head. ``tta``
+    (:func:`tta_views`): ``"images"`` averages with the prediction on the mirrored image (the
+    frozen part runs twice), ``"maps"`` with the prediction on the mirrored cut activations (the
+    frozen part runs once); ``"+shifts"`` runs tail and head on each view's cut activations moved
+    by every offset of ``shift`` cells (Lambda ``shift_cells``); exactly as :func:`cached_probs`
+    scored them on the cache.
     """
     for layer in backbones.frozen_layers(backbone, cut_layer):
         layer.trainable = False
@@ -114,14 +158,19 @@ def stitch(spec: backbones.BackboneSpec, backbone: keras.Model, head: keras.Mode
     tail = backbones.split_at_cut(backbone, cut_layer)
     pixels = keras.Input(tuple(image_shape), name="pixels")
     x = backbones.input_stack(pixels, spec, resolution)
-    maps = frozen(x)
-    probs = head(tail(maps))
-    if tta == "images":
-        mirrored = keras.layers.Lambda(backbones.flip_left_right, name="mirror")(x)
-        probs = keras.layers.Average(name="tta_average")([probs, head(tail(frozen(mirrored)))])
-    elif tta == "maps":
-        mirrored = keras.layers.Lambda(backbones.flip_left_right, name="mirror_maps")(maps)
-        probs = keras.layers.Average(name="tta_average")([probs, head(tail(mirrored))])
+    sources = {"orig": frozen(x)}
+    outputs = []
+    for view, (dy, dx) in tta_views(tta, shift):
+        if view == "flip" and view not in sources:
+            sources[view] = frozen(keras.layers.Lambda(backbones.flip_left_right, name="mirror")(x))
+        elif view == "flipped_maps" and view not in sources:
+            sources[view] = keras.layers.Lambda(backbones.flip_left_right, name="mirror_maps")(sources["orig"])
+        maps = sources[view]
+        if (dy, dx) != (0, 0):
+            maps = keras.layers.Lambda(backbones.shift_cells, arguments={"dy": dy, "dx": dx},
+                                       name=f"shift_{view}_{_signed(dy)}_{_signed(dx)}")(maps)
+        outputs.append(head(tail(maps)))
+    probs = outputs[0] if len(outputs) == 1 else keras.layers.Average(name="tta_average")(outputs)
     return keras.Model(pixels, probs, name=f"cifar10_{spec.name.lower()}")
 
 
@@ -168,18 +217,31 @@ class Run:
     def val_labels(self) -> np.ndarray:
         return self.splits.y_train[self.splits.val_idx]
 
+    @property
+    def shift(self) -> int:
+        """Cells of the tail's training shifts (``params["tail"]["shift"]``): the offsets of ``"+shifts"``."""
+        return int((self.params or {}).get("tail", {}).get("shift", 0))
+
+    def view_probs(self, model: keras.Model, split: str, rows: np.ndarray, views: list[View],
+                   kind: str = "cut") -> dict[View, np.ndarray]:
+        """:func:`cached_view_probs`; on a cache without mirrored images, the mirrored image's
+        views (``"flip"``) are computed here by the frozen part (``extractor``, one pass for all
+        their offsets), as the saved model computes them, instead of being read from the cache."""
+        views = list(dict.fromkeys(views))
+        computed = () if self.cache.key["flip"] else tuple(o for v, o in views if v == "flip")
+        out = cached_view_probs(model, self.cache, split, rows,
+                                [(v, o) for v, o in views if not (computed and v == "flip")], kind)
+        if computed:
+            pixels = (self.splits.x_train if split == "train" else self.splits.x_test)[rows]
+            out.update({("flip", o): p for o, p in
+                        mirrored_image_probs(model, self.extractor, pixels, kind, offsets=computed).items()})
+        return out
+
     def probs(self, model: keras.Model, split: str, rows: np.ndarray, tta: str = "none",
-              kind: str = "cut", plain: np.ndarray | None = None) -> np.ndarray:
-        """:func:`cached_probs`; with ``tta="images"`` on a cache without mirrored images, the
-        mirrored images' activations are computed here by the frozen part (``extractor``), as
-        the saved model computes them, instead of being read from the cache; ``plain``, the
-        same rows' probabilities without averaging when already computed, is then reused."""
-        if tta != "images" or self.cache.key["flip"]:
-            return cached_probs(model, self.cache, split, rows, tta, kind)
-        pixels = (self.splits.x_train if split == "train" else self.splits.x_test)[rows]
-        if plain is None:
-            plain = cached_probs(model, self.cache, split, rows, "none", kind)
-        return (plain + mirrored_image_probs(model, self.extractor, pixels, kind)) / 2
+              kind: str = "cut") -> np.ndarray:
+        """Probabilities averaged over the views of ``tta`` (:func:`tta_views`, :meth:`view_probs`)."""
+        views = tta_views(tta, self.shift)
+        return average(self.view_probs(model, split, rows, views, kind), views)
 
     def val_accuracy(self, model: keras.Model, tta: str = "none", kind: str = "cut") -> float:
         return accuracy(self.probs(model, "train", self.splits.val_idx, tta, kind), self.val_labels)
@@ -290,26 +352,44 @@ def stage_bn(run: Run) -> None:
 def tta_candidates(config: FinalConfig, cache: Cache) -> tuple[str, ...]:
     """The test-time mirror averages tried on validation: the cached mirrored images' activations
     when the cache has them; else the mirrored maps (free) and the mirrored images (their frozen
-    pass runs at test time: 15,000 images for CIFAR-10's validation and test splits)."""
+    pass runs at test time: 15,000 images for CIFAR-10's validation and test splits). The better
+    of them is then also tried over the training shifts (:func:`stage_tta`)."""
     if not config.tta:
         return ()
     return ("images",) if cache.key["flip"] else ("maps", "images")
 
 
 def stage_tta(run: Run) -> None:
-    """Choose on validation among no averaging and :func:`tta_candidates` (ties keep the plain model)."""
+    """Choose on validation among no averaging, :func:`tta_candidates`, and the best of those
+    averaged over every offset of the tail's training shifts (``"<mirror>+shifts"``, when the
+    tail trained with shifts); a richer average ships only when it scores strictly higher."""
     rows = run.splits.val_idx
-    plain_probs = run.probs(run.trainer, "train", rows)  # reused by the mirrored images' average
-    plain = accuracy(plain_probs, run.val_labels)
-    scores = {mode: accuracy(run.probs(run.trainer, "train", rows, mode, plain=plain_probs), run.val_labels)
-              for mode in tta_candidates(run.config, run.cache)}
+    candidates = tta_candidates(run.config, run.cache)
+    probs = run.view_probs(run.trainer, "train", rows, [v for m in ("none", *candidates) for v in tta_views(m)])
+
+    def score(mode: str) -> float:
+        return accuracy(average(probs, tta_views(mode, run.shift)), run.val_labels)
+
+    plain = score("none")
+    scores = {mode: score(mode) for mode in candidates}
+    mirror = max(scores, key=lambda m: scores[m], default=None)
+    run.tta = mirror if mirror is not None and scores[mirror] > plain else "none"
+    if mirror is not None and run.shift:
+        shifted = mirror + SHIFTED
+        probs.update(run.view_probs(run.trainer, "train", rows,
+                                    [v for v in tta_views(shifted, run.shift) if v not in probs]))
+        scores[shifted] = score(shifted)
+        if scores[shifted] > max(plain, scores[mirror]):
+            run.tta = shifted
     best = max(scores, key=lambda m: scores[m], default=None)
-    run.tta = best if best is not None and scores[best] > plain else "none"
     run.extra.update(val_accuracy_plain=plain, val_accuracy_tta_candidates=scores,
                      val_accuracy_tta=scores[best] if best else None,
-                     val_accuracy=scores[run.tta] if run.tta != "none" else plain, tta_mode=best or "none")
-    for mode, score in scores.items():
-        run.row(f"final, mirror-averaged (TTA, mirrored {mode})", val_accuracy=score, chosen=run.tta == mode)
+                     val_accuracy=scores[run.tta] if run.tta != "none" else plain, tta_mode=best or "none",
+                     tta_views=len(tta_views(run.tta, run.shift)))
+    for mode, value in scores.items():
+        label = f"mirrored {mode.removesuffix(SHIFTED)}" + (
+            f", over {len(batches.offsets(run.shift))} shifts" if mode.endswith(SHIFTED) else "")
+        run.row(f"final, mirror-averaged (TTA, {label})", val_accuracy=value, chosen=run.tta == mode)
     run.row("final, plain", val_accuracy=plain, chosen=run.tta == "none")
 
 
@@ -319,8 +399,9 @@ def stage_test(run: Run) -> None:
     chosen on validation (``test_accuracy_plain``)."""
     y = run.splits.y_test
     rows = np.arange(len(y))
-    plain = run.probs(run.trainer, "test", rows)
-    probs = plain if run.tta == "none" else run.probs(run.trainer, "test", rows, run.tta, plain=plain)
+    views = tta_views(run.tta, run.shift)
+    by_view = run.view_probs(run.trainer, "test", rows, [ORIGINAL, *views])
+    plain, probs = by_view[ORIGINAL], average(by_view, views)
     pred = probs.argmax(1)
     k = run.cache.num_classes
     confusion = np.zeros((k, k), dtype=np.int64)
@@ -340,7 +421,7 @@ def stage_test(run: Run) -> None:
 def stage_save(run: Run) -> Path:
     c = run.config
     final = stitch(run.spec, run.backbone, run.head, run.cut_layer, run.resolution, run.tta,
-                   run.splits.image_shape)
+                   run.splits.image_shape, run.shift)
     frozen = [la for la in backbones.frozen_layers(run.backbone, run.cut_layer) if la.weights]
     tail = [la for la in run.parts.tail.layers if la.weights]
     run.extra["backbone_layers"] = {

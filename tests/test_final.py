@@ -46,6 +46,11 @@ def test_summary_and_ablation_written(final_run):
     confusion = np.array(summary["test_confusion_matrix"])
     assert confusion.shape == (10, 10) and confusion.sum() == 40
     assert abs(np.trace(confusion) / 40 - summary["test_accuracy"]) < 1e-9
+    # the best mirror was also tried over the tail's training shifts (shift 1: 9 offsets)
+    assert summary["params"]["tail"]["shift"] == 1
+    assert [m for m in summary["val_accuracy_tta_candidates"] if m.endswith("+shifts")] == [
+        max(("maps", "images"), key=lambda m: summary["val_accuracy_tta_candidates"][m]) + "+shifts"]
+    assert summary["tta_views"] == {"none": 1, "maps": 2, "images": 2}.get(summary["tta_chosen"], 18)
     # the model without test-time mirroring is scored too (the averaging was chosen on validation)
     if summary["tta_chosen"] == "none":
         assert summary["test_accuracy_plain"] == summary["test_accuracy"]
@@ -117,10 +122,10 @@ def lively(tmp_path_factory, tiny_splits, spec):
     return backbone, cache, spec.cut_layer()
 
 
-@pytest.mark.parametrize("tta", ["none", "images", "maps"])
-def test_stitched_model_scores_as_the_cache_did(lively, tiny_splits, spec, tta):
+@pytest.mark.parametrize("tta", ["none", "images", "maps", "images+shifts"])
+def test_stitched_model_scores_as_the_cache_did(lively, tiny_splits, spec, tta, tmp_path):
     from search import train
-    from search.final import cached_probs, stitch
+    from search.final import cached_probs, save_model, stitch
 
     backbone, cache, cut = lively
     assert np.asarray(cache.array("test", "cut", "orig"), np.float32).std() > 0.01, "maps must not be ~0"
@@ -128,13 +133,21 @@ def test_stitched_model_scores_as_the_cache_did(lively, tiny_splits, spec, tta):
     head = train.build_head_model({}, parts.tail.output.shape[-1], 10)
     trainer = finetune.build_tail_trainer(parts, head, head.get_weights(), {}, 1, 1)
     rows = np.arange(len(tiny_splits.y_test))
-    cached = cached_probs(trainer, cache, "test", rows, tta)
-    model = stitch(spec, backbone, head, cut, TINY_RES, tta)
+    cached = cached_probs(trainer, cache, "test", rows, tta, shift=1)
+    model = stitch(spec, backbone, head, cut, TINY_RES, tta, shift=1)
     stitched = model.predict(tiny_splits.x_test.astype(np.float32), verbose=0)
     np.testing.assert_allclose(stitched, cached, atol=2e-3)
+    shifted = [la.name for la in model.layers if la.name.startswith("shift_")]
+    assert len(shifted) == (16 if tta == "images+shifts" else 0), "8 moved views of the image and of its mirror"
     if tta != "none":
         plain = cached_probs(trainer, cache, "test", rows, "none")
         assert np.abs(plain - cached).max() > 1e-3, "averaging with the mirror changes the prediction"
+    if tta.endswith("+shifts"):
+        unshifted = cached_probs(trainer, cache, "test", rows, tta.removesuffix("+shifts"))
+        assert np.abs(unshifted - cached).max() > 1e-3, "the shifted views change the prediction"
+        loaded = keras.models.load_model(save_model(model, tmp_path / "m.h5"))  # default safe_mode
+        np.testing.assert_allclose(loaded.predict(tiny_splits.x_test.astype(np.float32), verbose=0), stitched,
+                                   atol=1e-5)
 
 
 def test_mirrored_images_computed_at_test_time_score_as_the_stitched_model(lively, tiny_splits, spec):
@@ -143,7 +156,7 @@ def test_mirrored_images_computed_at_test_time_score_as_the_stitched_model(livel
     ``tta="images"`` computes the same."""
     from search import train
     from search.cache import build_extractor, ensure_cache
-    from search.final import FinalConfig, Run, stitch
+    from search.final import FinalConfig, Run, stitch, tta_views
 
     backbone, _, cut = lively
     cache = ensure_cache(spec, tiny_splits, resolution=TINY_RES, weights=None, flip=False, progress=False,
@@ -153,17 +166,20 @@ def test_mirrored_images_computed_at_test_time_score_as_the_stitched_model(livel
     head = train.build_head_model({}, parts.tail.output.shape[-1], 10)
     trainer = finetune.build_tail_trainer(parts, head, head.get_weights(), {}, 1, 1)
     run = Run(FinalConfig(mirror="maps"), spec, tiny_splits, backbone, cut, TINY_RES, cache=cache,
-              extractor=build_extractor(backbone, spec, cut, TINY_RES))
+              extractor=build_extractor(backbone, spec, cut, TINY_RES), params={"tail": {"shift": 1}})
     rows = np.arange(len(tiny_splits.y_test))
-    mirrored = run.probs(trainer, "test", rows, "images")
-    stitched = stitch(spec, backbone, head, cut, TINY_RES, "images").predict(
-        tiny_splits.x_test.astype(np.float32), verbose=0)
-    np.testing.assert_allclose(mirrored, stitched, atol=2e-3)
+    pixels = tiny_splits.x_test.astype(np.float32)
+    for tta in ("images", "images+shifts"):
+        mirrored = run.probs(trainer, "test", rows, tta)
+        stitched = stitch(spec, backbone, head, cut, TINY_RES, tta, shift=run.shift).predict(pixels, verbose=0)
+        np.testing.assert_allclose(mirrored, stitched, atol=2e-3)
     plain = run.probs(trainer, "test", rows, "none")
     assert np.abs(mirrored - plain).max() > 1e-3
-    # the plain probabilities, passed in, are reused as computed (stage_test scores both)
-    np.testing.assert_allclose(run.probs(trainer, "test", rows, "images", plain=plain), mirrored, atol=1e-6)
-    assert np.abs(run.probs(trainer, "test", rows, "images", plain=np.zeros_like(plain)) - mirrored).max() > 1e-3
+    # one frozen pass gives the mirrored image's views at every offset, each its own prediction
+    views = tta_views("images+shifts", 1)
+    by_view = run.view_probs(trainer, "test", rows, views)
+    assert set(by_view) == set(views) and len(views) == 18
+    assert np.abs(by_view["flip", (0, 1)] - by_view["flip", (0, 0)]).max() > 1e-3
 
 
 def lively_root(lively):

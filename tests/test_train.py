@@ -258,6 +258,22 @@ def test_mirrored_maps_augmentation_and_flipped_view(maps_cache, tiny_splits):
     assert batches.resolve_mirror("auto", maps_cache) == "images"
 
 
+def test_fixed_shifts_are_the_training_shifts_in_numpy_and_in_the_graph():
+    """``batches.offsets`` lists exactly the offsets ``shift_maps`` draws, ``shift_by`` moves a map
+    by one of them, and the saved model's ``shift_cells`` Lambda computes the same."""
+    x = np.random.default_rng(0).normal(size=(64, 5, 4, 3)).astype(np.float32)
+    assert batches.offsets(1)[0] == (0, 0) and len(set(batches.offsets(1))) == 9 and batches.offsets(0) == ((0, 0),)
+    drawn = batches.shift_maps(x, 1, np.random.default_rng(1))
+    fixed = {o: batches.shift_by(x, *o) for o in batches.offsets(1)}
+    hits = [[o for o, y in fixed.items() if np.array_equal(y[i], drawn[i])] for i in range(len(x))]
+    assert all(len(h) == 1 for h in hits), "every random shift is one of the fixed offsets"
+    assert len({h[0] for h in hits}) == 9, "and every offset is drawn"
+    np.testing.assert_array_equal(fixed[1, -1][:, :4, 1:], x[:, 1:, :3])  # out[i, j] = x[i + 1, j - 1]
+    assert not fixed[1, -1][:, 4].any() and not fixed[1, -1][:, :, 0].any(), "zero fill"
+    for o, y in fixed.items():
+        np.testing.assert_array_equal(np.asarray(backbones.shift_cells(x, *o)), y)
+
+
 def test_mirror_images_needs_a_cache_of_mirrored_images(maps_cache, tiny_splits):
     no_flip = Cache(maps_cache.path, {**maps_cache.manifest, "key": {**maps_cache.key, "flip": False}})
     assert batches.resolve_mirror("auto", no_flip) == "maps"
