@@ -127,8 +127,8 @@ def _mobilenet_v1_cuts() -> dict[str, str]:
 BACKBONES: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in (
-        # 176 px by default: on CIFAR-10 the frontier's 176-px recipe (6 tail epochs, tail rate
-        # 1e-3) cleared 88 % test on seeds 0 and 1 at about two thirds of the 224-px cost
+        # 176 px by default: on CIFAR-10 the frontier's 176-px recipe (tail rate 1e-3) cleared
+        # 88 % test on seeds 0 and 1 at about two thirds of the 224-px cost
         # (results/frontier.json, seeds.json); the ImageNet weights are the 224-px ones
         BackboneSpec("MobileNet", "mobilenet", 224, _mobilenet_v1_cuts(), "last2", default_size=176),
         BackboneSpec("MobileNetV2", "mobilenet_v2", 224,
