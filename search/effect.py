@@ -6,7 +6,10 @@ For each dataset and seed it runs, each in a fresh process as a user would, on o
 1. ``search --data D --seed S --results R/effect/NAME-seedS`` (both phases, default budget unless
    ``search_args`` says otherwise), then ``final --params auto`` in that same results folder (the
    shipping rule of :mod:`search.selection` decides what ships);
-2. ``final --params default --seed S`` into ``R/effect/NAME-seedS-default``;
+2. ``final --params default --seed S`` into ``R/effect/NAME-seedS-default``; when the rule
+   shipped the defaults in both phases, step 1's final already is that run (the same
+   parameters, seed, cache and precision), so its ``final.json`` is copied there instead of
+   training the same model twice, and the row says so (``default_final``);
 
 both finals with the tail in :data:`FINAL_PRECISION`, so that only the parameters differ.
 
@@ -47,6 +50,8 @@ DATASETS = ("lowdata", "digits", "cifar10")
 # do not: on lowdata, seed 0, the same default parameters scored 0.7967 test in mixed bfloat16
 # and 0.8067 in float32 (an effect run stopped for that reason; both shipped the defaults).
 FINAL_PRECISION = "float32"
+REUSED = ("the searched final's: the rule shipped the defaults in both phases, so it trained with the same "
+          "parameters, seed, cache and precision as final --params default")
 LOWDATA = {"classes": 6, "train_per_class": 300, "test_per_class": 100}
 
 
@@ -193,9 +198,15 @@ def run_effect(datasets: list[str], seeds: list[int], results: str | os.PathLike
             search_s = _cli("search", *common, "--results", str(searched_dir), *search_args, log=log)
             final = [*common, "--tail-precision", FINAL_PRECISION]
             _cli("final", *final, "--results", str(searched_dir), "--output", str(searched_dir / "model.h5"), log=log)
-            _cli("final", *final, "--params", "default", "--results", str(default_dir),
-                 "--output", str(default_dir / "model.h5"), log=log)
-            searched, default = read_json(searched_dir / "final.json"), read_json(default_dir / "final.json")
+            searched = read_json(searched_dir / "final.json")
+            if all(searched["params_provenance"][ph]["source"] == "default" for ph in ("head", "tail")):
+                default_final = REUSED
+                write_json(default_dir / "final.json", {**searched, "copied_from": str(searched_dir / "final.json")})
+            else:
+                default_final = "run"
+                _cli("final", *final, "--params", "default", "--results", str(default_dir),
+                     "--output", str(default_dir / "model.h5"), log=log)
+            default = read_json(default_dir / "final.json")
             if searched["data"]["fingerprint"] != default["data"]["fingerprint"]:
                 raise UserError(f"{name} seed {seed}: the two finals saw different data")
             s, d = _test(searched), _test(default)
@@ -210,7 +221,7 @@ def run_effect(datasets: list[str], seeds: list[int], results: str | os.PathLike
                         (searched["params_provenance"][ph].get("decision") or {}).get("why")
                         for ph in ("head", "tail")},
                 "tail_decision": {"searched": searched.get("tail_decision"), "default": default.get("tail_decision")},
-                "head_folds": _head_folds(searched_dir)})
+                "head_folds": _head_folds(searched_dir), "default_final": default_final})
         diffs = [r["searched_test"] - r["default_test"] for r in rows]
         entry = {"name": name, "data": data, "seeds": rows, "seeds_run": seeds, "search_args": search_args,
                  "code_version": code,

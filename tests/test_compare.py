@@ -164,7 +164,8 @@ def test_search_effect_resumes_only_what_the_same_code_recorded(tmp_path, monkey
         (out / "final.json").write_text(json.dumps({
             "data": {"fingerprint": "f", "test": 100, "train": 400, "val": 100},
             "test_accuracy": 0.81 if searched else 0.8, "val_accuracy": 0.8,
-            "params_provenance": {ph: {"source": "default", "why": "noise"} for ph in ("head", "tail")}}))
+            "params_provenance": {"head": {"source": "study" if searched else "default"},
+                                  "tail": {"source": "default", "why": "noise"}}}))
         return 1.0
 
     monkeypatch.setattr(effect, "_cli", fake_cli)
@@ -189,6 +190,33 @@ def test_search_effect_resumes_only_what_the_same_code_recorded(tmp_path, monkey
     monkeypatch.setattr(effect, "code_version", lambda: "abc1234-dirty")
     effect.run_effect(["digits"], [0], results=results, work=tmp_path / "w")
     assert len(calls) == 6, "a dirty tree's results are never resumed"
+
+
+def test_search_effect_copies_the_searched_final_when_the_rule_shipped_the_defaults(tmp_path, monkeypatch):
+    """Both phases shipped the defaults: the searched final is the default final's very run, so
+    it is not trained twice; the row says the default's result is that run's."""
+    from search import effect
+
+    calls = []
+
+    def fake_cli(*args: str, log) -> float:
+        calls.append(args)
+        out = Path(args[args.index("--results") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "final.json").write_text(json.dumps({
+            "data": {"fingerprint": "f", "test": 100, "train": 400, "val": 100}, "test_accuracy": 0.8,
+            "val_accuracy": 0.8, "params_provenance": {ph: {"source": "default"} for ph in ("head", "tail")}}))
+        return 1.0
+
+    monkeypatch.setattr(effect, "_cli", fake_cli)
+    monkeypatch.setattr(effect, "make_digits_folder", lambda out: Path(out))
+    monkeypatch.setattr(effect, "code_version", lambda: "abc1234")
+    out = effect.run_effect(["digits"], [0], results=tmp_path / "r", work=tmp_path / "w")
+    assert [c[0] for c in calls] == ["search", "final"] and "--params" not in calls[1]
+    row = out["datasets"][0]["seeds"][0]
+    assert row["default_final"] == effect.REUSED and row["default_test"] == row["searched_test"]
+    copied = json.loads((tmp_path / "r" / "effect" / "digits-seed0-default" / "final.json").read_text())
+    assert copied["copied_from"].endswith("digits-seed0/final.json")
 
 
 def test_frontier_normalizes_stage_by_stage_and_borrows_a_reused_caches_extraction(tmp_path):
