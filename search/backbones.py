@@ -223,7 +223,13 @@ def at_resolution(spec: BackboneSpec, model: keras.Model, resolution: int) -> ke
     return copy
 
 
-def reference_speed(backbone: keras.Model, cut_layer: str, resolution: int, batch: int = 32,
+# Images per timed call of the reference. Calls of 32 images on a 2-core AMD EPYC ran at about 97
+# or about 177 images/s, call by call at random, so a median of a few of them could land on either;
+# calls of 128 agreed within a few per cent (bench_cache.json: reference_speed_by_batch).
+REFERENCE_BATCH = 128
+
+
+def reference_speed(backbone: keras.Model, cut_layer: str, resolution: int, batch: int = REFERENCE_BATCH,
                     repeats: int = 7, warmups: int = 2) -> dict:
     """This machine's speed now: Keras ``predict`` of the frozen part as the application builds
     it (input to ``cut_layer``, unfolded) on one fixed batch of ``batch`` images of side

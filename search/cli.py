@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "-> results/search_effect.json",
                        description="For each dataset and seed: `search` then `final` (the shipping rule decides), "
                                    "and `final --params default`, in fresh processes on one shared cache; writes "
-                                   "test accuracies with 95%% intervals, search wall time and trial counts.")
+                                   "test accuracies with 95 % intervals, search wall time and trial counts.")
     p.add_argument("--datasets", default="lowdata,digits",
                    help="comma-separated among lowdata (6 CIFAR-10 classes x 300 images from ../shared's archive), "
                         "digits (scikit-learn's digits as PNG folders), cifar10 (hours); default lowdata,digits")
