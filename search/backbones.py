@@ -223,10 +223,11 @@ def at_resolution(spec: BackboneSpec, model: keras.Model, resolution: int) -> ke
     return copy
 
 
-# Images per timed call of the reference. Calls of 32 images on a 2-core AMD EPYC ran at about 97
-# or about 177 images/s, call by call at random, so a median of a few of them could land on either;
-# calls of 128 agreed within a few per cent (bench_cache.json: reference_speed_by_batch).
-REFERENCE_BATCH = 128
+# Images per timed call of the reference. On a 2-core AMD EPYC calls of 32 images ran at two speeds
+# about 1.8x apart, call by call at random, so a median of a few could land on either; calls of 128
+# were no steadier in the same process (bench_cache.json: reference_speed_by_batch, both call sizes
+# timed in one run), so the call size stays 32, as every recorded run was timed.
+REFERENCE_BATCH = 32
 
 
 def reference_speed(backbone: keras.Model, cut_layer: str, resolution: int, batch: int = REFERENCE_BATCH,

@@ -140,9 +140,9 @@ def bench_cache(spec: backbones.BackboneSpec, splits: Splits, cut: str | None, r
     allocators = {name: _probe_subprocess(value, probe_args) for name, value in (("bfc", "true"), ("glibc", "false"))
                   if compare_allocators}
     reference = backbones.reference_speed(model, cut_layer, resolution)  # what `final` measures in its run
-    # the same measurement in calls of 32 images, in the same run: how much the call size steadies it
+    # the same measurement in calls of 32 and of 128 images, in one run: does the call size steady it?
     by_batch = {str(b): backbones.reference_speed(model, cut_layer, resolution, batch=b, repeats=15)
-                for b in (32, backbones.REFERENCE_BATCH)}
+                for b in (backbones.REFERENCE_BATCH, 4 * backbones.REFERENCE_BATCH)}
     out = {"backbone": spec.name, "cut_layer": cut_layer, "resolution": resolution, "weights": str(weights),
            "images": images, "allocator": os.environ.get(ALLOCATOR_ENV), "reference_speed": reference,
            "reference_speed_by_batch": {b: {**r, "relative_spread": (r["max"] - r["min"]) / r["images_per_second"]}
