@@ -84,12 +84,21 @@ def _jsonable(obj: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")
 
 
-def code_version() -> str | None:
-    """``git describe --always --dirty`` of the repository this package runs from (a commit,
-    ``-dirty`` when tracked files were changed), or None outside a git checkout."""
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
+def code_version(where: str | os.PathLike | None = None) -> str | None:
+    """The commit of the git checkout ``where`` (default: the one this package runs from), short,
+    with ``-dirty`` when tracked files other than those under ``results/`` were changed (a run's
+    outputs are not its code), or None outside a git checkout."""
+    cwd = Path(where) if where is not None else Path(__file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    head = git("rev-parse", "--short", "HEAD")
+    if not head:
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ":/", ":(top,exclude)results")
+    return f"{head}-dirty" if changed else head

@@ -253,3 +253,29 @@ def test_frontier_normalizes_stage_by_stage_and_borrows_a_reused_caches_extracti
         frontier = compare_runs(given, tmp_path / "results")["frontier"]
         assert frontier["reused"]["normalized"]["extraction_from"] == "later"
         assert frontier["reused"]["normalized"]["points"][0] == pytest.approx(30.0 + 2.0)  # 600 s x 3, then head x 2
+
+
+def test_code_version_is_dirty_for_changed_code_but_not_for_changed_results(tmp_path):
+    import subprocess
+
+    from search.io import code_version
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    (tmp_path / "results").mkdir()
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "results" / "final.json").write_text("{}\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "one")
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tmp_path, capture_output=True,
+                          text=True, check=True).stdout.strip()
+    assert code_version(tmp_path) == head
+    (tmp_path / "results" / "final.json").write_text('{"test_accuracy": 0.9}\n')  # a run's output
+    (tmp_path / "new.txt").write_text("untracked\n")
+    assert code_version(tmp_path) == head
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert code_version(tmp_path) == f"{head}-dirty"
+    assert code_version(tmp_path.parent / "not-a-checkout-here") is None
