@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Optuna trial heartbeat in seconds: trials of a killed worker are marked FAIL "
                         "after 2x this (default 30)")
     p.add_argument("--folds", type=int, default=None,
-                   help=f"cross-validation folds of a phase-1 trial (default: {selection.FOLDS} below "
+                   help=f"cross-validation folds of a trial of either phase (default: {selection.FOLDS} below "
                         f"{selection.SMALL_DATA_ROWS} training images, fewer if a class is too small; else 1, "
                         "the validation split)")
     _add_precision_arg(p)

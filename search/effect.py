@@ -221,7 +221,8 @@ def run_effect(datasets: list[str], seeds: list[int], results: str | os.PathLike
                         (searched["params_provenance"][ph].get("decision") or {}).get("why")
                         for ph in ("head", "tail")},
                 "tail_decision": {"searched": searched.get("tail_decision"), "default": default.get("tail_decision")},
-                "head_folds": _head_folds(searched_dir), "default_final": default_final})
+                "head_folds": _folds(searched_dir, "head"), "tail_folds": _folds(searched_dir, "tail"),
+                "default_final": default_final})
         diffs = [r["searched_test"] - r["default_test"] for r in rows]
         entry = {"name": name, "data": data, "seeds": rows, "seeds_run": seeds, "search_args": search_args,
                  "code_version": code,
@@ -238,12 +239,12 @@ def run_effect(datasets: list[str], seeds: list[int], results: str | os.PathLike
     return out
 
 
-def _head_folds(results: Path) -> int | None:
-    """The phase-1 study's cross-validation folds (its trials' budget), if recorded."""
+def _folds(results: Path, phase: str) -> int | None:
+    """The ``phase`` study's cross-validation folds (its trials' budget), if recorded."""
     import optuna
 
     path = results / "searches"
-    for pointer in path.glob("head-*.json"):
+    for pointer in path.glob(f"{phase}-*.json"):
         p = read_json(pointer)
         if p.get("engine") == "optuna":
             trials = optuna.load_study(study_name=p["study_name"], storage=p["storage"]).trials

@@ -313,13 +313,15 @@ def build_tail_trainer(parts: TailParts, head: keras.Model, head_weights: list[n
 
 
 def tail_batches(cache: Cache, splits: Splits, params: dict[str, Any], rows: np.ndarray | None = None,
-                 batch_size: int = 128, seed: int = 0, mirror: str = "auto") -> tuple[CachedMaps, CachedMaps]:
-    """(augmented training batches over ``rows`` (default all training rows), validation batches)."""
+                 batch_size: int = 128, seed: int = 0, mirror: str = "auto", val_rows: np.ndarray | None = None
+                 ) -> tuple[CachedMaps, CachedMaps]:
+    """(augmented training batches over ``rows`` (default all training rows), validation batches
+    over ``val_rows`` (default the validation split; a cross-validated trial's held-out fold))."""
     params = space.with_defaults("tail", params)
     rows = splits.train_idx if rows is None else rows
     train = CachedMaps(cache, "train", rows, batch_size, augment=True, shift=params["shift"], seed=seed, workers=2,
                        mirror=mirror)
-    val = CachedMaps(cache, "train", splits.val_idx, VAL_BATCH)
+    val = CachedMaps(cache, "train", splits.val_idx if val_rows is None else val_rows, VAL_BATCH)
     return train, val
 
 

@@ -7,22 +7,26 @@ wrote them.
 
 Scores (the model is scikit-learn's model selection: every score comes with its spread):
 
-- **Large data** (at least :data:`SMALL_DATA_ROWS` training images), and every phase-2 trial: a
+- **Large data** (at least :data:`SMALL_DATA_ROWS` training images): a
   trial is scored once on the validation split, ``n`` images, and records which images it got
   right (``hits``). Two trials of a study are scored on the same images, so the comparison is
   paired: per image, the difference of the two hits (-1, 0 or 1); the margin is their mean and
   its standard error their standard deviation over ``sqrt(n)`` (the z-test behind McNemar's).
   Without hits (trials recorded before they were kept), the unpaired binomial standard error
   ``sqrt(p1 (1 - p1) / n + p2 (1 - p2) / n)`` stands in, which is larger.
-- **Small data** (fewer training images): a phase-1 trial is scored by stratified k-fold
-  cross-validation (:data:`FOLDS` folds) on the training images' cached pooled features; the
-  validation split stays untouched for the final model's own choices. The study keeps each
-  fold's accuracy; the trial's value is their mean, its standard error ``sd / sqrt(k)``. Two
-  trials of one study share their folds, so the comparison is paired: the fold-by-fold
-  differences and their standard error.
+- **Small data** (fewer training images): a trial of either phase is scored by stratified
+  k-fold cross-validation (:data:`FOLDS` folds) on the training images, a head trial on their
+  cached pooled features, a tail trial on their cached maps; the validation split stays
+  untouched for the final model's own choices. The study keeps each fold's accuracy; the
+  trial's value is their mean, its standard error ``sd / sqrt(k)``. Two trials of one study
+  share their folds, so the comparison is paired. A tail trial also keeps which training images
+  it got right when held out (each exactly once), and two tail trials are compared image by
+  image over all of them, as on one split but over every training image instead of the
+  validation split's few (1,500 instead of 300 for a folder of 1,800); head trials, which keep
+  no hits, by the fold-by-fold differences (paired t).
 
 The shipping rule: the searched trial ships when its margin over the defaults exceeds a
-one-sided :data:`CONFIDENCE` bound of the noise (paired t on folds; normal on one split);
+one-sided :data:`CONFIDENCE` bound of the noise (normal on paired images; paired t on folds);
 otherwise the defaults ship. Selecting the best of many trials still flatters it (the winner's
 curse): the rule guards against shipping noise, not against every optimistic estimate.
 """
@@ -34,7 +38,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-SMALL_DATA_ROWS = 5000  # fewer training images than this: phase-1 trials are cross-validated
+SMALL_DATA_ROWS = 5000  # fewer training images than this: trials of both phases are cross-validated
 FOLDS = 5  # k of the k-fold cross-validation
 MIN_FOLD_ROWS_PER_CLASS = 2  # a class with fewer training images per fold than this: fewer folds
 MIN_VAL_PER_CLASS = 50  # the validation split holds at least this many images per class ...
@@ -122,8 +126,11 @@ def decide(best: Score, default: Score | None, best_is_default: bool = False) ->
     """``{"ship": "search" | "default", "why": ..., margin, se, threshold, best, default}``.
 
     ``best`` ships only if ``best.value - default.value`` exceeds ``threshold`` = the one-sided
-    :data:`CONFIDENCE` quantile (Student's t on the paired fold differences when both were
-    cross-validated on the same folds, else the normal) times the standard error of the margin.
+    :data:`CONFIDENCE` quantile times the standard error of the margin: the normal on the
+    image-by-image differences when both recorded the same images' hits (one split, or the
+    out-of-fold images of a cross-validated tail trial), else Student's t on the paired fold
+    differences when both were cross-validated on the same folds, else the normal on the
+    binomial errors.
     Without a defaults' score the rule cannot be applied and the defaults ship.
     """
     out: dict[str, Any] = {"best": best.as_dict(hits=False),
@@ -134,13 +141,7 @@ def decide(best: Score, default: Score | None, best_is_default: bool = False) ->
         return {**out, "ship": "default",
                 "why": "the study has no defaults' trial to compare with (run with --default-trial)"}
     margin = best.value - default.value
-    if best.folds >= 2 and best.folds == default.folds:
-        diffs = [b - d for b, d in zip(best.scores, default.scores, strict=True)]
-        se = _sd(diffs) / math.sqrt(len(diffs))
-        from scipy.stats import t
-
-        q, test = float(t.ppf(CONFIDENCE, len(diffs) - 1)), f"paired t over {len(diffs)} folds"
-    elif best.hits and default.hits and best.n and best.n == default.n:
+    if best.hits and default.hits and best.n and best.n == default.n and best.folds == default.folds:
         from statistics import NormalDist
 
         import numpy as np
@@ -148,8 +149,14 @@ def decide(best: Score, default: Score | None, best_is_default: bool = False) ->
         d = unpack_hits(best.hits, best.n).astype(float) - unpack_hits(default.hits, best.n).astype(float)
         se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else 0.0
         discordant = int(np.count_nonzero(d))
-        q, test = NormalDist().inv_cdf(CONFIDENCE), (f"paired over {best.n} validation images, "
-                                                       f"{discordant} scored differently")
+        where = f"out-of-fold images ({best.folds} folds)" if best.folds >= 2 else "validation images"
+        q, test = NormalDist().inv_cdf(CONFIDENCE), f"paired over {best.n} {where}, {discordant} scored differently"
+    elif best.folds >= 2 and best.folds == default.folds:
+        diffs = [b - d for b, d in zip(best.scores, default.scores, strict=True)]
+        se = _sd(diffs) / math.sqrt(len(diffs))
+        from scipy.stats import t
+
+        q, test = float(t.ppf(CONFIDENCE, len(diffs) - 1)), f"paired t over {len(diffs)} folds"
     else:
         se_b, se_d = best.se, default.se
         if se_b is None or se_d is None:

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import TINY_RES
 from search import batches, engines, space
-from search.engines.objective import HeadObjective, TailObjective, make_objective
+from search.engines.objective import HeadObjective, TailObjective, make_objective, trial_folds
 from search.errors import UserError
 from search.final import FinalConfig, build_final
 
@@ -88,9 +88,12 @@ def test_both_engines_run_both_phases_through_the_same_objective(engine_name, ti
                                       storage=f"sqlite:///{tmp_path / 'study.db'}").trials[0]
             assert first.user_attrs["defaults"] and first.params == space.default_trial(phase)
             assert space.with_defaults(phase, first.params) == space.DEFAULTS[phase]
-        # every finished phase-2 trial kept which validation images it got right (the paired comparison)
+        # every finished phase-2 trial kept which images it got right (the paired comparison): on this
+        # small set, every training row of its budget once, held out of one of its folds
         done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-        assert done and all(t.user_attrs["n"] == len(tiny_splits.val_idx) and t.user_attrs["hits"] for t in done)
+        assert objective.folds == trial_folds(tiny_splits) > 1
+        assert done and all(t.user_attrs["n"] == objective.budget["rows"] and t.user_attrs["hits"]
+                            and len(t.user_attrs["scores"]) == objective.folds for t in done)
         # the BN momentum is a fixed setting, not searched (PreciseBN trials cannot see it)
         assert all("bn_momentum" not in t.params for t in study.trials)
 

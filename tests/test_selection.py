@@ -6,7 +6,7 @@ import optuna
 import pytest
 
 from search import batches, engines, selection, space
-from search.engines.objective import HeadObjective, head_folds
+from search.engines.objective import HeadObjective, trial_folds
 from search.selection import Score, decide
 
 
@@ -52,7 +52,7 @@ def test_folds_fall_back_when_a_class_is_too_small():
 
 
 def test_small_data_head_trials_are_cross_validated_on_shared_stratified_folds(tiny_cache, tiny_splits):
-    assert head_folds(tiny_splits) == 5  # 100 training images, 10 per class
+    assert trial_folds(tiny_splits) == 5  # 100 training images, 10 per class
     data = batches.PooledData.from_cache(tiny_cache, tiny_splits, mirrored=False)
     folds = data.folds(5)
     held = np.concatenate([f.x_val for f in folds])
@@ -126,6 +126,6 @@ def test_too_few_images_per_class_for_the_folds_is_named_in_the_log(tiny_splits,
     small = make_splits(tiny_splits.x_train[keep], tiny_splits.y_train[keep], tiny_splits.x_test,
                         tiny_splits.y_test, val_size=20, seed=0)  # class 9: 8 images, 6 left for training
     with caplog.at_level("WARNING"):
-        k = head_folds(small)
+        k = trial_folds(small)
     assert k == 3 == selection.folds_for(small.y_train[small.train_idx])
     assert "cross-validated on 3 folds, not 5" in caplog.text and "smallest class has 6 images" in caplog.text

@@ -683,3 +683,32 @@ def test_a_tail_trial_on_data_smaller_than_its_rows_trains_for_the_finals_epochs
                              full_epochs=3).budget["max_epochs"]
 
     assert (epochs(available - 10), epochs(available + 10)) == (1, 3)
+
+
+def test_a_small_data_tail_trial_is_cross_validated_and_keeps_every_held_out_images_hits(
+        maps_cache, tiny_splits, parts):
+    """On small data a phase-2 trial trains one tail per fold and is scored on every training
+    image once, held out: the study compares two such trials image by image over all of them."""
+    from search import selection
+    from search.engines.objective import TailObjective, tail_folds, trial_folds
+
+    rows = tiny_splits.train_idx
+    folds = tail_folds(rows, tiny_splits.y_train[rows], 3)
+    held = np.concatenate([h for _, h in folds])
+    assert sorted(held) == sorted(rows)  # every training image held out exactly once
+    assert all(not set(fit) & set(h) and len(fit) + len(h) == len(rows) for fit, h in folds)
+    assert [h.tolist() for _, h in tail_folds(rows, tiny_splits.y_train[rows], 3)] == [h.tolist() for _, h in folds]
+    assert trial_folds(tiny_splits, rows=4000) == trial_folds(tiny_splits) > 1  # a small folder
+    head = _head(parts)
+    objective = TailObjective(maps_cache, tiny_splits, parts, head, head.get_weights(), "maps", rows=None,
+                              max_epochs=1, batch_size=32, precise_bn_rows=0, precision="float32", folds=3)
+    assert objective.budget["folds"] == 3
+    value = objective.fit(objective.build(space.DEFAULTS["tail"], seed=0), 1)
+    score = objective.last_score
+    hits = selection.unpack_hits(score.hits, score.n)
+    assert score.folds == 3 and score.n == len(rows) and value == pytest.approx(np.mean(score.scores))
+    sizes = [len(h) for _, h in folds]  # the hits are the folds' best-epoch predictions, in fold order
+    per_fold = np.split(hits, np.cumsum(sizes)[:-1])
+    assert [float(f.mean()) for f in per_fold] == pytest.approx(score.scores, abs=1e-6)
+    out = selection.decide(score, selection.Score(value, score.scores, score.n, selection.pack_hits(~hits)))
+    assert out["test"].startswith(f"paired over {len(rows)} out-of-fold images (3 folds)")

@@ -20,8 +20,11 @@ earlier from its per-epoch validation accuracy. A tail trial on a training set s
 
 Noise (:mod:`search.selection`): after every ``fit`` the objective's ``last_score`` holds the
 trial's estimate with its spread; engines record its ``scores`` and ``n`` with the trial. On
-small data a head trial is cross-validated (``folds`` > 1): it trains one head per fold on the
-cached pooled features, the pruner watching the first fold's epochs, and its value is the mean.
+small data a trial is cross-validated (``folds`` > 1): a head trial trains one head per fold on
+the cached pooled features, a tail trial one tail per fold on the cached maps, the pruner watching
+the first fold's epochs, and its value is the mean over the folds. A tail trial also records which
+training images it got right when held out (every one exactly once), so two tail trials are
+compared image by image over all the training images rather than over the validation split.
 """
 
 from __future__ import annotations
@@ -140,14 +143,20 @@ class TailObjective:
     precise_bn_rows: int = 1024
     full_epochs: int = FinalConfig.tail_epochs
     search_depth: bool = False
+    folds: int = 1
     phase: str = "tail"
     last_score: selection.Score | None = None
     _rows: np.ndarray | None = field(default=None, repr=False)
+    _fold_rows: list = field(default_factory=list, repr=False)
     _keep: frozenset = field(default=frozenset(), repr=False)
+    _params: dict = field(default_factory=dict, repr=False)
+    _seed: int = field(default=0, repr=False)
 
     def __post_init__(self) -> None:
         self._rows = batches.stratified_rows(self.splits.y_train, self.splits.train_idx, self.rows)
         self.max_epochs = tail_trial_epochs(len(self._rows), self.rows, self.max_epochs, self.full_epochs)
+        if self.folds > 1:
+            self._fold_rows = tail_folds(self._rows, self.splits.y_train[self._rows], self.folds)
         self._keep = tfgraph.custom_gradients()
         self.precision = finetune.resolve_precision(self.precision)
 
@@ -160,14 +169,24 @@ class TailObjective:
     @property
     def budget(self) -> dict[str, Any]:
         return {"rows": len(self._rows), "max_epochs": self.max_epochs, "batch_size": self.batch_size,
-                "precision": self.precision, "precise_bn_rows": self.precise_bn_rows, "head": self.head_provenance}
+                "precision": self.precision, "precise_bn_rows": self.precise_bn_rows, "folds": self.folds,
+                "head": self.head_provenance}
 
     def build(self, params: dict[str, Any], seed: int = 0) -> keras.Model:
         tfgraph.release_custom_gradients(self._keep)  # the previous trial's trainer is done
         keras.utils.set_random_seed(seed)
-        self._data = finetune.tail_batches(self.cache, self.splits, params, self._rows, self.batch_size, seed)
-        trainer = finetune.build_tail_trainer(self.parts, self.head, self.head_weights, params, len(self._data[0]),
-                                           self.max_epochs, self.precision)
+        self._params, self._seed = params, seed
+        return self._trainer(0)
+
+    def _trainer(self, fold: int) -> keras.Model:
+        """The trainer of this trial's parameters for ``fold`` (its data in ``self._data``): on the
+        budget's rows against the validation split, or, cross-validated, on the other folds'
+        rows against the held-out fold."""
+        fit_rows, held = self._fold_rows[fold] if self.folds > 1 else (self._rows, None)
+        self._data = finetune.tail_batches(self.cache, self.splits, self._params, fit_rows, self.batch_size,
+                                           self._seed + fold, val_rows=held)
+        trainer = finetune.build_tail_trainer(self.parts, self.head, self.head_weights, self._params,
+                                              len(self._data[0]), self.max_epochs, self.precision)
         if self.precise_bn_rows:
             augmented = self._data[0]
             n = min(len(augmented), -(-self.precise_bn_rows // augmented.batch_size))
@@ -176,14 +195,33 @@ class TailObjective:
                 self.parts.tail, np.concatenate([augmented[i][0] for i in range(n)]))
         return trainer
 
-    def fit(self, model: keras.Model, epochs: int, callbacks: list | None = None, initial_epoch: int = 0) -> float:
+    def _fit_one(self, model: keras.Model, epochs: int, callbacks: list | None, initial_epoch: int
+                 ) -> tuple[float, np.ndarray]:
+        """Train ``model`` on ``self._data``: its best validation accuracy, and which of the
+        validation rows that best epoch (restored, with its BN statistics) gets right."""
         history = finetune.fit_tail(model, *self._data, epochs, callbacks, initial_epoch=initial_epoch)
-        value = float(max(history["val_accuracy"]))
-        # which validation images the best epoch (restored, with its BN statistics) gets right
-        probs = model.predict(self._data[1], verbose=0)
-        hits = probs.argmax(1) == self.splits.y_train[self.splits.val_idx]
-        self.last_score = selection.Score(value, [value], len(hits), selection.pack_hits(hits))
-        return value
+        val = self._data[1]
+        hits = model.predict(val, verbose=0).argmax(1) == self.splits.y_train[val.rows]
+        return float(max(history["val_accuracy"])), hits
+
+    def fit(self, model: keras.Model, epochs: int, callbacks: list | None = None, initial_epoch: int = 0) -> float:
+        """Train ``model`` (and, cross-validated, one trainer per further fold with the same
+        parameters); the best validation accuracy, or its mean over the folds."""
+        if self.folds < 2:
+            value, hits = self._fit_one(model, epochs, callbacks, initial_epoch)
+            self.last_score = selection.Score(value, [value], len(hits), selection.pack_hits(hits))
+            return value
+        scores, hits = [], []
+        for k in range(self.folds):
+            if k:  # the engine's callbacks (pruning) watch the first fold only
+                model = self._trainer(k)
+            value, fold_hits = self._fit_one(model, epochs, callbacks if k == 0 else None,
+                                             initial_epoch if k == 0 else 0)
+            scores.append(value)
+            hits.append(fold_hits)
+        every = np.concatenate(hits)  # the training images in fold order: the same order in every trial
+        self.last_score = selection.Score(float(np.mean(scores)), scores, len(every), selection.pack_hits(every))
+        return self.last_score.value
 
 
 Objective = HeadObjective | TailObjective
@@ -196,10 +234,13 @@ def make_objective(phase: str, cache: Cache, splits: Splits, rows: int | None, m
     """The ``phase`` objective on ``cache`` with a budget of ``rows`` x ``max_epochs``; a head
     trial steps in batches of ``batch_size`` rows (None: ``space.BUDGETS["head"]``'s).
 
-    ``folds``: cross-validation folds of a head trial; None chooses (:func:`head_folds`): 1 from
+    ``folds``: cross-validation folds of a trial (either phase); None chooses (:func:`trial_folds`): 1 from
     :data:`search.selection.SMALL_DATA_ROWS` training images up, else :data:`search.selection.FOLDS`
-    or as many as the smallest class allows. ``precision``: the tail trials' compute precision.
-    ``search_depth``: the tail's trials sample how many blocks to unfreeze (default: all of them).
+    or as many as the smallest class allows. A head trial counts the images its ``rows`` leave; a
+    tail trial counts all training images, whatever its ``rows`` (CIFAR-10's tail trials train
+    on 4,000 of 45,000 images and are scored once, on the validation split). ``precision``: the
+    tail trials' compute precision. ``search_depth``: the tail's trials sample how many blocks to
+    unfreeze (default: all of them).
 
     The tail objective starts from the head of the best phase-1 trial on this cache key (or the
     default head when there is none), trained once here on all pooled features; ``backbone`` is
@@ -212,7 +253,7 @@ def make_objective(phase: str, cache: Cache, splits: Splits, rows: int | None, m
     if phase == "head":
         return HeadObjective(data, cache.path.name, rows=rows, max_epochs=max_epochs, mirrored=mirrored,
                              batch_size=space.head_trial_batch_size() if batch_size is None else batch_size,
-                             folds=head_folds(splits, rows) if folds is None else folds)
+                             folds=trial_folds(splits, rows) if folds is None else folds)
     params, provenance = resolve_params("auto", results, cache.path.name, phases=("head",))
     head, _ = train.train_head(data, params["head"], epochs=FinalConfig.head_epochs, seed=seed)
     from search.backbones import get_backbone
@@ -225,7 +266,17 @@ def make_objective(phase: str, cache: Cache, splits: Splits, rows: int | None, m
         precision = finetune.measure_precision(parts, head, maps)["chosen"]
     return TailObjective(cache, splits, parts, head, head.get_weights(), cache.path.name, rows=rows,
                          max_epochs=max_epochs, head_provenance=provenance["head"], precision=precision,
-                         search_depth=search_depth)
+                         search_depth=search_depth, folds=trial_folds(splits) if folds is None else folds)
+
+
+def tail_folds(rows: np.ndarray, labels: np.ndarray, k: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``k`` stratified folds of the training ``rows`` (``labels`` their classes): (rows to fit,
+    held-out rows) each, every row held out once. The same ``seed`` gives the same folds, so the
+    trials of a study are scored on the same images."""
+    from sklearn.model_selection import StratifiedKFold
+
+    splitter = StratifiedKFold(k, shuffle=True, random_state=seed)
+    return [(rows[fit], rows[held]) for fit, held in splitter.split(np.zeros(len(rows)), labels)]
 
 
 def tail_trial_epochs(available: int, rows: int | None, max_epochs: int, full_epochs: int) -> int:
@@ -243,8 +294,8 @@ def tail_trial_epochs(available: int, rows: int | None, max_epochs: int, full_ep
     return max(max_epochs, full_epochs)
 
 
-def head_folds(splits: Splits, rows: int | None = None) -> int:
-    """Cross-validation folds of a phase-1 trial on ``splits`` (1: one validation split).
+def trial_folds(splits: Splits, rows: int | None = None) -> int:
+    """Cross-validation folds of a trial of either phase on ``splits`` (1: one validation split).
 
     Below :data:`search.selection.SMALL_DATA_ROWS` training images (after ``rows``), a trial is
     scored on :data:`search.selection.FOLDS` folds; fewer when a class has too few images for
@@ -258,7 +309,7 @@ def head_folds(splits: Splits, rows: int | None = None) -> int:
     k = selection.folds_for(labels)
     if k < selection.FOLDS:
         logging.getLogger(__name__).warning(
-            "%d training images: phase-1 trials cross-validated on %d folds, not %d (the smallest class has %d "
+            "%d training images: trials cross-validated on %d folds, not %d (the smallest class has %d "
             "images; %d per fold needed)%s", n, k, selection.FOLDS, int(np.bincount(labels).min()),
             selection.MIN_FOLD_ROWS_PER_CLASS, "; one validation split instead" if k < 2 else "")
     return k
