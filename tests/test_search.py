@@ -55,7 +55,7 @@ def test_both_engines_run_both_phases_through_the_same_objective(engine_name, ti
     engine = engines.make_engine(engine_name, progress=False, results=tmp_path)
     for phase in space.PHASES:
         objective = make_objective(phase, tiny_cache, tiny_splits, rows=60, max_epochs=1, backbone=backbone,
-                                   precision="float32",
+                                   precision="float32", folds=2,  # cross-validated, as small data is; 2 for speed
                                    results=str(tmp_path))
         assert isinstance(objective, HeadObjective if phase == "head" else TailObjective)
         spy = Spy(objective)
@@ -91,7 +91,7 @@ def test_both_engines_run_both_phases_through_the_same_objective(engine_name, ti
         # every finished phase-2 trial kept which images it got right (the paired comparison): on this
         # small set, every training row of its budget once, held out of one of its folds
         done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-        assert objective.folds == trial_folds(tiny_splits) > 1
+        assert objective.folds == 2 and trial_folds(tiny_splits) > 1  # by default too: 100 training images
         assert done and all(t.user_attrs["n"] == objective.budget["rows"] and t.user_attrs["hits"]
                             and len(t.user_attrs["scores"]) == objective.folds for t in done)
         # the BN momentum is a fixed setting, not searched (PreciseBN trials cannot see it)
