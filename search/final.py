@@ -265,7 +265,9 @@ def stage_cache(run: Run) -> None:
 def stage_params(run: Run) -> None:
     from search.engines import resolve_params
 
-    run.params, run.provenance = resolve_params(run.config.params, run.config.results, run.cache.path.name)
+    run.params, run.provenance = resolve_params(run.config.params, run.config.results, run.cache.path.name,
+                                                train_rows=len(run.splits.train_idx),
+                                                tail_epochs=run.config.tail_epochs)
     for phase in space.PHASES:
         p = run.provenance[phase]
         log.info("%s parameters: %s%s: %s", phase, p["source"], f" ({p['why']})" if p.get("why") else

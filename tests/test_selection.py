@@ -65,16 +65,17 @@ def test_small_data_head_trials_are_cross_validated_on_shared_stratified_folds(t
     assert objective.budget["folds"] == 5
 
 
-def _study_with(tmp_path, default_scores, best_scores, cache_id="c1"):
+def _study_with(tmp_path, default_scores, best_scores, cache_id="c1", phase="head", budget=None):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
-    study = optuna.create_study(storage=storage, study_name=f"head-{cache_id}", direction="maximize")
-    dist = {"dropout": optuna.distributions.FloatDistribution(0.0, 0.5)}
+    study = optuna.create_study(storage=storage, study_name=f"{phase}-{cache_id}", direction="maximize")
+    name = {"head": "dropout", "tail": "weight_decay"}[phase]
+    dist = {name: optuna.distributions.FloatDistribution(0.0, 0.5)}
     for scores, extra in ((default_scores, {"defaults": True}), (best_scores, {})):
         study.add_trial(optuna.trial.create_trial(
-            params={"dropout": space.DEFAULTS["head"]["dropout"] if extra else 0.1}, distributions=dist,
-            value=float(np.mean(scores)), user_attrs={"scores": scores, "n": 20, **extra}))
-    engines.write_pointer(tmp_path, "head", cache_id, {"engine": "optuna", "storage": storage,
-                                                       "study_name": study.study_name})
+            params={name: space.DEFAULTS[phase][name] if extra else 0.1}, distributions=dist,
+            value=float(np.mean(scores)), user_attrs={"scores": scores, "n": 20, "budget": budget, **extra}))
+    engines.write_pointer(tmp_path, phase, cache_id, {"engine": "optuna", "storage": storage,
+                                                      "study_name": study.study_name})
 
 
 def test_final_auto_ships_the_search_only_beyond_the_noise_and_says_why(tmp_path):
@@ -91,6 +92,25 @@ def test_final_auto_ships_a_clear_win(tmp_path):
     params, prov = engines.resolve_params("auto", tmp_path, "c1", phases=("head",))
     assert prov["head"]["source"] == "search" and prov["head"]["decision"]["ship"] == "search"
     assert params["head"]["dropout"] == 0.1
+
+
+def test_a_tail_search_below_the_finals_training_ships_only_when_asked(tmp_path):
+    """A phase-2 win at a budget below the final's training (CIFAR-10's 4,000 images x 2 epochs)
+    is not shipped by auto, which says why; a small set's trials, at the final's training, are."""
+    win = ([0.6, 0.62, 0.61, 0.6, 0.63], [0.7, 0.73, 0.71, 0.7, 0.72])
+    _study_with(tmp_path, *win, phase="tail", budget={"rows": 4000, "max_epochs": 2})
+    params, prov = engines.resolve_params("auto", tmp_path, "c1", phases=("tail",), train_rows=45000, tail_epochs=8)
+    assert prov["tail"]["source"] == "default" and params["tail"] == space.DEFAULTS["tail"]
+    assert "beats the defaults" in prov["tail"]["why"] and "trained 2 epochs" in prov["tail"]["why"]
+    params, prov = engines.resolve_params("study", tmp_path, "c1", phases=("tail",), train_rows=45000, tail_epochs=8)
+    assert prov["tail"]["source"] == "search" and params["tail"]["weight_decay"] == 0.1
+    small = tmp_path / "small"
+    small.mkdir()
+    _study_with(small, *win, phase="tail", budget={"rows": 1500, "max_epochs": 8, "folds": 5})
+    params, prov = engines.resolve_params("auto", small, "c1", phases=("tail",), train_rows=1500, tail_epochs=8)
+    assert prov["tail"]["source"] == "search" and params["tail"]["weight_decay"] == 0.1
+    assert engines.below_final_fidelity({"rows": 1000, "max_epochs": 8}, 1500, 8).startswith("its trials trained on")
+    assert engines.below_final_fidelity(None, 1500, 8) is None
 
 
 def test_on_one_split_trials_are_compared_image_by_image():

@@ -23,7 +23,7 @@ from search.engines.base import (  # noqa: F401  (the package's vocabulary)
     pointer_path,
     write_pointer,
 )
-from search.engines.choice import best_params, resolve_params  # noqa: F401
+from search.engines.choice import below_final_fidelity, best_params, resolve_params  # noqa: F401
 from search.errors import UserError
 
 

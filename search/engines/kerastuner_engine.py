@@ -172,7 +172,9 @@ def best_params(directory: str, project_name: str) -> tuple[dict, dict]:
     if defaults.exists():
         d = read_json(defaults)
         default_score = selection.Score.from_record(d["value"], d).as_dict()
+    budget = Path(directory, project_name, "search_budget.json")
     return best["params"], {"engine": "kerastuner", "directory": str(directory), "study": project_name,
                             "trial": best["trial_id"], "value": best["value"],
                             "score": selection.Score.from_record(best["value"], best["scores"]).as_dict(),
-                            "default_score": default_score, "best_is_default": False}
+                            "default_score": default_score, "best_is_default": False,
+                            "budget": read_json(budget) if budget.exists() else None}

@@ -395,4 +395,4 @@ def best_params(storage: str, study_name: str) -> tuple[dict, dict]:
         "score": selection.Score.from_record(best.value, best.user_attrs).as_dict(),
         "default_score": (selection.Score.from_record(defaults[0].value, defaults[0].user_attrs).as_dict()
                           if defaults else None),
-        "best_is_default": bool(best.user_attrs.get("defaults"))}
+        "best_is_default": bool(best.user_attrs.get("defaults")), "budget": best.user_attrs.get("budget")}
