@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import keras
+import numpy as np
 import optuna
 import pytest
 
@@ -92,6 +93,13 @@ def test_both_engines_run_both_phases_through_the_same_objective(engine_name, ti
         # small set, every training row of its budget once, held out of one of its folds
         done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         assert objective.folds == 2 and trial_folds(tiny_splits) > 1  # by default too: 100 training images
+        # each fold starts from its own head, trained without the fold's held-out images
+        fold_heads = objective.fold_head_weights
+        def same(a, b):
+            return all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+        assert len(fold_heads) == 2 and not same(fold_heads[0], fold_heads[1])
+        assert not same(fold_heads[0], objective.head_weights)
         assert done and all(t.user_attrs["n"] == objective.budget["rows"] and t.user_attrs["hits"]
                             and len(t.user_attrs["scores"]) == objective.folds for t in done)
         # the BN momentum is a fixed setting, not searched (PreciseBN trials cannot see it)

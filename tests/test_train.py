@@ -700,8 +700,11 @@ def test_a_small_data_tail_trial_is_cross_validated_and_keeps_every_held_out_ima
     assert [h.tolist() for _, h in tail_folds(rows, tiny_splits.y_train[rows], 3)] == [h.tolist() for _, h in folds]
     assert trial_folds(tiny_splits, rows=4000) == trial_folds(tiny_splits) > 1  # a small folder
     head = _head(parts)
-    objective = TailObjective(maps_cache, tiny_splits, parts, head, head.get_weights(), "maps", rows=None,
-                              max_epochs=1, batch_size=32, precise_bn_rows=0, precision="float32", folds=3)
+    common = dict(rows=None, max_epochs=1, batch_size=32, precise_bn_rows=0, precision="float32", folds=3)
+    with pytest.raises(UserError, match="trained without that fold's images: 3 heads needed, 0 given"):
+        TailObjective(maps_cache, tiny_splits, parts, head, head.get_weights(), "maps", **common)
+    objective = TailObjective(maps_cache, tiny_splits, parts, head, head.get_weights(), "maps",
+                              fold_head_weights=[head.get_weights()] * 3, **common)
     assert objective.budget["folds"] == 3
     value = objective.fit(objective.build(space.DEFAULTS["tail"], seed=0), 1)
     score = objective.last_score

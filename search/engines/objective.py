@@ -21,8 +21,10 @@ earlier from its per-epoch validation accuracy. A tail trial on a training set s
 Noise (:mod:`search.selection`): after every ``fit`` the objective's ``last_score`` holds the
 trial's estimate with its spread; engines record its ``scores`` and ``n`` with the trial. On
 small data a trial is cross-validated (``folds`` > 1): a head trial trains one head per fold on
-the cached pooled features, a tail trial one tail per fold on the cached maps, the pruner watching
-the first fold's epochs, and its value is the mean over the folds. A tail trial also records which
+the cached pooled features, a tail trial one tail per fold on the cached maps (each fold from a
+phase-1 head trained without that fold's images: a head that had seen them flatters the
+configurations that move it least), the pruner watching the first fold's epochs, and its value
+is the mean over the folds. A tail trial also records which
 training images it got right when held out (every one exactly once), so two tail trials are
 compared image by image over all the training images rather than over the validation split.
 """
@@ -123,7 +125,9 @@ class TailObjective:
     """Phase 2: the tail after the cut, with the phase-1 head, on cached cut activations.
 
     ``head`` starts every trial from ``head_weights`` (trained once on pooled features with the
-    phase-1 parameters); the tail from its pretrained weights (``parts.reset``). Before each
+    phase-1 parameters), or, cross-validated on ``folds``, fold ``k`` from
+    ``fold_head_weights[k]`` (trained without fold ``k``'s images); the tail from its pretrained
+    weights (``parts.reset``). Before each
     validation, the BN statistics are set from ``precise_bn_rows`` training rows
     (``finetune.precise_bn``; 0 turns it off): the final model's thousands of steps let its moving
     averages converge, a trial's few dozen do not.
@@ -144,6 +148,7 @@ class TailObjective:
     full_epochs: int = FinalConfig.tail_epochs
     search_depth: bool = False
     folds: int = 1
+    fold_head_weights: list = field(default_factory=list, repr=False)
     phase: str = "tail"
     last_score: selection.Score | None = None
     _rows: np.ndarray | None = field(default=None, repr=False)
@@ -157,6 +162,10 @@ class TailObjective:
         self.max_epochs = tail_trial_epochs(len(self._rows), self.rows, self.max_epochs, self.full_epochs)
         if self.folds > 1:
             self._fold_rows = tail_folds(self._rows, self.splits.y_train[self._rows], self.folds)
+            if len(self.fold_head_weights) != self.folds:
+                raise UserError(f"a tail trial cross-validated on {self.folds} folds starts each fold from a head "
+                                f"trained without that fold's images: {self.folds} heads needed, "
+                                f"{len(self.fold_head_weights)} given")
         self._keep = tfgraph.custom_gradients()
         self.precision = finetune.resolve_precision(self.precision)
 
@@ -185,7 +194,8 @@ class TailObjective:
         fit_rows, held = self._fold_rows[fold] if self.folds > 1 else (self._rows, None)
         self._data = finetune.tail_batches(self.cache, self.splits, self._params, fit_rows, self.batch_size,
                                            self._seed + fold, val_rows=held)
-        trainer = finetune.build_tail_trainer(self.parts, self.head, self.head_weights, self._params,
+        head_weights = self.fold_head_weights[fold] if self.folds > 1 else self.head_weights
+        trainer = finetune.build_tail_trainer(self.parts, self.head, head_weights, self._params,
                                               len(self._data[0]), self.max_epochs, self.precision)
         if self.precise_bn_rows:
             augmented = self._data[0]
@@ -264,9 +274,18 @@ def make_objective(phase: str, cache: Cache, splits: Splits, rows: int | None, m
     if precision == "auto":  # timed on this machine, on the cached maps
         maps = batches.CachedMaps(cache, "train", splits.train_idx[:128], 128)[0][0]
         precision = finetune.measure_precision(parts, head, maps)["chosen"]
+    k = trial_folds(splits) if folds is None else folds
+    fold_heads = []
+    if k > 1:  # each fold starts from a head that never saw its held-out images
+        budget_rows = batches.stratified_rows(splits.y_train, splits.train_idx, rows)
+        for fit_rows, _ in tail_folds(budget_rows, splits.y_train[budget_rows], k):
+            keep = np.isin(splits.train_idx, fit_rows)
+            fold_data = batches.PooledData(data.x_train[keep], data.y_train[keep], data.x_val, data.y_val)
+            fold_heads.append(train.train_head(fold_data, params["head"], epochs=FinalConfig.head_epochs,
+                                               seed=seed)[0].get_weights())
     return TailObjective(cache, splits, parts, head, head.get_weights(), cache.path.name, rows=rows,
                          max_epochs=max_epochs, head_provenance=provenance["head"], precision=precision,
-                         search_depth=search_depth, folds=trial_folds(splits) if folds is None else folds)
+                         search_depth=search_depth, folds=k, fold_head_weights=fold_heads)
 
 
 def tail_folds(rows: np.ndarray, labels: np.ndarray, k: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
