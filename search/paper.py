@@ -108,6 +108,8 @@ def effect_rows(effect: dict) -> list[dict[str, Any]]:
     larger of the two seed spreads, whether the difference exceeds it (an effect), and whether
     the shipping rule sent the defaults in every decision (then searched and default models are
     the same)."""
+    from search import selection
+
     out = []
     for ds in effect.get("datasets", []):
         seeds = ds["seeds"]
@@ -120,7 +122,11 @@ def effect_rows(effect: dict) -> list[dict[str, Any]]:
                     "train_images": seeds[0]["train_images"], "test_images": seeds[0]["test_images"],
                     "classes": ds.get("classes"), "trials_head": seeds[0]["trials"]["head"]["trials"],
                     "trials_tail": seeds[0]["trials"]["tail"]["trials"],
-                    "search_minutes": float(np.mean([s["search_seconds"] for s in seeds])) / 60})
+                    "search_minutes": float(np.mean([s["search_seconds"] for s in seeds])) / 60,
+                    # phase-2 parameters shipped from trials below the final's training (large data: the
+                    # default budget's 4,000 images x 2 epochs), which choice.resolve_params no longer does
+                    "tails_searched_below_final": sum(s["shipped"]["tail"] == "search" for s in seeds)
+                    if seeds[0]["train_images"] >= selection.SMALL_DATA_ROWS else 0})
     return out
 
 
