@@ -31,6 +31,7 @@ compared image by image over all the training images rather than over the valida
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,8 +127,9 @@ class TailObjective:
 
     ``head`` starts every trial from ``head_weights`` (trained once on pooled features with the
     phase-1 parameters), or, cross-validated on ``folds``, fold ``k`` from
-    ``fold_head_weights[k]`` (trained without fold ``k``'s images); the tail from its pretrained
-    weights (``parts.reset``). Before each
+    ``fold_head_weights[k]`` (trained without fold ``k``'s images: given, or made by
+    ``fold_head(rows to fit)`` for each fold); the tail from its pretrained weights
+    (``parts.reset``). Before each
     validation, the BN statistics are set from ``precise_bn_rows`` training rows
     (``finetune.precise_bn``; 0 turns it off): the final model's thousands of steps let its moving
     averages converge, a trial's few dozen do not.
@@ -149,6 +151,7 @@ class TailObjective:
     search_depth: bool = False
     folds: int = 1
     fold_head_weights: list = field(default_factory=list, repr=False)
+    fold_head: Callable[[np.ndarray], list] | None = field(default=None, repr=False)
     phase: str = "tail"
     last_score: selection.Score | None = None
     _rows: np.ndarray | None = field(default=None, repr=False)
@@ -162,6 +165,8 @@ class TailObjective:
         self.max_epochs = tail_trial_epochs(len(self._rows), self.rows, self.max_epochs, self.full_epochs)
         if self.folds > 1:
             self._fold_rows = tail_folds(self._rows, self.splits.y_train[self._rows], self.folds)
+            if not self.fold_head_weights and self.fold_head is not None:
+                self.fold_head_weights = [self.fold_head(fit_rows) for fit_rows, _ in self._fold_rows]
             if len(self.fold_head_weights) != self.folds:
                 raise UserError(f"a tail trial cross-validated on {self.folds} folds starts each fold from a head "
                                 f"trained without that fold's images: {self.folds} heads needed, "
@@ -274,18 +279,16 @@ def make_objective(phase: str, cache: Cache, splits: Splits, rows: int | None, m
     if precision == "auto":  # timed on this machine, on the cached maps
         maps = batches.CachedMaps(cache, "train", splits.train_idx[:128], 128)[0][0]
         precision = finetune.measure_precision(parts, head, maps)["chosen"]
-    k = trial_folds(splits) if folds is None else folds
-    fold_heads = []
-    if k > 1:  # each fold starts from a head that never saw its held-out images
-        budget_rows = batches.stratified_rows(splits.y_train, splits.train_idx, rows)
-        for fit_rows, _ in tail_folds(budget_rows, splits.y_train[budget_rows], k):
-            keep = np.isin(splits.train_idx, fit_rows)
-            fold_data = batches.PooledData(data.x_train[keep], data.y_train[keep], data.x_val, data.y_val)
-            fold_heads.append(train.train_head(fold_data, params["head"], epochs=FinalConfig.head_epochs,
-                                               seed=seed)[0].get_weights())
+
+    def fold_head(fit_rows: np.ndarray) -> list:  # a head that never saw the fold's held-out images
+        keep = np.isin(splits.train_idx, fit_rows)
+        fold_data = batches.PooledData(data.x_train[keep], data.y_train[keep], data.x_val, data.y_val)
+        return train.train_head(fold_data, params["head"], epochs=FinalConfig.head_epochs, seed=seed)[0].get_weights()
+
     return TailObjective(cache, splits, parts, head, head.get_weights(), cache.path.name, rows=rows,
                          max_epochs=max_epochs, head_provenance=provenance["head"], precision=precision,
-                         search_depth=search_depth, folds=k, fold_head_weights=fold_heads)
+                         search_depth=search_depth, folds=trial_folds(splits) if folds is None else folds,
+                         fold_head=fold_head)
 
 
 def tail_folds(rows: np.ndarray, labels: np.ndarray, k: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
