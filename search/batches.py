@@ -22,6 +22,17 @@ VAL_BATCH = 256
 HEAD_VAL_BATCH = 4096  # rows per validation batch of a head on pooled features (a few MB)
 
 
+def stratified_folds(rows: np.ndarray, labels: np.ndarray, k: int, seed: int = 0
+                     ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``k`` stratified folds of ``rows`` (``labels`` their classes): (rows to fit, held-out rows)
+    each, every row held out once. The same ``seed`` gives the same folds, so the trials of a
+    study are scored on the same images."""
+    from sklearn.model_selection import StratifiedKFold
+
+    splitter = StratifiedKFold(k, shuffle=True, random_state=seed)
+    return [(rows[fit], rows[held]) for fit, held in splitter.split(np.zeros(len(rows)), labels)]
+
+
 def stratified_rows(labels: np.ndarray, rows: np.ndarray, n: int | None, seed: int = 0) -> np.ndarray:
     """``n`` of ``rows`` (indices into ``labels``), the same share per class, sorted; all if None."""
     rows = np.asarray(rows)
@@ -78,12 +89,10 @@ class PooledData:
         :class:`PooledData` that trains on ``k - 1`` folds (with their mirror rows, if any) and
         validates on the original view of the remaining fold. The same ``seed`` gives the same
         folds, so trials scored on them are compared fold by fold."""
-        from sklearn.model_selection import StratifiedKFold
-
         n_orig = len(self.x_train) // self.views
         labels = self.y_train[:n_orig].argmax(1)
         out = []
-        for fit_rows, held in StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(n_orig), labels):
+        for fit_rows, held in stratified_folds(np.arange(n_orig), labels, k, seed):
             rows = np.concatenate([fit_rows + v * n_orig for v in range(self.views)])
             out.append(PooledData(self.x_train[rows], self.y_train[rows], self.x_train[held], self.y_train[held],
                                   self.views))

@@ -690,14 +690,16 @@ def test_a_small_data_tail_trial_is_cross_validated_and_keeps_every_held_out_ima
     """On small data a phase-2 trial trains one tail per fold and is scored on every training
     image once, held out: the study compares two such trials image by image over all of them."""
     from search import selection
-    from search.engines.objective import TailObjective, tail_folds, trial_folds
+    from search.batches import stratified_folds
+    from search.engines.objective import TailObjective, trial_folds
 
     rows = tiny_splits.train_idx
-    folds = tail_folds(rows, tiny_splits.y_train[rows], 3)
+    folds = stratified_folds(rows, tiny_splits.y_train[rows], 3)
     held = np.concatenate([h for _, h in folds])
     assert sorted(held) == sorted(rows)  # every training image held out exactly once
     assert all(not set(fit) & set(h) and len(fit) + len(h) == len(rows) for fit, h in folds)
-    assert [h.tolist() for _, h in tail_folds(rows, tiny_splits.y_train[rows], 3)] == [h.tolist() for _, h in folds]
+    again = stratified_folds(rows, tiny_splits.y_train[rows], 3)  # the same seed: the same folds
+    assert [h.tolist() for _, h in again] == [h.tolist() for _, h in folds]
     assert trial_folds(tiny_splits, rows=4000) == trial_folds(tiny_splits) > 1  # a small folder
     head = _head(parts)
     common = dict(rows=None, max_epochs=1, batch_size=32, precise_bn_rows=0, precision="float32", folds=3)

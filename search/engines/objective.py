@@ -164,7 +164,7 @@ class TailObjective:
         self._rows = batches.stratified_rows(self.splits.y_train, self.splits.train_idx, self.rows)
         self.max_epochs = tail_trial_epochs(len(self._rows), self.rows, self.max_epochs, self.full_epochs)
         if self.folds > 1:
-            self._fold_rows = tail_folds(self._rows, self.splits.y_train[self._rows], self.folds)
+            self._fold_rows = batches.stratified_folds(self._rows, self.splits.y_train[self._rows], self.folds)
             if not self.fold_head_weights and self.fold_head is not None:
                 self.fold_head_weights = [self.fold_head(fit_rows) for fit_rows, _ in self._fold_rows]
             if len(self.fold_head_weights) != self.folds:
@@ -289,16 +289,6 @@ def make_objective(phase: str, cache: Cache, splits: Splits, rows: int | None, m
                          max_epochs=max_epochs, head_provenance=provenance["head"], precision=precision,
                          search_depth=search_depth, folds=trial_folds(splits) if folds is None else folds,
                          fold_head=fold_head)
-
-
-def tail_folds(rows: np.ndarray, labels: np.ndarray, k: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``k`` stratified folds of the training ``rows`` (``labels`` their classes): (rows to fit,
-    held-out rows) each, every row held out once. The same ``seed`` gives the same folds, so the
-    trials of a study are scored on the same images."""
-    from sklearn.model_selection import StratifiedKFold
-
-    splitter = StratifiedKFold(k, shuffle=True, random_state=seed)
-    return [(rows[fit], rows[held]) for fit, held in splitter.split(np.zeros(len(rows)), labels)]
 
 
 def tail_trial_epochs(available: int, rows: int | None, max_epochs: int, full_epochs: int) -> int:
