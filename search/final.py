@@ -81,19 +81,53 @@ def average(probs: dict[View, np.ndarray], views: list[View]) -> np.ndarray:
     return sum(probs[v] for v in views) / len(views)
 
 
+def offset_probs(model: keras.Model, chunks: Any, offsets: tuple[tuple[int, int], ...],
+                 batch_size: int = batches.VAL_BATCH) -> dict[tuple[int, int], np.ndarray]:
+    """Class probabilities of ``model`` on cut maps moved by each of ``offsets`` (``(dy, dx)``
+    cells, ``backbones.shift_cells``), one array per offset: each batch of ``chunks`` (an iterable
+    of ``(n, h, w, c)`` arrays, in row order) is read once and every offset is computed from it in
+    one compiled call, instead of one pass over the data per offset (``Model.predict``). In
+    inference mode each row's prediction does not depend on its batch; the shift is the saved
+    model's own Lambda, so the values are the saved model's."""
+    import tensorflow as tf
+
+    offsets = tuple(tuple(o) for o in offsets)
+
+    def views(x: Any) -> list:
+        return [model(backbones.shift_cells(x, dy, dx) if (dy, dx) != (0, 0) else x, training=False)
+                for dy, dx in offsets]
+
+    step = tf.function(views, reduce_retracing=True)  # traced here: the model's current precision
+    out: dict[tuple[int, int], list] = {o: [] for o in offsets}
+    for chunk in chunks:
+        for start in range(0, len(chunk), batch_size):
+            for offset, probs in zip(offsets, step(tf.constant(chunk[start:start + batch_size])), strict=True):
+                out[offset].append(probs.numpy())
+    return {o: np.concatenate(parts) for o, parts in out.items()}
+
+
+def _offsets_by_view(views: list[View]) -> dict[str, tuple[tuple[int, int], ...]]:
+    grouped: dict[str, list] = {}
+    for view, offset in dict.fromkeys(views):
+        grouped.setdefault(view, []).append(tuple(offset))
+    return {view: tuple(offsets) for view, offsets in grouped.items()}
+
+
 def cached_view_probs(model: keras.Model, cache: Cache, split: str, rows: np.ndarray, views: list[View],
                       kind: str = "cut") -> dict[View, np.ndarray]:
     """Class probabilities of ``model`` on cached ``kind`` arrays, one array per ``(view, offset)``
-    (``batches.CachedMaps``: ``"orig"``, ``"flip"`` (cached mirrored images), ``"flipped_maps"``)."""
+    (``batches.CachedMaps``: ``"orig"``, ``"flip"`` (cached mirrored images), ``"flipped_maps"``);
+    each view's maps are read once for all its offsets (:func:`offset_probs`)."""
     out = {}
-    for view, offset in dict.fromkeys(views):
+    for view, offsets in _offsets_by_view(views).items():
         if kind == "cut":
-            out[view, offset] = _predict(model, batches.CachedMaps(cache, split, rows, batches.VAL_BATCH, view=view,
-                                                                   offset=offset))
-        elif view == "flipped_maps" or offset != (0, 0):
+            data = batches.CachedMaps(cache, split, rows, batches.VAL_BATCH, view=view)
+            probs = offset_probs(model, (data[i][0] for i in range(len(data))), offsets)
+            out.update({(view, offset): p for offset, p in probs.items()})
+        elif view == "flipped_maps" or offsets != ((0, 0),):
             raise ValueError("pooled features have no mirrored or shifted maps")
         else:
-            out[view, offset] = _predict(model, np.asarray(cache.array(split, "pool", view)[rows]))
+            out[view, (0, 0)] = _predict(model, np.asarray(cache.array(split, "pool", view)[rows]))
     return out
 
 
@@ -112,14 +146,14 @@ def mirrored_image_probs(model: keras.Model, extractor: keras.Model, pixels: np.
     offset of the cut maps (``batches.shift_by``): the frozen pass (``extractor``,
     ``cache.build_extractor``) runs now, once, ``chunk`` images at a time, its cut activations
     rounded to float16 as the cache stores them; nothing is written."""
-    out: dict[tuple[int, int], list] = {tuple(o): [] for o in offsets}
-    if kind != "cut" and set(out) != {(0, 0)}:
+    offsets = tuple(tuple(o) for o in offsets)
+    if kind != "cut" and offsets != ((0, 0),):
         raise ValueError("pooled features have no shifted maps")
-    for start in range(0, len(pixels), chunk):
-        cut, pool = frozen_pass(extractor, np.ascontiguousarray(pixels[start:start + chunk, :, ::-1]))
-        for offset, parts in out.items():
-            parts.append(_predict(model, batches.shift_by(cut, *offset) if kind == "cut" else pool))
-    return {offset: np.concatenate(parts) for offset, parts in out.items()}
+    passes = (frozen_pass(extractor, np.ascontiguousarray(pixels[start:start + chunk, :, ::-1]))
+              for start in range(0, len(pixels), chunk))
+    if kind == "cut":
+        return offset_probs(model, (cut for cut, _ in passes), offsets)
+    return {(0, 0): np.concatenate([_predict(model, pool) for _, pool in passes])}
 
 
 def reestimate_bn(tail: keras.Model, data: keras.utils.PyDataset, passes: int) -> None:

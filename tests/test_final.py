@@ -150,6 +150,25 @@ def test_stitched_model_scores_as_the_cache_did(lively, tiny_splits, spec, tta, 
                                    atol=1e-5)
 
 
+def test_offset_probs_reads_once_and_equals_one_predict_per_offset(lively, tiny_splits):
+    """All offsets from one read of each batch: the same probabilities as a ``predict`` of each
+    shifted copy, in row order, whatever the chunk and batch sizes."""
+    from search import batches, train
+    from search.final import _predict, offset_probs
+
+    backbone, cache, cut = lively
+    parts = finetune.TailParts.from_backbone(backbone, cut)
+    head = train.build_head_model({}, parts.tail.output.shape[-1], 10)
+    trainer = finetune.build_tail_trainer(parts, head, head.get_weights(), {}, 1, 1)
+    maps = np.asarray(cache.array("test", "cut", "orig"))
+    offsets = batches.offsets(1)
+    got = offset_probs(trainer, (maps[:13], maps[13:]), offsets, batch_size=8)
+    assert list(got) == list(offsets)
+    for offset in offsets:
+        np.testing.assert_allclose(got[offset], _predict(trainer, batches.shift_by(maps, *offset)), atol=1e-6)
+    assert np.abs(got[(1, 1)] - got[(0, 0)]).max() > 1e-3, "a shift changes the prediction"
+
+
 def test_mirrored_images_computed_at_test_time_score_as_the_stitched_model(lively, tiny_splits, spec):
     """A cache without mirrored images: ``Run.probs(tta="images")`` runs the frozen part on the
     mirrored images (BN folded, float16 like the cache) and averages; the saved model with
