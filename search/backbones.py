@@ -223,36 +223,51 @@ def at_resolution(spec: BackboneSpec, model: keras.Model, resolution: int) -> ke
     return copy
 
 
-# Images per timed call of the reference. On a 2-core AMD EPYC calls of 32 images ran at two speeds
-# about 1.8x apart, call by call at random, so a median of a few could land on either; calls of 128
-# were no steadier in the same process (bench_cache.json: reference_speed_by_batch, both call sizes
-# timed in one run), so the call size stays 32, as every recorded run was timed.
+# Images per timed call of the reference (every recorded run was timed in calls of 32).
 REFERENCE_BATCH = 32
+# How a call is timed. "compiled": one traced call of the frozen part on a fixed tensor, its output
+# copied out. "predict": Keras ``Model.predict`` of the same batch, as runs before this choice were
+# timed; on a 2-core AMD EPYC its calls ran at two speeds about 1.8x apart, call by call at random,
+# while compiled calls of the same batch in the same process stayed within a few percent
+# (bench_cache.json: reference_speed_by_method), so the slow calls were predict's own per-call
+# work, not the machine.
+REFERENCE_METHODS = ("compiled", "predict")
 
 
 def reference_speed(backbone: keras.Model, cut_layer: str, resolution: int, batch: int = REFERENCE_BATCH,
-                    repeats: int = 7, warmups: int = 2) -> dict:
-    """This machine's speed now: Keras ``predict`` of the frozen part as the application builds
-    it (input to ``cut_layer``, unfolded) on one fixed batch of ``batch`` images of side
-    ``resolution`` (``backbone``'s input side), after ``warmups`` untimed calls (here the first
-    call after a single warm-up still ran at half the speed of the next ones); the median of
-    ``repeats`` timed calls, with every speed kept. Measured inside the run it normalizes
-    (``final.normalized_time``, at one side for runs of every resolution), never taken from
-    another run or machine."""
+                    repeats: int = 7, warmups: int = 2, method: str = "compiled") -> dict:
+    """This machine's speed now: the frozen part as the application builds it (input to
+    ``cut_layer``, unfolded) on one fixed batch of ``batch`` images of side ``resolution``
+    (``backbone``'s input side), called ``method`` (:data:`REFERENCE_METHODS`) after ``warmups``
+    untimed calls; the median of ``repeats`` timed calls, with every speed kept. Measured inside
+    the run it normalizes (``final.normalized_time``, at one side for runs of every resolution),
+    never taken from another run or machine."""
     import time
 
+    import tensorflow as tf
+
+    if method not in REFERENCE_METHODS:
+        raise ValueError(f"method must be one of {REFERENCE_METHODS}, got {method!r}")
     frozen = keras.Model(backbone.inputs, cut_layer_of(backbone, cut_layer).output)
     x = np.random.default_rng(0).uniform(-1, 1, (batch, resolution, resolution, 3)).astype(np.float32)
+    if method == "compiled":
+        step, tensor = tf.function(lambda images: frozen(images, training=False)), tf.constant(x)
+
+        def call() -> None:
+            step(tensor).numpy()
+    else:
+        def call() -> None:
+            frozen.predict(x, batch_size=batch, verbose=0)
     for _ in range(max(1, warmups)):
-        frozen.predict(x, batch_size=batch, verbose=0)
+        call()
     speeds = []
     for _ in range(repeats):
         start = time.perf_counter()
-        frozen.predict(x, batch_size=batch, verbose=0)
+        call()
         speeds.append(batch / (time.perf_counter() - start))
     return {"images_per_second": float(np.median(speeds)), "min": float(min(speeds)), "max": float(max(speeds)),
             "speeds": [float(v) for v in speeds], "repeats": repeats, "warmups": warmups, "batch": batch,
-            "resolution": resolution, "cut_layer": cut_layer}
+            "resolution": resolution, "cut_layer": cut_layer, "method": method}
 
 
 _FOLDABLE = ("Conv2D", "DepthwiseConv2D")

@@ -140,15 +140,17 @@ def bench_cache(spec: backbones.BackboneSpec, splits: Splits, cut: str | None, r
     allocators = {name: _probe_subprocess(value, probe_args) for name, value in (("bfc", "true"), ("glibc", "false"))
                   if compare_allocators}
     reference = backbones.reference_speed(model, cut_layer, resolution)  # what `final` measures in its run
-    # the same measurement in calls of 32 and of 128 images, in one run: does the call size steady it?
-    by_batch = {str(b): backbones.reference_speed(model, cut_layer, resolution, batch=b, repeats=15)
-                for b in (backbones.REFERENCE_BATCH, 4 * backbones.REFERENCE_BATCH)}
+    # the same batch timed each way in one process, the two alternating, so both see the same machine
+    by_method: dict[str, list] = {m: [] for m in backbones.REFERENCE_METHODS}
+    for _ in range(3):
+        for m in backbones.REFERENCE_METHODS:
+            by_method[m].append(backbones.reference_speed(model, cut_layer, resolution, repeats=5, method=m))
+    by_method = {m: _pooled(rows) for m, rows in by_method.items()}
     out = {"backbone": spec.name, "cut_layer": cut_layer, "resolution": resolution, "weights": str(weights),
            "images": images, "allocator": os.environ.get(ALLOCATOR_ENV), "reference_speed": reference,
-           "reference_speed_by_batch": {b: {**r, "relative_spread": (r["max"] - r["min"]) / r["images_per_second"]}
-                                        for b, r in by_batch.items()},
-           "raw_predict": "Keras predict of the frozen part as the application builds it (BN not folded): "
-                          "the machine's speed; normalize wall times with it",
+           "reference_speed_by_method": by_method,
+           "raw_predict": "Keras predict of the frozen part as the application builds it (BN not folded), "
+                          "in calls of 100 images: what extraction is compared with (goal_ratio)",
            "extraction_folds_batch_norm": True,
            "raw_predict_images_per_second": raw, "raw_predict_first_call_images_per_second": raw_first,
            "raw_predict_user_cpu_seconds": u1 - u0,
@@ -169,6 +171,15 @@ def bench_cache(spec: backbones.BackboneSpec, splits: Splits, cut: str | None, r
            "recorded": time.strftime("%Y-%m-%dT%H:%M:%S")}
     write_json(results / "bench_cache.json", out)
     return out
+
+
+def _pooled(rows: list[dict]) -> dict:
+    """Repeats of :func:`backbones.reference_speed` taken in rounds, pooled: every speed, their
+    median and relative spread ``(max - min) / median``."""
+    speeds = [v for r in rows for v in r["speeds"]]
+    median = float(np.median(speeds))
+    return {**rows[0], "speeds": speeds, "repeats": len(speeds), "rounds": len(rows), "images_per_second": median,
+            "min": min(speeds), "max": max(speeds), "relative_spread": (max(speeds) - min(speeds)) / median}
 
 
 def kendall_tau(a: list[float], b: list[float], groups: list[Any] | None = None) -> float:

@@ -60,6 +60,13 @@ def _load(path: str | os.PathLike) -> dict:
     return run
 
 
+def reference_method(run: dict) -> str | None:
+    """How the run timed its reference call (``backbones.REFERENCE_METHODS``): runs recorded
+    before the method was recorded timed Keras ``predict``; None without a reference."""
+    reference = run["normalized_time"].get("reference")
+    return reference.get("start", reference).get("method", "predict") if reference else None
+
+
 def curve(run: dict) -> dict[str, Any]:
     """One run's (cumulative seconds, validation accuracy) points and its final test point, with
     what tells runs apart: the cut layer, input side, backbone weights' fingerprint, cache bytes,
@@ -83,7 +90,8 @@ def curve(run: dict) -> dict[str, Any]:
                       "points": [own + (p["seconds"] - extraction) * by_stage["training_factor"] / 60
                                  for p in points],
                       "final_minutes": float(by_stage["normalized_minutes"]),
-                      "extraction_from": None if run["cache"]["reused"] else "this run"}
+                      "extraction_from": None if run["cache"]["reused"] else "this run",
+                      "reference_method": reference_method(run)}
     return {"points": points, "normalized": normalized, "cache_key": _key_id(run["cache"]["key"]),
             "final": {"seconds": total, "val_accuracy": run["val_accuracy"],
                       "test_accuracy": run["test_accuracy"], "tta": run.get("tta_chosen")},
@@ -169,7 +177,10 @@ def compare_runs(runs: dict[str, str | os.PathLike], results: str | os.PathLike 
     write_json(results / "frontier.json", {"runs": frontier, "note": "seconds are cumulative wall seconds on the "
                                           "machine of each run; extraction counted even when the cache was reused; "
                                           "normalized: minutes scaled stage by stage, where the run recorded its "
-                                          "training step (null where not)"})
+                                          "training step (null where not); the inference factor from the "
+                                          "run's reference call, timed as reference_method says (compiled "
+                                          "calls read faster and steadier than predict, so runs of the two "
+                                          "methods compare only roughly)"})
     _plot_frontier(frontier, results / "frontier.png")
     out = {"frontier": frontier}
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from search.compare import wilson_interval
+from search.compare import reference_method, wilson_interval
 from search.config import GOALS, fidelity_key
 from search.errors import UserError
 from search.io import atomic_path, read_json, save_figure
@@ -356,6 +356,8 @@ def build_context(results: Path) -> dict:
         "precision_threshold_pct": 100 * (probe["threshold"] - 1) if probe else None,
         "precision_used": final.get("tail_precision_resolved", final["config"]["tail_precision"]),
         "reference_ips": norm["reference_images_per_second"],
+        "reference_methods": (ctx.get("bench_cache") or {}).get("reference_speed_by_method"),
+        "reference_method": reference_method(final),
         "speed_min": norm["reference"].get("min", norm["reference"]["images_per_second"]),
         "speed_max": norm["reference"].get("max", norm["reference"]["images_per_second"]),
         "speed": norm["reference"]["images_per_second"],

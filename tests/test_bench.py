@@ -17,11 +17,11 @@ def test_bench_cache_compares_extraction_with_raw_predict_on_the_same_images(spe
     assert out["goal_ratio"] == GOALS.extraction_over_raw_predict and out["extraction_folds_batch_norm"]
     reference = out["reference_speed"]  # the in-run reference `final` takes: median and spread of repeats
     assert reference["min"] <= reference["images_per_second"] <= reference["max"] and reference["repeats"] >= 3
-    assert reference["batch"] == backbones.REFERENCE_BATCH  # the call size `final` times
-    by_batch = out["reference_speed_by_batch"]
-    assert sorted(by_batch) == sorted([str(backbones.REFERENCE_BATCH), str(4 * backbones.REFERENCE_BATCH)])
-    for size, row in by_batch.items():
-        assert row["batch"] == int(size) and len(row["speeds"]) == row["repeats"] == 15
+    assert reference["batch"] == backbones.REFERENCE_BATCH and reference["method"] == "compiled"  # as `final` times
+    by_method = out["reference_speed_by_method"]
+    assert sorted(by_method) == sorted(backbones.REFERENCE_METHODS)
+    for method, row in by_method.items():
+        assert row["method"] == method and row["rounds"] == 3 and len(row["speeds"]) == row["repeats"] == 15
         spread = (max(row["speeds"]) - min(row["speeds"])) / row["images_per_second"]
         assert row["relative_spread"] == pytest.approx(spread)
     assert out["allocator_comparison"] == {} and out["tail_step_speedup_bf16_over_float32"] is None

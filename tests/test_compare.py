@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from search.compare import compare_runs, wilson_interval
+from search.compare import compare_runs, reference_method, wilson_interval
 from search.config import GOALS
 from search.errors import UserError
 
@@ -229,6 +229,8 @@ def test_frontier_normalizes_stage_by_stage_and_borrows_a_reused_caches_extracti
     reused = with_factors(_run(0, 0.89, 0.89, reused=True), 2.0, 1.0, 10.0)
     other = with_factors(_run(0, 0.87, 0.87, reused=True), 1.0, 1.0, 7.0)
     other["cache"]["key"] = {**other["cache"]["key"], "cut_layer": "conv_pw_12_relu"}
+    reused["normalized_time"]["reference"] = {"images_per_second": 200.0, "start": {"method": "compiled"}}
+    other["normalized_time"]["reference"] = {"images_per_second": 100.0}  # recorded before the method was
     paths = {}
     for label, run in (("cold", cold), ("reused", reused), ("other", other)):
         paths[label] = tmp_path / f"{label}.json"
@@ -237,6 +239,8 @@ def test_frontier_normalizes_stage_by_stage_and_borrows_a_reused_caches_extracti
     # cold: 600 s of extraction x 2 = 20 min, then head 60 s and epochs at 100 and 200 s, x 0.5
     assert frontier["cold"]["normalized"]["points"] == pytest.approx([20.5, 21.333333, 22.166667])
     assert frontier["cold"]["normalized"]["final_minutes"] == 30.0
+    assert [frontier[k]["normalized"]["reference_method"] for k in ("cold", "reused")] == [None, "compiled"]
+    assert reference_method(other) == "predict"
     # reused: the cold run's 20 normalized minutes of extraction, then its own stages x 2
     assert frontier["reused"]["normalized"]["extraction_from"] == "cold"
     assert frontier["reused"]["normalized"]["points"] == pytest.approx([22.0, 25.333333, 28.666667])

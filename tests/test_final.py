@@ -223,6 +223,20 @@ def test_normalized_time_scales_wall_time_by_the_speed_measured_in_the_run(final
     # at the backbone's native side though the run is at TINY_RES, so runs at any side compare
     native = backbones.get_backbone(summary["config"]["backbone"]).native_size
     assert norm["reference"]["start"]["resolution"] == norm["reference"]["end"]["resolution"] == native != TINY_RES
+    assert norm["reference"]["start"]["method"] == norm["reference"]["end"]["method"] == "compiled"
+
+
+def test_reference_speed_times_each_method_and_refuses_others(spec):
+    from search.backbones import reference_speed
+
+    model = spec.build(weights=None, size=TINY_RES)
+    cut = spec.cut_layer()
+    for method in ("compiled", "predict"):
+        out = reference_speed(model, cut, TINY_RES, batch=4, repeats=3, warmups=1, method=method)
+        assert out["method"] == method and len(out["speeds"]) == 3 and out["batch"] == 4
+        assert out["min"] <= out["images_per_second"] <= out["max"] and out["min"] > 0
+    with pytest.raises(ValueError, match="method"):
+        reference_speed(model, cut, TINY_RES, method="wall clock")
 
 
 def test_at_resolution_rebuilds_the_backbone_at_another_side_with_the_same_weights(spec):
