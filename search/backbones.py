@@ -226,11 +226,11 @@ def at_resolution(spec: BackboneSpec, model: keras.Model, resolution: int) -> ke
 # Images per timed call of the reference (every recorded run was timed in calls of 32).
 REFERENCE_BATCH = 32
 # How a call is timed. "compiled": one traced call of the frozen part on a fixed tensor, its output
-# copied out. "predict": Keras ``Model.predict`` of the same batch, as runs before this choice were
-# timed; on a 2-core AMD EPYC its calls ran at two speeds about 1.8x apart, call by call at random,
-# while compiled calls of the same batch in the same process stayed within a few percent
-# (bench_cache.json: reference_speed_by_method), so the slow calls were predict's own per-call
-# work, not the machine.
+# copied out: the frozen pass and nothing else. "predict": Keras ``Model.predict`` of the same batch,
+# as runs before this choice were timed, which adds predict's own per-call work (its data adapter
+# and loop): in a probe on a 2-core AMD EPYC at 224 px, predict calls ran at about 97 or 170
+# images/s, call by call at random, while compiled calls in the same process ran at 211-227.
+# bench-cache times both, alternating (bench_cache.json: reference_speed_by_method).
 REFERENCE_METHODS = ("compiled", "predict")
 
 
