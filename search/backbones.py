@@ -46,7 +46,7 @@ def flip_left_right(x: Any) -> Any:
 @keras.saving.register_keras_serializable(package=SERIALIZATION_PACKAGE)
 def shift_cells(x: Any, dy: int = 0, dx: int = 0) -> Any:
     """Move a ``(b, h, w, c)`` batch by ``(dy, dx)`` cells, ``out[:, i, j] = x[:, i + dy, j + dx]``,
-    zero fill (test-time augmentation; ``batches.shift_by`` on the cache)."""
+    zero fill (test-time augmentation, in the saved model and ``final.offset_probs``)."""
     s = max(abs(dy), abs(dx))
     h, w = x.shape[1], x.shape[2]
     padded = keras.ops.pad(x, [[0, 0], [s, s], [s, s], [0, 0]])

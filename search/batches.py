@@ -162,8 +162,7 @@ class CachedMaps(keras.utils.PyDataset):
     cached activations of the mirrored image (a cache built with ``flip=True``), ``"maps"``
     mirrors the cached activation map itself (no extra extraction), ``"none"`` never mirrors;
     ``"auto"`` is ``"images"`` when the cache has them, else ``"maps"``. ``view="flipped_maps"``
-    yields every map mirrored (test-time averaging without cached mirror images); ``offset`` moves
-    every map by that fixed ``(dy, dx)`` (:func:`shift_by`, test-time averaging). Every random draw
+    yields every map mirrored (test-time averaging without cached mirror images). Every random draw
     comes from a generator seeded by ``(seed, epoch, batch index)``, so batches are the same
     whichever worker thread builds them and in whatever order. ``epoch`` is set by the trainer
     (:func:`fit_tail`) at the start of each epoch, also after a resume.
@@ -171,9 +170,8 @@ class CachedMaps(keras.utils.PyDataset):
 
     def __init__(self, cache: Cache, split: str, rows: np.ndarray, batch_size: int, augment: bool = False,
                  shift: int = 0, view: str = "orig", seed: int = 0, workers: int = 1,
-                 mirror: str = "auto", offset: tuple[int, int] = (0, 0)) -> None:
+                 mirror: str = "auto") -> None:
         super().__init__(workers=workers, use_multiprocessing=False)
-        self.offset = tuple(offset)
         mirror = resolve_mirror(mirror, cache)
         self.flip_all = view == "flipped_maps"
         self.orig = cache.array(split, "cut", "orig" if self.flip_all else view)
@@ -198,7 +196,6 @@ class CachedMaps(keras.utils.PyDataset):
         x = np.asarray(self.orig[idx])
         if self.flip_all:
             x = np.ascontiguousarray(x[:, :, ::-1])
-        x = shift_by(x, *self.offset)
         if self.augment:
             rng = np.random.default_rng([self.seed, self.epoch, i])
             if self.mirror != "none":
@@ -234,7 +231,8 @@ def offsets(shift: int) -> tuple[tuple[int, int], ...]:
 
 def shift_by(x: np.ndarray, dy: int, dx: int) -> np.ndarray:
     """``(b, h, w, c)`` maps moved by one fixed offset, ``out[:, i, j] = x[:, i + dy, j + dx]``, zero
-    fill: one of the views :func:`shift_maps` draws at random (``backbones.shift_cells`` in the graph)."""
+    fill: one of the views :func:`shift_maps` draws at random, in NumPy (test-time averaging moves
+    maps with ``backbones.shift_cells``, in the graph, ``final.offset_probs``)."""
     if dy == dx == 0:
         return x
     s = max(abs(dy), abs(dx))

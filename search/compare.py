@@ -179,8 +179,8 @@ def compare_runs(runs: dict[str, str | os.PathLike], results: str | os.PathLike 
                                           "normalized: minutes scaled stage by stage, where the run recorded its "
                                           "training step (null where not); the inference factor from the "
                                           "run's reference call, timed as reference_method says (compiled "
-                                          "calls read faster and steadier than predict, so runs of the two "
-                                          "methods compare only roughly)"})
+                                          "calls read faster than predict, so runs of the two methods "
+                                          "compare only roughly)"})
     _plot_frontier(frontier, results / "frontier.png")
     out = {"frontier": frontier}
 

@@ -143,7 +143,7 @@ def mirrored_image_probs(model: keras.Model, extractor: keras.Model, pixels: np.
                          chunk: int = 1000, offsets: tuple[tuple[int, int], ...] = ((0, 0),),
                          ) -> dict[tuple[int, int], np.ndarray]:
     """Probabilities of ``model`` on the mirrored ``pixels`` ``(n, h, w, 3)``, one array per
-    offset of the cut maps (``batches.shift_by``): the frozen pass (``extractor``,
+    offset of the cut maps (:func:`offset_probs`): the frozen pass (``extractor``,
     ``cache.build_extractor``) runs now, once, ``chunk`` images at a time, its cut activations
     rounded to float16 as the cache stores them; nothing is written."""
     offsets = tuple(tuple(o) for o in offsets)
