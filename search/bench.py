@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -251,16 +252,19 @@ def _study_seconds(study: Any) -> np.ndarray:
     return np.array([t.user_attrs["seconds"] for t in study.trials if "seconds" in t.user_attrs])
 
 
-def _phase1_study(objective: Any, trials: int, pruner: str | None = None) -> tuple[Any, list[int]]:
-    """``trials`` phase-1 trials through the Optuna engine's trial runner (in-memory study, the
-    default sampler, the default pruner unless ``pruner``); resident bytes after every trial."""
+def _search_study(objective: Any, trials: int, pruner: str | None = None, sampler_trials: int | None = None
+                  ) -> tuple[Any, list[int]]:
+    """``trials`` trials of either phase through the Optuna engine's trial runner (in-memory
+    study, the default sampler sized for ``sampler_trials`` trials (default ``trials``: the same
+    sizing draws the same configurations), the default pruner unless ``pruner``); resident
+    bytes after every trial."""
     import optuna
 
     from search.engines.optuna_engine import DEFAULT_PRUNER, OptunaEngine, make_pruner, make_sampler
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     engine = OptunaEngine(storage="sqlite:///:memory:", progress=False)
-    study = optuna.create_study(direction="maximize", sampler=make_sampler(0, trials),
+    study = optuna.create_study(direction="maximize", sampler=make_sampler(0, sampler_trials or trials),
                                 pruner=make_pruner(pruner or DEFAULT_PRUNER, objective.max_epochs))
     rss: list[int] = []
     study.optimize(engine.objective_fn(objective), n_trials=trials, catch=(Exception,), gc_after_trial=True,
@@ -268,18 +272,20 @@ def _phase1_study(objective: Any, trials: int, pruner: str | None = None) -> tup
     return study, rss
 
 
-def _phase1_times(objective: Any, trials: int, pruner: str | None = None) -> tuple[dict, list[int]]:
-    """:func:`_phase1_study`, timed: its :func:`_trial_times` (wall time included) and resident bytes."""
+def _search_times(objective: Any, trials: int, pruner: str | None = None, sampler_trials: int | None = None
+                  ) -> tuple[dict, list[int]]:
+    """:func:`_search_study`, timed: its :func:`_trial_times` (wall time included) and resident bytes."""
     start = time.perf_counter()
-    study, rss = _phase1_study(objective, trials, pruner)
+    study, rss = _search_study(objective, trials, pruner, sampler_trials)
     return _trial_times(study, time.perf_counter() - start), rss
 
 
 def _trial_times(study: Any, wall: float) -> dict:
-    """Median and p90 of the trials' own seconds, wall seconds per trial (with what runs between
-    trials: sampler, pruner, garbage collection), trial states and the best value."""
+    """Median and p90 of the trials' own seconds (and every one), wall seconds per trial (with
+    what runs between trials: sampler, pruner, garbage collection), trial states and the best value."""
     seconds = _study_seconds(study)
-    return {"trials": len(study.trials), "trial_seconds_median": float(np.median(seconds)),
+    return {"trials": len(study.trials), "trial_seconds": seconds.tolist(),
+            "trial_seconds_median": float(np.median(seconds)),
             "trial_seconds_p90": float(np.percentile(seconds, 90)), "wall_seconds_per_trial": wall / len(study.trials),
             "states": _states(study),
             "best_value": study.best_value if any(t.state.name == "COMPLETE" for t in study.trials) else None}
@@ -314,7 +320,7 @@ def bench_memory(cache: Cache, splits: Splits, trials: int, baseline_trials: int
             continue
         objective = HeadObjective(data, cache.path.name, rows=budget.rows, max_epochs=budget.max_epochs,
                                   mirrored=budget.mirrored, release_graphs=release)
-        study, rss = _phase1_study(objective, n)
+        study, rss = _search_study(objective, n)
         runs[name] = {"trials": len(study.trials),
                       "states": _states(study),
                       **_growth(rss), "rss_mb_after_trial": [round(r / 2**20, 1) for r in rss]}
@@ -356,12 +362,12 @@ def bench_search(cache: Cache, splits: Splits, spec: backbones.BackboneSpec, mod
         plain = HeadObjective(data, cache.path.name, rows=budget.rows, max_epochs=budget.max_epochs,
                               mirrored=budget.mirrored, batch_size=space.head_trial_batch_size(), plain_keras=True)
         baseline = {"what": "the same search with plain Keras feeding (numpy arrays to every fit) and no gc freeze",
-                    **_phase1_times(plain, baseline_trials)[0]}
+                    **_search_times(plain, baseline_trials)[0]}
     head_obj = HeadObjective(data, cache.path.name, rows=budget.rows, max_epochs=budget.max_epochs,
                              mirrored=budget.mirrored, batch_size=space.head_trial_batch_size())
-    head_times, rss = _phase1_times(head_obj, trials)
+    head_times, rss = _search_times(head_obj, trials)
     # the same search under another pruner, for comparison
-    other_pruners = {name: _phase1_times(head_obj, trials, name)[0] for name in compare_pruners}
+    other_pruners = {name: _search_times(head_obj, trials, name)[0] for name in compare_pruners}
 
     # fidelity: the same random configurations at the trial budget and trained in full
     full_obj = HeadObjective(data, cache.path.name, rows=None, max_epochs=full_max_epochs, mirrored=True)
@@ -522,12 +528,68 @@ def tail_fidelity(objective: Any, budgets: list[tuple[int, int]], reference: tup
     return summary()
 
 
+def tail_trial_times(objective: Any, trials: int, baseline_trials: int, reference: Callable[[], dict]) -> dict:
+    """Phase-2 trial seconds at ``objective``'s budget (a
+    :class:`~search.engines.objective.TailObjective`): first ``baseline_trials`` trials of the
+    search validated the Keras way (``keras_validation``: a test function traced per trial, then a
+    predict over the validation rows for the hits), then ``trials`` trials as the search runs
+    them (``finetune.MapsValidation``), both in one process with the same sampler sizing, so
+    their first ``baseline_trials`` configurations are the same ones; ``reference()`` (this
+    machine's speed, ``backbones.reference_speed``) is measured before and after, and the wall
+    seconds of :attr:`GOALS.tail_trials` trials at this median are normalized with it as a
+    final's minutes are (``final.normalized_time``)."""
+    import dataclasses
+
+    from search.engines.optuna_engine import DEFAULT_PRUNER
+    from search.final import normalized_time
+
+    start = reference()
+    baseline = None
+    if baseline_trials:
+        plain = dataclasses.replace(objective, keras_validation=True)
+        baseline = _search_times(plain, baseline_trials, sampler_trials=trials)[0]
+    times = _search_times(objective, trials)[0]
+    end = reference()
+    median = times["trial_seconds_median"]
+    out = {"budget": objective.budget, "pruner": DEFAULT_PRUNER, **times, "baseline": baseline,
+           "goal_trials": GOALS.tail_trials, "goal_normalized_minutes": GOALS.tail_trials_normalized_minutes,
+           "goal_trials_normalized": normalized_time(GOALS.tail_trials * median, start, end)}
+    if baseline:
+        n = len(baseline["trial_seconds"])
+        same = float(np.median(times["trial_seconds"][:n]))
+        out.update(speedup_same_configurations=float(np.median(baseline["trial_seconds"])) / same,
+                   speedup_median=baseline["trial_seconds_median"] / median)
+    return out
+
+
 def _earlier_budgets(previous: dict | None, configs_seed: int) -> dict[str, dict]:
     """The budgets (name -> settings, ``"full"`` the reference) of an earlier
     :func:`tail_fidelity` result drawn with ``configs_seed``; none otherwise."""
     if not previous or previous.get("configs_seed") != configs_seed or not previous.get("rows"):
         return {}
     return {"full": previous["reference"], **{name: b["budget"] for name, b in previous.get("budgets", {}).items()}}
+
+
+def bench_tail_trials(cache: Cache, splits: Splits, spec: backbones.BackboneSpec, model: Any, results: Path,
+                      trials: int, baseline_trials: int, precision: str = "auto") -> dict:
+    """:func:`tail_trial_times` at the default phase-2 budget on ``cache`` (the head of this
+    cache key's phase-1 search, else the default head), the reference timed at the backbone's
+    native side as ``make final`` times it; written to ``results/bench_search.json`` under
+    ``phase2_trials``, the rest of that file kept."""
+    from search.engines.objective import make_objective
+    from search.io import read_json
+
+    budget = space.BUDGETS["tail"]
+    objective = make_objective("tail", cache, splits, budget.rows, budget.max_epochs, backbone=model,
+                               results=str(results), precision=precision)
+    cut_layer, side = cache.key["cut_layer"], spec.native_size
+    reference_model = backbones.at_resolution(spec, model, side)
+    out = {**tail_trial_times(objective, trials, baseline_trials,
+                              lambda: backbones.reference_speed(reference_model, cut_layer, side)),
+           "cache": cache.path.name, "recorded": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    path = results / "bench_search.json"
+    write_json(path, {**(read_json(path) if path.exists() else {}), "phase2_trials": out})
+    return out
 
 
 def bench_tail(cache: Cache, splits: Splits, model: Any, results: Path, budgets: list[tuple[int, int]],

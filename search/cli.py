@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from search import selection
-from search.config import CHUNK_SIZE, PRECISIONS, FinalConfig
+from search.config import CHUNK_SIZE, GOALS, PRECISIONS, FinalConfig
 from search.errors import UserError
 from search.space import BUDGETS, HEAD_BATCH_SIZE
 
@@ -269,6 +269,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "holds for this cache, configuration and budget settings is reused)")
     p.add_argument("--search-depth", action="store_true",
                    help="configurations of every depth (default: all of the tail's blocks unfrozen, as the search)")
+    p.add_argument("--time-trials", type=int, default=0, metavar="N",
+                   help="instead of the fidelity: time N trials of the default phase-2 search, after "
+                        "--baseline-trials validated the Keras way, and normalize the seconds of "
+                        f"{GOALS.tail_trials} trials by this machine's in-run speed -> results/bench_search.json "
+                        "(phase2_trials)")
+    p.add_argument("--baseline-trials", type=int, default=4,
+                   help="with --time-trials: the baseline's trials (default 4; 0: none)")
     _add_precision_arg(p)
 
     p = _cache_verb(sub, "bench-memory",
@@ -552,10 +559,18 @@ def cmd_bench_tail(args: argparse.Namespace, argv: list[str]) -> int:
     reference = bench.parse_budget(args.reference)
     if args.configs < 2:
         raise UserError(f"--configs must be at least 2 to rank, got {args.configs}")
+    if args.time_trials < 0 or args.baseline_trials < 0:
+        raise UserError("--time-trials and --baseline-trials count trials: 0 or more")
     splits, spec = _setup(args)
     _, resolution = spec.resolve(args.cut, args.resolution)
     model = spec.build(weights=_weights(args), size=resolution)
     cache = _cache(args, splits, spec, model=model)
+    if args.time_trials:
+        timed = bench.bench_tail_trials(cache, splits, spec, model, Path(args.results), args.time_trials,
+                                        args.baseline_trials, precision=args.tail_precision)
+        print(json.dumps({k: timed[k] for k in ("trial_seconds_median", "speedup_median", "goal_trials_normalized")
+                          if k in timed}, indent=2, default=str))
+        return 0
     out = bench.bench_tail(cache, splits, model, Path(args.results), budgets, reference, args.configs,
                            args.configs_seed, precision=args.tail_precision, reuse=not args.fresh,
                            search_depth=args.search_depth)

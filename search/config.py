@@ -32,6 +32,8 @@ class Goals:
     stretch_median_trial_seconds: float = 1.0
     kendall_tau: float = 0.6  # phase-1 fidelity: trial budget against full training
     tail_kendall_tau: float = 0.5  # phase-2 fidelity: trial budget against >= 5 epochs on >= 20,000 rows (issue 28)
+    tail_trials: int = 24  # phase-2 trials of a default search on CIFAR-10 ...
+    tail_trials_normalized_minutes: float = 15.0  # ... within this many normalized minutes (issue 28)
     search_gain_points: float = 1.0  # search + final over final on the defaults, on a non-CIFAR set (issue 28)
     memory_growth_pct: float = 5.0  # bench-memory, trial 10 to the last
 

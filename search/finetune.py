@@ -45,14 +45,19 @@ class TwoRateModel(keras.Model):
         self.before_evaluate: Callable[[], None] | None = None
         self.ema: EMAWeights | None = None  # set by build_tail_trainer when the weights are averaged
 
-    def evaluate(self, *args: Any, **kwargs: Any) -> Any:
-        """Keras's ``evaluate`` (``fit`` validates through it), after ``before_evaluate`` if set
-        (a phase-2 trial sets :func:`precise_bn` there). Within ``fit`` of a trainer with weight
-        averaging, the averaged weights are swapped in first (:class:`EMAWeights`)."""
+    def prepare_validation(self) -> None:
+        """What comes before every validation: within ``fit`` of a trainer with weight averaging,
+        the averaged weights swapped in (:class:`EMAWeights`); then ``before_evaluate`` if set (a
+        phase-2 trial sets :func:`precise_bn` there)."""
         if self.ema is not None and self.ema.fitting:
             self.ema.swap(averaged=True)
         if self.before_evaluate is not None:
             self.before_evaluate()
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> Any:
+        """Keras's ``evaluate``, after :meth:`prepare_validation` (``fit_tail`` validates with
+        :class:`MapsValidation` instead, which does the same first)."""
+        self.prepare_validation()
         return super().evaluate(*args, **kwargs)
 
     def train_step(self, data: Any) -> dict:
@@ -325,6 +330,59 @@ def tail_batches(cache: Cache, splits: Splits, params: dict[str, Any], rows: np.
     return train, val
 
 
+class MapsValidation(keras.callbacks.Callback):
+    """Validates a tail trainer on cached maps at the end of every epoch and writes ``val_loss``
+    and ``val_accuracy`` into its logs, as ``fit``'s ``validation_data`` would; it also keeps which
+    validation rows each epoch got right (:attr:`hits`, in ``data``'s batch order), so a trial
+    reads its best epoch's per-image hits from here instead of predicting the validation rows
+    once more after ``fit``. Before each validation the trainer's
+    :meth:`TwoRateModel.prepare_validation` runs (weight averages, PreciseBN), as before Keras's.
+
+    The forward pass is one ``tf.function`` per trainer, traced once (any batch size), in the
+    precision the trainer computes in: Keras's own validation traces a test function for every
+    new model, and the prediction after ``fit`` a predict function, two traces and one more pass
+    over the validation rows in every phase-2 trial. Put it first among ``fit``'s callbacks: those
+    after it (early stopping, pruning, weight averages) and the history read what it wrote.
+    """
+
+    def __init__(self, data: CachedMaps) -> None:
+        super().__init__()
+        self.data = data
+        self.hits: list[np.ndarray] = []
+        self._forward: Any = None
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        import tensorflow as tf
+
+        model = self.model
+
+        def forward(x: Any, y: Any) -> tuple[Any, Any]:
+            probs = model(x, training=False)
+            return probs, model.loss(y, probs)  # in the graph, as Keras's: from the softmax's logits
+
+        self._forward = tf.function(forward, reduce_retracing=True)
+        self.hits = []
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if isinstance(self.model, TwoRateModel):
+            self.model.prepare_validation()
+        hits, loss, n = [], 0.0, 0
+        for i in range(len(self.data)):
+            x, y = self.data[i]
+            probs, batch_loss = self._forward(x, y)
+            hits.append(np.asarray(probs).argmax(1) == y.argmax(1))
+            loss, n = loss + float(batch_loss) * len(y), n + len(y)
+        self.hits.append(np.concatenate(hits))
+        if logs is not None:
+            logs["val_loss"] = loss / n
+            logs["val_accuracy"] = float(self.hits[-1].mean())
+
+    def best_hits(self, history: dict[str, list[float]]) -> np.ndarray:
+        """The hits of the epoch ``EarlyStopping`` restores: the first with the highest
+        ``val_accuracy`` of ``history`` (this fit's epochs)."""
+        return self.hits[int(np.argmax(history["val_accuracy"]))]
+
+
 class _EpochSeed(keras.callbacks.Callback):
     """Sets the batches' epoch number at the start of every epoch, so a resumed run draws the
     same shuffles and augmentation for epoch k as an uninterrupted one."""
@@ -342,9 +400,12 @@ class _EpochSeed(keras.callbacks.Callback):
 
 def fit_tail(trainer: keras.Model, train: CachedMaps, val: CachedMaps, epochs: int,
              callbacks: list | None = None, initial_epoch: int = 0, verbose: int = 0,
-             backup_dir: str | None = None, on_resume: Callable[[int, int], None] | None = None
-             ) -> dict[str, list[float]]:
-    """Fit; the epoch with the best validation accuracy is restored at the end.
+             backup_dir: str | None = None, on_resume: Callable[[int, int], None] | None = None,
+             validation: MapsValidation | None = None, keras_validation: bool = False) -> dict[str, list[float]]:
+    """Fit, validating on ``val`` after every epoch (``validation``, a :class:`MapsValidation` of
+    ``val``, made here if not given: pass one to read its hits; ``keras_validation``: Keras's own
+    ``validation_data`` instead, the baseline ``make bench-tail`` times); the epoch with the best
+    validation accuracy is restored at the end.
 
     With ``backup_dir``, Keras's ``BackupAndRestore`` saves weights and optimizer state after
     every epoch and a rerun after a kill resumes from the last finished epoch (the backup is
@@ -367,8 +428,18 @@ def fit_tail(trainer: keras.Model, train: CachedMaps, val: CachedMaps, epochs: i
     # shuffle=False: the batches already hold each epoch's own permutation of the rows (seeded by
     # the epoch); Keras's default would also shuffle the batch order with Python's global `random`,
     # whose state a resumed run does not share with an uninterrupted one
-    history = trainer.fit(train, epochs=epochs, initial_epoch=initial_epoch, validation_data=val, shuffle=False,
-                          callbacks=[_EpochSeed(train), best, *ema, *resume, *(callbacks or [])], verbose=verbose)
+    if keras_validation:
+        if validation is not None:
+            raise ValueError("validation and keras_validation exclude each other")
+        first, validation_data = [], val
+    else:
+        validation = MapsValidation(val) if validation is None else validation
+        if validation.data is not val:
+            raise ValueError("validation must validate on val")
+        first, validation_data = [validation], None
+    history = trainer.fit(train, epochs=epochs, initial_epoch=initial_epoch, validation_data=validation_data,
+                          shuffle=False, verbose=verbose,
+                          callbacks=[*first, _EpochSeed(train), best, *ema, *resume, *(callbacks or [])])
     return {k: [float(v) for v in vs] for k, vs in history.history.items()}
 
 

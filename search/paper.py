@@ -182,6 +182,12 @@ def _goals_table(ctx: dict, d: dict) -> str:
         rows.append(["phase-2 fidelity, Kendall's tau", f"at least {GOALS.tail_kendall_tau:g}",
                      "not measured" if tail_tau is None else f"{tail_tau:.2f}",
                      "not measured" if tail_tau is None else verdict(tail_tau >= GOALS.tail_kendall_tau)])
+        timed = bench.get("phase2_trials")
+        minutes = timed["goal_trials_normalized"]["normalized_minutes"] if timed else None
+        rows.append([f"{GOALS.tail_trials} phase-2 trials (benchmark), normalized minutes",
+                     f"at most {GOALS.tail_trials_normalized_minutes:g}",
+                     "not measured" if minutes is None else f"{minutes:.1f}",
+                     "not measured" if minutes is None else verdict(minutes <= GOALS.tail_trials_normalized_minutes)])
     if memory:
         g = memory["released"]["growth_pct"]
         rows.append(["memory growth over a long search", f"at most {GOALS.memory_growth_pct:g} %", f"{g:+.1f} %",
@@ -292,9 +298,29 @@ def _tail_fidelity(fidelity: dict | None) -> dict | None:
                 "seconds": b["seconds_median"]}
                for b in fidelity["budgets"].values()]
     return {"configs": fidelity["configs"], "search_depth": bool(fidelity.get("search_depth")),
-            "ref_rows": fidelity["reference"]["rows"],
+            "side": _cache_side(fidelity.get("cache")), "ref_rows": fidelity["reference"]["rows"],
             "ref_epochs": fidelity["reference"]["max_epochs"], "ref_seconds": fidelity["full_seconds_median"],
             "budgets": sorted(budgets, key=lambda b: b["rows"] * b["epochs"])}
+
+
+def _cache_side(cache_id: str | None) -> int | None:
+    """The input side of a cache named ``<backbone>-<side>-<cut>-...`` (``cache.CacheKey.id``)."""
+    parts = (cache_id or "").split("-")
+    return int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else None
+
+
+def _tail_trials(timed: dict | None) -> dict | None:
+    """``bench-tail --time-trials``: the trials, their budget, median seconds, the speed-up over
+    the Keras-validated baseline, and the goal's trials in normalized minutes; None if not run."""
+    if not timed:
+        return None
+    return {"trials": timed["trials"], "rows": timed["budget"]["rows"], "epochs": timed["budget"]["max_epochs"],
+            "side": _cache_side(timed.get("cache")), "median": timed["trial_seconds_median"],
+            "baseline_median": (timed.get("baseline") or {}).get("trial_seconds_median"),
+            "speedup": timed.get("speedup_same_configurations"), "goal_trials": timed["goal_trials"],
+            "goal_minutes": timed["goal_normalized_minutes"],
+            "minutes": timed["goal_trials_normalized"]["normalized_minutes"],
+            "wall_minutes": timed["goal_trials_normalized"]["wall_minutes"]}
 
 
 def build_context(results: Path) -> dict:
@@ -372,6 +398,7 @@ def build_context(results: Path) -> dict:
         "precision_pair": _precision_pair(ctx.get("frontier"), final),
         "tail_fidelity": [f for f in (_tail_fidelity(bench.get(fidelity_key(depth))) for depth in (True, False))
                           if f],
+        "tail_trials": _tail_trials(bench.get("phase2_trials")),
         "seeds_same_code": len({r.get("code_version") for r in seeds["runs"]}) == 1
         and seeds["runs"][0].get("code_version") is not None,
         "worst_0": f"{worst[0]} at {_pct(per_class[worst[0]])}",

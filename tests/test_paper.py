@@ -197,6 +197,19 @@ def test_goals_table_reads_phase2_fidelity_of_the_default_trial_budget(tiny_resu
     assert "| phase-2 fidelity, Kendall's tau | at least 0.5 | 0.42 | **not met** |" in _goals_table(ctx, ctx["d"])
 
 
+def test_goals_table_reads_the_timed_phase2_trials(tiny_results):
+    ctx = build_context(tiny_results[0])
+    ctx["bench_search"].pop("phase2_trials", None)
+    assert "| 24 phase-2 trials (benchmark), normalized minutes | at most 15 | not measured | not measured |" \
+        in _goals_table(ctx, ctx["d"])
+    ctx["bench_search"]["phase2_trials"] = {"goal_trials_normalized": {"normalized_minutes": 19.04}}
+    assert "| 24 phase-2 trials (benchmark), normalized minutes | at most 15 | 19.0 | **not met** |" \
+        in _goals_table(ctx, ctx["d"])
+    ctx["bench_search"]["phase2_trials"] = {"goal_trials_normalized": {"normalized_minutes": 14.0}}
+    assert "| 24 phase-2 trials (benchmark), normalized minutes | at most 15 | 14.0 | met |" \
+        in _goals_table(ctx, ctx["d"])
+
+
 def test_phase2_fidelity_of_each_budget_is_reported_overall_and_within_depth(tiny_results):
     results = tiny_results[0]
     bench = json.loads((results / "bench_search.json").read_text())

@@ -488,6 +488,36 @@ def test_the_tail_trainer_is_traced_once(maps_cache, tiny_splits, parts):
     assert _variables_created_in_functions(lambda: finetune.fit_tail(trainer, train_data, val, 1)) == []
 
 
+def test_a_tail_trial_validates_without_keras_test_or_predict_functions_and_keeps_its_best_epochs_hits(
+        maps_cache, tiny_splits, parts):
+    """A phase-2 trial validates with ``MapsValidation``: Keras traces neither a test nor a predict
+    function, and the hits the study keeps are what the restored best epoch predicts (the old way:
+    a predict over the validation rows after ``fit``); the logged loss and accuracy are Keras's
+    ``evaluate``'s."""
+    from search import selection
+    from search.engines.objective import TailObjective
+
+    head = _head(parts)
+    objective = TailObjective(maps_cache, tiny_splits, parts, head, head.get_weights(), "maps", rows=None,
+                              max_epochs=3, batch_size=32, precise_bn_rows=40, precision="float32")
+    model = objective.build({"tail_learning_rate": 3e-3}, seed=0)
+    value = objective.fit(model, 3)
+    assert model.test_function is None and model.predict_function is None
+    score = objective.last_score
+    hits = selection.unpack_hits(score.hits, score.n)
+    val = objective._data[1]
+    predicted = model.predict(val, verbose=0).argmax(1) == tiny_splits.y_train[val.rows]
+    assert hits.tolist() == predicted.tolist() and value == pytest.approx(hits.mean())
+    check = finetune.MapsValidation(val)
+    check.set_model(model)
+    check.on_train_begin()
+    logs: dict = {}
+    model.before_evaluate = None  # evaluate below as validation saw it: no PreciseBN again
+    check.on_epoch_end(0, logs)
+    loss, accuracy = model.evaluate(val, verbose=0)
+    assert logs["val_accuracy"] == pytest.approx(accuracy) and logs["val_loss"] == pytest.approx(loss, rel=1e-4)
+
+
 @pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
 def test_fused_optimizers_take_keras_steps(name):
     """The fused kernels compute Keras's own update: same weights after a few steps, to float32 rounding."""
@@ -627,6 +657,37 @@ def test_tail_fidelity_trains_each_configuration_at_every_budget_and_the_referen
     assert all(-1.0 <= t <= 1.0 for t in taus)
     # ASHA judges a 2-epoch trial nowhere before its end (rung_steps(2) is empty): only its budget
     assert [r["epochs"] for r in out["budgets"]["60x2"]["rungs"]] == ["budget"]
+
+
+def test_tail_trial_times_runs_the_baseline_then_the_search_and_normalizes_the_goals_trials(
+        maps_cache, tiny_splits, parts):
+    """bench-tail --time-trials: the Keras-validated baseline's trials, then the search's, with
+    the reference timed before and after; the goal's trials at the median trial normalized as a
+    final's minutes are."""
+    from search import bench
+    from search.config import GOALS
+    from search.engines.objective import TailObjective
+
+    head = _head(parts)
+    objective = TailObjective(maps_cache, tiny_splits, parts, head, head.get_weights(), "maps", rows=None,
+                              max_epochs=1, batch_size=32, precise_bn_rows=0, precision="float32")
+    speeds = iter([120.0, 80.0])
+    calls = []
+
+    def reference() -> dict:
+        calls.append(1)
+        speed = next(speeds)
+        return {"images_per_second": speed, "min": speed, "max": speed, "speeds": [speed]}
+
+    out = bench.tail_trial_times(objective, trials=3, baseline_trials=2, reference=reference)
+    assert len(calls) == 2 and len(out["trial_seconds"]) == 3 and len(out["baseline"]["trial_seconds"]) == 2
+    assert out["states"]["COMPLETE"] + out["states"]["PRUNED"] == 3
+    median = float(np.median(out["trial_seconds"]))
+    normalized = out["goal_trials_normalized"]
+    assert normalized["wall_minutes"] == pytest.approx(GOALS.tail_trials * median / 60)
+    assert normalized["normalized_minutes"] == pytest.approx(GOALS.tail_trials * median / 60 * 100.0 / 60)
+    assert out["speedup_median"] == pytest.approx(out["baseline"]["trial_seconds_median"] / median)
+    assert not objective.keras_validation, "the baseline ran on a copy"
 
 
 def test_tail_fidelity_reuses_the_trainings_an_earlier_result_made_with_the_same_settings(

@@ -132,7 +132,11 @@ class TailObjective:
     (``parts.reset``). Before each
     validation, the BN statistics are set from ``precise_bn_rows`` training rows
     (``finetune.precise_bn``; 0 turns it off): the final model's thousands of steps let its moving
-    averages converge, a trial's few dozen do not.
+    averages converge, a trial's few dozen do not. Validation runs through
+    ``finetune.MapsValidation``, which also keeps the best epoch's per-image hits;
+    ``keras_validation`` validates the Keras way instead (``validation_data``, then a predict
+    over the validation rows for the hits: two more traces and one more pass per trial), the
+    baseline ``make bench-tail --time-trials`` times.
     """
 
     cache: Cache
@@ -153,6 +157,7 @@ class TailObjective:
     fold_head_weights: list = field(default_factory=list, repr=False)
     fold_head: Callable[[np.ndarray], list] | None = field(default=None, repr=False)
     phase: str = "tail"
+    keras_validation: bool = False
     last_score: selection.Score | None = None
     _rows: np.ndarray | None = field(default=None, repr=False)
     _fold_rows: list = field(default_factory=list, repr=False)
@@ -214,10 +219,16 @@ class TailObjective:
                  ) -> tuple[float, np.ndarray]:
         """Train ``model`` on ``self._data``: its best validation accuracy, and which of the
         validation rows that best epoch (restored, with its BN statistics) gets right."""
-        history = finetune.fit_tail(model, *self._data, epochs, callbacks, initial_epoch=initial_epoch)
-        val = self._data[1]
-        hits = model.predict(val, verbose=0).argmax(1) == self.splits.y_train[val.rows]
-        return float(max(history["val_accuracy"])), hits
+        if self.keras_validation:
+            history = finetune.fit_tail(model, *self._data, epochs, callbacks, initial_epoch=initial_epoch,
+                                        keras_validation=True)
+            val = self._data[1]
+            return float(max(history["val_accuracy"])), model.predict(val, verbose=0).argmax(1) == \
+                self.splits.y_train[val.rows]
+        validation = finetune.MapsValidation(self._data[1])
+        history = finetune.fit_tail(model, *self._data, epochs, callbacks, initial_epoch=initial_epoch,
+                                    validation=validation)
+        return float(max(history["val_accuracy"])), validation.best_hits(history)
 
     def fit(self, model: keras.Model, epochs: int, callbacks: list | None = None, initial_epoch: int = 0) -> float:
         """Train ``model`` (and, cross-validated, one trainer per further fold with the same
