@@ -338,8 +338,9 @@ class MapsValidation(keras.callbacks.Callback):
     once more after ``fit``. Before each validation the trainer's
     :meth:`TwoRateModel.prepare_validation` runs (weight averages, PreciseBN), as before Keras's.
 
-    The forward pass is one ``tf.function`` per trainer, traced once (any batch size), in the
-    precision the trainer computes in: Keras's own validation traces a test function for every
+    The forward pass (and the loss, from the softmax's logits as Keras computes it) is one
+    ``tf.function`` per ``fit``, traced at most twice (a smaller last batch relaxes its shape), in
+    the precision the trainer computes in: Keras's own validation traces a test function for every
     new model, and the prediction after ``fit`` a predict function, two traces and one more pass
     over the validation rows in every phase-2 trial. Put it first among ``fit``'s callbacks: those
     after it (early stopping, pruning, weight averages) and the history read what it wrote.
