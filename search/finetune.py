@@ -82,7 +82,7 @@ class EMAWeights(keras.callbacks.Callback):
     """Validation sees the optimizers' exponential moving averages of the weights (Polyak
     averaging; both optimizers built with ``use_ema``), as Keras's ``SwapEMAWeights`` does for a
     model with one optimizer: the averages are swapped in before each validation
-    (:meth:`TwoRateModel.evaluate`) and stay in through ``on_epoch_end``, so ``EarlyStopping``
+    (:meth:`TwoRateModel.prepare_validation`) and stay in through ``on_epoch_end``, so ``EarlyStopping``
     keeps the averaged weights of the best epoch; this callback swaps them out again at its
     ``on_epoch_end`` (put it after ``EarlyStopping`` and before ``BackupAndRestore``, which then
     saves the weights as trained and their averages in the optimizers). Keras's ``fit`` ends by
