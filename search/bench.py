@@ -226,7 +226,8 @@ def rung_taus(ranking: list[dict], steps: tuple[int, ...], key: str = "fast") ->
     """Kendall tau against full training of the score a trial reports at each pruner rung.
 
     ``ranking`` rows hold ``{key}_history`` (validation accuracy per epoch at the trial budget),
-    ``{key}`` (its best) and ``full``. At step ``s`` (epoch index from 0) a trial's score is its accuracy after epoch
+    ``{key}`` (its best) and ``full``. ``steps`` are the rungs' epoch indices (from 0,
+    ``optuna_engine.rung_epochs``): at ``s`` a trial's score is its accuracy after epoch
     ``s + 1``, or its best one if early stopping ended it before; the last entry is the whole
     budget (the trial's value, its best epoch).
     """
@@ -352,7 +353,7 @@ def bench_search(cache: Cache, splits: Splits, spec: backbones.BackboneSpec, mod
 
     from search import train
     from search.engines.objective import HeadObjective, make_objective
-    from search.engines.optuna_engine import DEFAULT_PRUNER, OptunaEngine, make_pruner, make_sampler, rung_steps
+    from search.engines.optuna_engine import DEFAULT_PRUNER, OptunaEngine, make_pruner, make_sampler, rung_epochs
 
     budget = space.BUDGETS["head"]
     engine = OptunaEngine(storage="sqlite:///:memory:", progress=False)
@@ -383,7 +384,7 @@ def bench_search(cache: Cache, splits: Splits, spec: backbones.BackboneSpec, mod
     tau = kendall_tau([r["fast"] for r in ranking], [r["full"] for r in ranking])
     other_budgets = {name: {"budget": obj.budget,
                             "kendall_tau": kendall_tau([r[name] for r in ranking], [r["full"] for r in ranking]),
-                            "rungs": rung_taus(ranking, rung_steps(budget.max_epochs), key=name),
+                            "rungs": rung_taus(ranking, rung_epochs(budget.max_epochs), key=name),
                             "seconds_median": float(np.median([r[f"{name}_seconds"] for r in ranking]))}
                      for name, obj in others.items()}
 
@@ -428,7 +429,7 @@ def bench_search(cache: Cache, splits: Splits, spec: backbones.BackboneSpec, mod
         "fidelity": {"configs": len(ranking), "configs_seed": configs_seed, "fast_budget": head_obj.budget,
                      "full_budget": full_obj.budget, "kendall_tau": tau, "goal_kendall_tau": GOALS.kendall_tau,
                      "other_budgets": other_budgets,
-                     "rungs": rung_taus(ranking, rung_steps(budget.max_epochs)),
+                     "rungs": rung_taus(ranking, rung_epochs(budget.max_epochs)),
                      "fast_seconds_median": float(np.median([r["fast_seconds"] for r in ranking])),
                      "full_seconds_median": float(np.median([r["full_seconds"] for r in ranking])),
                      "rows": ranking},
@@ -486,7 +487,7 @@ def tail_fidelity(objective: Any, budgets: list[tuple[int, int]], reference: tup
 
     import optuna
 
-    from search.engines.optuna_engine import rung_steps
+    from search.engines.optuna_engine import rung_epochs
 
     names = [f"{r}x{e}" for r, e in budgets]
     objectives = {name: dataclasses.replace(objective, rows=r, max_epochs=e)
@@ -505,7 +506,7 @@ def tail_fidelity(objective: Any, budgets: list[tuple[int, int]], reference: tup
                                    "kendall_tau": kendall_tau([r[name] for r in ranking], full) if ranking else None,
                                    "kendall_tau_within_depth": kendall_tau([r[name] for r in ranking], full, depth)
                                    if ranking else None,
-                                   "rungs": rung_taus(ranking, rung_steps(objectives[name].max_epochs), key=name)
+                                   "rungs": rung_taus(ranking, rung_epochs(objectives[name].max_epochs), key=name)
                                    if ranking else [],
                                    "seconds_median": float(np.median([r[f"{name}_seconds"] for r in ranking]))
                                    if ranking else None}

@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "for workers on several machines)")
     p.add_argument("--study-name", default=None, help="study/project name (default <phase>-<cache id>)")
     p.add_argument("--pruner", default=None,
-                   help="Optuna pruner: asha (default: successive halving, every trial judged after epochs 2 and 4), "
+                   help="Optuna pruner: asha (default: successive halving, a phase-1 trial judged after epochs 2 "
+                        "and 4, a 2-epoch phase-2 trial after epoch 1), "
                         "hyperband (brackets that judge later too), median or none")
     p.add_argument("--oracle", default=None, help="KerasTuner oracle: bayesian (default) or hyperband")
     p.add_argument("--default-trial", action=argparse.BooleanOptionalAction, default=None,

@@ -159,15 +159,62 @@ def test_the_pruner_is_not_asked_after_a_trials_last_epoch(pooled, tmp_path):
     study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=2.0))
     trial = study.ask()  # every score is below 2.0: the pruner says prune whenever it is asked
     with pytest.raises(optuna.TrialPruned):
-        pruning_callback(trial, max_epochs=2).on_epoch_end(0, {"val_accuracy": 0.5})
+        pruning_callback(trial, max_epochs=3).on_epoch_end(0, {"val_accuracy": 0.5})
     trial = study.ask()
-    pruning_callback(trial, max_epochs=2).on_epoch_end(1, {"val_accuracy": 0.5})  # the last epoch: reported only
+    pruning_callback(trial, max_epochs=3).on_epoch_end(2, {"val_accuracy": 0.5})  # the last epoch: reported only
     study.tell(trial, 0.5)
-    assert study.trials[-1].intermediate_values == {1: 0.5} and study.best_trial.number == trial.number
-    # the default pruner's first rung (step 1) is a 2-epoch trial's last epoch: every trial completes
+    assert study.trials[-1].intermediate_values == {2: 0.5} and study.best_trial.number == trial.number
+
+
+def test_the_default_pruner_judges_a_two_epoch_trial_after_its_first_epoch(pooled, tmp_path):
+    """Phase 2's CIFAR-10 budget is 2 epochs: reported from step 0, its only rung (step 1) was its
+    last epoch and no trial could be pruned. Its steps start at 1: judged after epoch 1."""
+    from search.engines.optuna_engine import DEFAULT_PRUNER, make_pruner, pruning_callback, rung_epochs, rung_steps
+
+    assert rung_steps(2) == (1,) and rung_epochs(2) == (0,) and rung_steps(1) == () and rung_epochs(8) == (1, 3)
+    study = optuna.create_study(direction="maximize", pruner=make_pruner(DEFAULT_PRUNER, 2))
+    outcome = {}
+    for value in (0.5, 0.6, 0.4, 0.7, 0.1, 0.2):
+        trial = study.ask()
+        try:
+            pruning_callback(trial, max_epochs=2).on_epoch_end(0, {"val_accuracy": value})
+        except optuna.TrialPruned:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            outcome[value] = "pruned"
+            continue
+        pruning_callback(trial, max_epochs=2).on_epoch_end(1, {"val_accuracy": value})  # not asked: the last
+        study.tell(trial, value)
+        outcome[value] = "complete"
+    # the best third of those judged so far goes on (the first and each new best among the first few)
+    assert outcome == {0.5: "complete", 0.6: "complete", 0.4: "pruned", 0.7: "complete", 0.1: "pruned",
+                       0.2: "pruned"}
+    assert all(t.intermediate_values.keys() == {1} for t in study.trials if t.state.name == "PRUNED")
+    # through the engine's trial runner: a pruned 2-epoch trial trained one epoch, the others two
     engine = engines.make_engine("optuna", progress=False, results=tmp_path, default_trial=False)
-    summary = engine.run(HeadObjective(pooled, "tiny", max_epochs=2), 5)
-    assert summary["complete"] == 5 and summary["pruned"] == 0
+    summary = engine.run(Scripted([0.5, 0.6, 0.4, 0.7, 0.1, 0.2], max_epochs=2), 6)
+    assert (summary["complete"], summary["pruned"]) == (3, 3)
+    trials = optuna.load_study(study_name="head-scripted", storage=f"sqlite:///{tmp_path / 'study.db'}").trials
+    assert [t.user_attrs["epochs"] for t in trials] == [2, 2, 1, 2, 1, 1]
+
+
+class Scripted:
+    """A phase-1 objective that trains nothing: trial ``n`` (the engine's seed 0 + ``n``) scores
+    ``scores[n]`` after each of its epochs, through the callbacks the engine gives its ``fit``."""
+
+    phase, cache_id, space_options = "head", "scripted", {}
+
+    def __init__(self, scores: list[float], max_epochs: int) -> None:
+        self.scores, self.max_epochs = scores, max_epochs
+        self.budget = {"rows": len(scores), "max_epochs": max_epochs}
+
+    def build(self, params: dict, seed: int = 0) -> int:
+        return seed
+
+    def fit(self, model: int, epochs: int, callbacks: list) -> float:
+        for epoch in range(epochs):
+            for callback in callbacks:
+                callback.on_epoch_end(epoch, {"val_accuracy": self.scores[model]})
+        return self.scores[model]
 
 
 def test_a_pruned_trial_records_the_epochs_it_trained(pooled, tmp_path, monkeypatch):
@@ -185,6 +232,7 @@ def test_hyperband_pruner_follows_the_epoch_budget():
     from search.engines.optuna_engine import make_pruner
 
     assert make_pruner("hyperband", 7)._max_resource == 7
+    assert make_pruner("hyperband", 2)._max_resource == 3  # a 2-epoch trial reports steps 1 and 2
 
 
 def test_the_default_pruner_halves_after_the_rungs_the_benchmark_scores():
@@ -202,7 +250,7 @@ def test_the_default_pruner_halves_after_the_rungs_the_benchmark_scores():
                 break
         else:
             study.tell(trial, value)
-    assert rung_steps(8) == (1, 3) and rung_steps(4) == (1,) and rung_steps(2) == ()
+    assert rung_steps(8) == (1, 3) and rung_steps(4) == (1,) and rung_steps(2) == (1,)
     assert pruned_at and set(pruned_at) <= set(rung_steps(8))
     assert min(pruned_at) == rung_steps(8)[0]
 

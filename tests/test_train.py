@@ -655,8 +655,9 @@ def test_tail_fidelity_trains_each_configuration_at_every_budget_and_the_referen
     assert out["search_depth"] is False and {r["params"]["unfreeze_blocks"] for r in out["rows"]} == {parts.n_blocks}
     taus = [out["budgets"][k][t] for k in ("40x1", "60x2") for t in ("kendall_tau", "kendall_tau_within_depth")]
     assert all(-1.0 <= t <= 1.0 for t in taus)
-    # ASHA judges a 2-epoch trial nowhere before its end (rung_steps(2) is empty): only its budget
-    assert [r["epochs"] for r in out["budgets"]["60x2"]["rungs"]] == ["budget"]
+    # ASHA judges a 2-epoch trial after its first epoch (rung_epochs(2) == (0,)), then its budget
+    assert [r["epochs"] for r in out["budgets"]["60x2"]["rungs"]] == [1, "budget"]
+    assert [r["epochs"] for r in out["budgets"]["40x1"]["rungs"]] == ["budget"]
 
 
 def test_tail_trial_times_runs_the_baseline_then_the_search_and_normalizes_the_goals_trials(

@@ -33,13 +33,30 @@ def default_storage(results: str | Path = "results") -> str:
 MIN_RESOURCE, REDUCTION_FACTOR = 1, 3  # of both successive-halving pruners
 
 
+def step_offset(max_epochs: int) -> int:
+    """What a trial of ``max_epochs`` epochs adds to an epoch's index (from 0) to get the step it
+    reports to the pruner: 0, except for a 2-epoch trial (phase 2's budget on CIFAR-10), whose
+    epochs are reported as steps 1 and 2 so that the first rung (step ``MIN_RESOURCE``) judges it
+    after its first epoch. Reported from 0, its first rung would be its last epoch, and it could
+    never be pruned (Optuna's steps cannot put a rung at step 0)."""
+    return 1 if 1 < max_epochs <= MIN_RESOURCE + 1 else 0
+
+
 def rung_steps(max_epochs: int) -> tuple[int, ...]:
-    """The steps (epoch index from 0) where the default pruner judges a trial of ``max_epochs``."""
+    """The steps (as reported: epoch index + :func:`step_offset`) where the default pruner judges
+    a trial of ``max_epochs``: ``1, 3, 9, ...`` before its last step."""
+    last = max_epochs - 1 + step_offset(max_epochs)
     steps, step = [], MIN_RESOURCE
-    while step < max_epochs - 1:  # a rung at the last step would judge a finished trial
+    while step < last:  # a rung at the last step would judge a finished trial
         steps.append(step)
         step *= REDUCTION_FACTOR
     return tuple(steps)
+
+
+def rung_epochs(max_epochs: int) -> tuple[int, ...]:
+    """The epochs (index from 0) after which the default pruner judges a trial of ``max_epochs``:
+    ``(1, 3)`` (after epochs 2 and 4) with phase 1's 8, ``(0,)`` (after epoch 1) with phase 2's 2."""
+    return tuple(step - step_offset(max_epochs) for step in rung_steps(max_epochs))
 
 
 def make_pruner(name: str, max_epochs: int) -> optuna.pruners.BasePruner:
@@ -48,7 +65,8 @@ def make_pruner(name: str, max_epochs: int) -> optuna.pruners.BasePruner:
 
     ``asha`` (the default) and Hyperband both use rungs ``1, 3, 9, ...`` of Optuna's steps (the
     epoch index ``KerasPruningCallback`` reports, from 0: a rung at step 1 judges a trial after its
-    second epoch) with reduction factor 3. ASHA puts every trial in the most aggressive bracket,
+    second epoch; a 2-epoch trial's steps start at 1, :func:`step_offset`, and it is judged after
+    its first) with reduction factor 3. ASHA puts every trial in the most aggressive bracket,
     where a trial goes on past a rung only among the best third there; Hyperband spreads trials
     over brackets whose first rung comes later (with an 8-epoch budget, about half the trials are
     first judged at step 3), which costs time and protects slow starters. ``make bench-search``
@@ -58,7 +76,8 @@ def make_pruner(name: str, max_epochs: int) -> optuna.pruners.BasePruner:
     if name == "asha":
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=MIN_RESOURCE, reduction_factor=REDUCTION_FACTOR)
     if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=MIN_RESOURCE, max_resource=max_epochs,
+        return optuna.pruners.HyperbandPruner(min_resource=MIN_RESOURCE,
+                                              max_resource=max_epochs + step_offset(max_epochs),
                                               reduction_factor=REDUCTION_FACTOR)
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
@@ -342,24 +361,29 @@ def _in_chain(exc: BaseException, match: Any) -> BaseException | None:
 
 
 def pruning_callback(trial: optuna.Trial, max_epochs: int) -> keras.callbacks.Callback:
-    """Optuna's ``KerasPruningCallback`` on validation accuracy that reports every epoch but asks
-    the pruner nothing after the last one (epoch ``max_epochs - 1``).
+    """Optuna's ``KerasPruningCallback`` on validation accuracy that reports every epoch (at step
+    epoch index + :func:`step_offset`) but asks the pruner nothing after the last one (epoch
+    ``max_epochs - 1``).
 
     A rung at the last step would judge a trial that has already trained in full: Optuna's
     successive halving then marks it PRUNED, and a study's best trial is chosen among COMPLETE
-    ones only. With the phase-2 budget of 2 epochs the rung at step 1 is the last epoch, and a
-    search run that way (study ``tail-MobileNet-224-conv_pw_11_relu-35aa909a6b06`` of
-    2026-11-30 17:40) recorded 7 of its 8 finished trials as PRUNED.
+    ones only. With the phase-2 budget of 2 epochs reported from step 0, the rung at step 1 was
+    the last epoch, and a search run that way (study ``tail-MobileNet-224-conv_pw_11_relu-35aa909a6b06``
+    of 2026-11-30 17:40) recorded 7 of its 8 finished trials as PRUNED; sparing the last epoch
+    then left such a trial nothing to be judged at, and no phase-2 trial on CIFAR-10 was ever
+    pruned. Its steps now start at 1, so it is judged after its first epoch.
     """
     from optuna_integration import KerasPruningCallback
+
+    offset = step_offset(max_epochs)
 
     class SparingLastEpoch(KerasPruningCallback):
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
             if epoch < max_epochs - 1:
-                return super().on_epoch_end(epoch, logs)
+                return super().on_epoch_end(epoch + offset, logs)
             score = (logs or {}).get(self._monitor)
             if score is not None:
-                self._trial.report(float(score), step=epoch)
+                self._trial.report(float(score), step=epoch + offset)
 
     return SparingLastEpoch(trial, "val_accuracy")
 
