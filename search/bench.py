@@ -537,8 +537,10 @@ def tail_trial_times(objective: Any, trials: int, baseline_trials: int, referenc
     them (``finetune.MapsValidation``), both in one process with the same sampler sizing, so
     their first ``baseline_trials`` configurations are the same ones; ``reference()`` (this
     machine's speed, ``backbones.reference_speed``) is measured before and after, and the wall
-    seconds of :attr:`GOALS.tail_trials` trials at this median are normalized with it as a
-    final's minutes are (``final.normalized_time``)."""
+    seconds of :attr:`GOALS.tail_trials` trials at the search's wall seconds per trial (its
+    mean, sampler and pruner included: pruned trials are shorter, so a median would stand for
+    one kind of trial only) are normalized with it as a final's minutes are
+    (``final.normalized_time``)."""
     import dataclasses
 
     from search.engines.optuna_engine import DEFAULT_PRUNER
@@ -554,7 +556,7 @@ def tail_trial_times(objective: Any, trials: int, baseline_trials: int, referenc
     median = times["trial_seconds_median"]
     out = {"budget": objective.budget, "pruner": DEFAULT_PRUNER, **times, "baseline": baseline,
            "goal_trials": GOALS.tail_trials, "goal_normalized_minutes": GOALS.tail_trials_normalized_minutes,
-           "goal_trials_normalized": normalized_time(GOALS.tail_trials * median, start, end)}
+           "goal_trials_normalized": normalized_time(GOALS.tail_trials * times["wall_seconds_per_trial"], start, end)}
     if baseline:
         n = len(baseline["trial_seconds"])
         same = float(np.median(times["trial_seconds"][:n]))

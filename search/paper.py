@@ -310,11 +310,13 @@ def _cache_side(cache_id: str | None) -> int | None:
 
 
 def _tail_trials(timed: dict | None) -> dict | None:
-    """``bench-tail --time-trials``: the trials, their budget, median seconds, the speed-up over
-    the Keras-validated baseline, and the goal's trials in normalized minutes; None if not run."""
+    """``bench-tail --time-trials``: the trials, their budget, how many were pruned, median and
+    mean wall seconds, the speed-up over the Keras-validated baseline, and the goal's trials in
+    normalized minutes; None if not run."""
     if not timed:
         return None
     return {"trials": timed["trials"], "rows": timed["budget"]["rows"], "epochs": timed["budget"]["max_epochs"],
+            "pruned": timed["states"]["PRUNED"], "wall_per_trial": timed["wall_seconds_per_trial"],
             "side": _cache_side(timed.get("cache")), "median": timed["trial_seconds_median"],
             "baseline_median": (timed.get("baseline") or {}).get("trial_seconds_median"),
             "speedup": timed.get("speedup_same_configurations"), "goal_trials": timed["goal_trials"],
