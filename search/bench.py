@@ -468,7 +468,8 @@ def parse_budget(text: str) -> tuple[int, int]:
 
 
 def tail_fidelity(objective: Any, budgets: list[tuple[int, int]], reference: tuple[int, int], configs: int,
-                  configs_seed: int = 3, on_row: Any = None, previous: dict | None = None) -> dict:
+                  configs_seed: int = 3, on_row: Any = None, previous: dict | None = None,
+                  fixed: dict[str, Any] | None = None) -> dict:
     """Phase 2's fidelity: ``configs`` random tail configurations (Optuna's ``RandomSampler``,
     seed ``configs_seed``) trained at each trial budget of ``budgets`` and at ``reference``
     (``(rows, epochs)`` each), all from the same head (``objective``'s, a
@@ -482,7 +483,11 @@ def tail_fidelity(objective: Any, budgets: list[tuple[int, int]], reference: tup
     trained with the same parameters at a budget of the same settings (the budget's whole record:
     rows, epochs, batch, precision, PreciseBN rows, head) is taken from it, not trained again, and
     named in the row's ``reused``; so a new trial budget is ranked against a reference measured
-    before."""
+    before.
+
+    ``fixed``: parameters held at one value in every configuration (Optuna's
+    ``PartialFixedSampler`` over the random one), to ask whether the budget ranks the rest of the
+    space when, say, the tail rate is not in it."""
     import dataclasses
 
     import optuna
@@ -494,13 +499,15 @@ def tail_fidelity(objective: Any, budgets: list[tuple[int, int]], reference: tup
                   for name, (r, e) in zip(names, budgets, strict=True)}
     objectives["full"] = dataclasses.replace(objective, rows=reference[0], max_epochs=reference[1])
     sampler = optuna.samplers.RandomSampler(seed=configs_seed)
+    if fixed:
+        sampler = optuna.samplers.PartialFixedSampler(fixed, sampler)
     ranking: list[dict] = []
 
     def summary() -> dict:
         full = [r["full"] for r in ranking]
         depth = [r["params"]["unfreeze_blocks"] for r in ranking]
         return {"configs": len(ranking), "configs_seed": configs_seed, "goal_kendall_tau": GOALS.tail_kendall_tau,
-                "search_depth": bool(objective.space_options.get("search_depth")),
+                "search_depth": bool(objective.space_options.get("search_depth")), "fixed": dict(fixed or {}),
                 "reference": objectives["full"].budget,
                 "budgets": {name: {"budget": objectives[name].budget,
                                    "kendall_tau": kendall_tau([r[name] for r in ranking], full) if ranking else None,
@@ -597,19 +604,20 @@ def bench_tail_trials(cache: Cache, splits: Splits, spec: backbones.BackboneSpec
 
 def bench_tail(cache: Cache, splits: Splits, model: Any, results: Path, budgets: list[tuple[int, int]],
                reference: tuple[int, int], configs: int, configs_seed: int = 3, precision: str = "auto",
-               reuse: bool = True, search_depth: bool = False) -> dict:
+               reuse: bool = True, search_depth: bool = False, fixed: dict[str, Any] | None = None) -> dict:
     """:func:`tail_fidelity` on ``cache`` (the head of this cache key's phase-1 search, else the
     default head; tail trials in ``precision``), written to ``results/bench_search.json`` under
     :func:`fidelity_key` after every configuration (``complete`` false until the last), the rest of
     that file kept. ``reuse``: the trainings that file already holds for this cache with the same
     settings are taken from it (:func:`tail_fidelity`'s ``previous``). ``search_depth``: the
-    configurations sample the depth, as ``search --search-depth`` does (default: all blocks)."""
+    configurations sample the depth, as ``search --search-depth`` does (default: all blocks).
+    ``fixed``: parameters held at one value (:func:`tail_fidelity`), written under their own key."""
     from search.engines.objective import make_objective
     from search.io import read_json
 
     objective = make_objective("tail", cache, splits, budgets[0][0], budgets[0][1], backbone=model,
                                results=str(results), precision=precision, search_depth=search_depth)
-    path, key = results / "bench_search.json", fidelity_key(search_depth)
+    path, key = results / "bench_search.json", fidelity_key(search_depth, tuple(fixed or {}))
     previous = (read_json(path) if path.exists() else {}).get(key) if reuse else None
     if previous and previous.get("cache") != cache.path.name:
         previous = None
@@ -620,7 +628,8 @@ def bench_tail(cache: Cache, splits: Splits, model: Any, results: Path, budgets:
                                   "recorded": time.strftime("%Y-%m-%dT%H:%M:%S")}
         write_json(path, out)
 
-    result = tail_fidelity(objective, budgets, reference, configs, configs_seed, on_row=write, previous=previous)
+    result = tail_fidelity(objective, budgets, reference, configs, configs_seed, on_row=write, previous=previous,
+                           fixed=fixed)
     write(result, complete=True)
     return result
 

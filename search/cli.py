@@ -265,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", default="20000x5", help="the longer training ranked against (default 20000x5)")
     p.add_argument("--configs", type=int, default=8, help="random tail configurations (default 8)")
     p.add_argument("--configs-seed", type=int, default=3, help="seed of the configurations (default 3)")
+    p.add_argument("--fix", action="append", default=[], metavar="NAME=VALUE",
+                   help="hold a phase-2 parameter at one value in every configuration (repeatable), e.g. "
+                        "--fix tail_learning_rate=0.001: does the budget rank the rest of the space? "
+                        "(written under phase2_fidelity_fixed_NAME)")
     p.add_argument("--fresh", action="store_true",
                    help="train every configuration again (default: a training results/bench_search.json already "
                         "holds for this cache, configuration and budget settings is reused)")
@@ -562,6 +566,9 @@ def cmd_bench_tail(args: argparse.Namespace, argv: list[str]) -> int:
         raise UserError(f"--configs must be at least 2 to rank, got {args.configs}")
     if args.time_trials < 0 or args.baseline_trials < 0:
         raise UserError("--time-trials and --baseline-trials count trials: 0 or more")
+    if args.fix and args.time_trials:
+        raise UserError("--fix holds parameters of the fidelity benchmark; --time-trials times the default search")
+    fixed = space.parse_fixed("tail", args.fix, search_depth=args.search_depth)
     splits, spec = _setup(args)
     _, resolution = spec.resolve(args.cut, args.resolution)
     model = spec.build(weights=_weights(args), size=resolution)
@@ -574,7 +581,7 @@ def cmd_bench_tail(args: argparse.Namespace, argv: list[str]) -> int:
         return 0
     out = bench.bench_tail(cache, splits, model, Path(args.results), budgets, reference, args.configs,
                            args.configs_seed, precision=args.tail_precision, reuse=not args.fresh,
-                           search_depth=args.search_depth)
+                           search_depth=args.search_depth, fixed=fixed)
     print(json.dumps({name: b["kendall_tau"] for name, b in out["budgets"].items()}, indent=2))
     return 0
 

@@ -41,11 +41,13 @@ class Goals:
 GOALS = Goals()
 
 
-def fidelity_key(search_depth: bool) -> str:
+def fidelity_key(search_depth: bool, fixed: tuple[str, ...] = ()) -> str:
     """Where ``bench-tail`` writes in ``results/bench_search.json`` (and the paper reads):
     ``phase2_fidelity`` for the search's default space (the depth fixed),
-    ``phase2_fidelity_search_depth`` with the depth sampled."""
-    return "phase2_fidelity_search_depth" if search_depth else "phase2_fidelity"
+    ``phase2_fidelity_search_depth`` with the depth sampled, and ``..._fixed_<name>_...`` with
+    the parameters ``fixed`` held at one value (``bench-tail --fix``)."""
+    key = "phase2_fidelity_search_depth" if search_depth else "phase2_fidelity"
+    return key + "".join(f"_fixed_{name}" for name in sorted(fixed))
 
 
 @dataclass

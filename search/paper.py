@@ -297,7 +297,9 @@ def _tail_fidelity(fidelity: dict | None) -> dict | None:
                 "tau_within": b.get("kendall_tau_within_depth") if fidelity.get("search_depth") else None,
                 "seconds": b["seconds_median"]}
                for b in fidelity["budgets"].values()]
-    return {"configs": fidelity["configs"], "search_depth": bool(fidelity.get("search_depth")),
+    fixed = ", ".join(f"{name.replace('_', ' ')} at {value:g}" if isinstance(value, float) else
+                      f"{name.replace('_', ' ')} at {value}" for name, value in (fidelity.get("fixed") or {}).items())
+    return {"configs": fidelity["configs"], "search_depth": bool(fidelity.get("search_depth")), "fixed": fixed,
             "side": _cache_side(fidelity.get("cache")), "ref_rows": fidelity["reference"]["rows"],
             "ref_epochs": fidelity["reference"]["max_epochs"], "ref_seconds": fidelity["full_seconds_median"],
             "budgets": sorted(budgets, key=lambda b: b["rows"] * b["epochs"])}
@@ -398,8 +400,8 @@ def build_context(results: Path) -> dict:
         "tail_gain_points": 100 * (final["val_accuracy_plain"] - final["frozen_val_accuracy"]),
         "seed_spread_points": 100 * (max(tests) - min(tests)),
         "precision_pair": _precision_pair(ctx.get("frontier"), final),
-        "tail_fidelity": [f for f in (_tail_fidelity(bench.get(fidelity_key(depth))) for depth in (True, False))
-                          if f],
+        "tail_fidelity": [f for f in (_tail_fidelity(bench.get(key)) for key in (
+            fidelity_key(True), fidelity_key(False), *sorted(k for k in bench if "_fixed_" in k))) if f],
         "tail_trials": _tail_trials(bench.get("phase2_trials")),
         "seeds_same_code": len({r.get("code_version") for r in seeds["runs"]}) == 1
         and seeds["runs"][0].get("code_version") is not None,

@@ -284,6 +284,31 @@ def describe(phase: str, **options: Any) -> list[dict[str, str]]:
     return list(recorder.rows.values())
 
 
+def parse_fixed(phase: str, items: list[str], **options: Any) -> dict[str, Any]:
+    """``NAME=VALUE`` items (``bench-tail --fix``) as ``{name: value}``: each name a parameter of
+    ``phase``'s space (``options`` as :func:`suggest`), each value of its default's type; one
+    clear error for an unknown name or a value that does not parse."""
+    from search.errors import UserError
+
+    names = sorted(row["name"] for row in describe(phase, **options))
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, text = (part.strip() for part in item.partition("="))
+        if not sep or name not in names:
+            raise UserError(f"--fix takes NAME=VALUE with NAME a {phase} parameter ({', '.join(names)}); got {item!r}")
+        kind = type(DEFAULTS[phase].get(name, ""))
+        try:
+            if kind is bool:
+                if text.lower() not in ("true", "false"):
+                    raise ValueError(text)
+                out[name] = text.lower() == "true"
+            else:
+                out[name] = kind(text)
+        except ValueError:
+            raise UserError(f"--fix {name}: {text!r} is not a {kind.__name__}") from None
+    return out
+
+
 def check_phase(phase: str) -> str:
     from search.errors import UserError
 

@@ -122,6 +122,19 @@ def test_a_typo_in_params_exits_2_naming_the_valid_keys(capsys, tmp_path):
     assert not (tmp_path / "m.h5").exists()
 
 
+def test_bench_tail_fix_refuses_an_unknown_parameter_a_bad_value_and_time_trials(capsys, tmp_path):
+    out = _in_process(capsys, "bench-tail", "--fix", "learning_rate=0.001", "--results", str(tmp_path))
+    assert out.returncode == 2
+    _one_line_error(out, "--fix takes NAME=VALUE", "tail_learning_rate")
+    out = _in_process(capsys, "bench-tail", "--fix", "shift=wide", "--results", str(tmp_path))
+    assert out.returncode == 2
+    _one_line_error(out, "--fix shift: 'wide' is not a int")
+    out = _in_process(capsys, "bench-tail", "--fix", "shift=1", "--time-trials", "3", "--results", str(tmp_path))
+    assert out.returncode == 2
+    _one_line_error(out, "--fix holds parameters of the fidelity benchmark")
+    assert not (tmp_path / "bench_search.json").exists()
+
+
 def test_only_active_parameters_are_recorded(tmp_path):
     from search import engines
 

@@ -239,7 +239,17 @@ def test_phase2_fidelity_of_each_budget_is_reported_overall_and_within_depth(tin
     assert fixed > cheap and "**Phase-2 fidelity.**" not in text[fixed - 30:fixed]
     assert "At 4,000 rows for 2 epochs (40 s, median), Kendall's tau against the longer training was 0.60 over " \
            "all pairs.\n" in text
-    for key in ("phase2_fidelity", "phase2_fidelity_search_depth"):
+    # bench-tail --fix: its own paragraph, after the others, saying what was held fixed
+    bench["phase2_fidelity_fixed_tail_learning_rate"] = {
+        **bench["phase2_fidelity"], "configs": 7, "fixed": {"tail_learning_rate": 0.001},
+        "budgets": {"4000x2": budget(4000, 2, 0.52, 0.52, 41.0)}}
+    (results / "bench_search.json").write_text(json.dumps(bench))
+    text = write_paper(results, tiny_results[1], str(tiny_results[2])).read_text()
+    held = text.index("A benchmark trained 7 random tail configurations with the whole tail unfrozen, as the search "
+                      "draws them but with the tail learning rate at 0.001 in all of them, from the same head")
+    assert held > text.index("A benchmark trained 6 random tail configurations")
+    assert "Kendall's tau against the longer training was 0.52 over all pairs." in text[held:]
+    for key in ("phase2_fidelity", "phase2_fidelity_search_depth", "phase2_fidelity_fixed_tail_learning_rate"):
         bench[key]["complete"] = False  # a benchmark still running is not reported
     (results / "bench_search.json").write_text(json.dumps(bench))
     assert "Phase-2 fidelity." not in write_paper(results, tiny_results[1], str(tiny_results[2])).read_text()

@@ -728,6 +728,31 @@ def test_tail_fidelity_reuses_the_trainings_an_earlier_result_made_with_the_same
     assert trained == [["40x1", "full"], ["40x1", "full"]]
 
 
+def test_tail_fidelity_holds_fixed_parameters_in_every_configuration(maps_cache, tiny_splits, parts, monkeypatch):
+    """bench-tail --fix: the configurations keep the fixed values and sample the rest; the result
+    says what was fixed and is written under its own key."""
+    from search import bench, space
+    from search.config import fidelity_key
+    from search.engines.objective import TailObjective
+
+    head = _head(parts)
+    objective = TailObjective(maps_cache, tiny_splits, parts, head, head.get_weights(), "maps", rows=None,
+                              max_epochs=1, batch_size=32, precise_bn_rows=0, precision="float32")
+    monkeypatch.setattr(bench, "_train_at_each", lambda params, objectives, seed: {"params": params, **{
+        key: value for name in objectives for key, value in (
+            (name, 0.5 + seed / 10), (f"{name}_seconds", 1.0), (f"{name}_history", [0.5 + seed / 10]))}})
+    fixed = space.parse_fixed("tail", ["tail_learning_rate=0.001", "bn_mode=frozen"])
+    assert fixed == {"tail_learning_rate": 0.001, "bn_mode": "frozen"}
+    out = bench.tail_fidelity(objective, [(40, 1)], (60, 2), configs=4, fixed=fixed)
+    assert out["fixed"] == fixed
+    assert all(r["params"]["tail_learning_rate"] == 0.001 and r["params"]["bn_mode"] == "frozen" for r in out["rows"])
+    assert len({r["params"]["weight_decay"] for r in out["rows"]}) == 4, "the rest is still sampled"
+    free = bench.tail_fidelity(objective, [(40, 1)], (60, 2), configs=4)
+    assert free["fixed"] == {} and len({r["params"]["tail_learning_rate"] for r in free["rows"]}) == 4
+    assert fidelity_key(False, tuple(fixed)) == "phase2_fidelity_fixed_bn_mode_fixed_tail_learning_rate"
+    assert fidelity_key(False) == "phase2_fidelity" and fidelity_key(True) == "phase2_fidelity_search_depth"
+
+
 def test_a_tail_trial_on_data_smaller_than_its_rows_trains_for_the_finals_epochs(maps_cache, tiny_splits, parts):
     """On a small folder a phase-2 trial already sees every training image; its epochs become the
     final's, so the trial ranks configurations as the final trains them (and the pruner has rungs)."""
