@@ -60,8 +60,8 @@ def rung_epochs(max_epochs: int) -> tuple[int, ...]:
 
 
 def make_pruner(name: str, max_epochs: int) -> optuna.pruners.BasePruner:
-    """Asynchronous successive halving, Hyperband (``max_resource`` = the trial's epoch budget),
-    median, or none.
+    """Asynchronous successive halving, Hyperband (``max_resource`` = the trial's epoch budget
+    plus its :func:`step_offset`), median, or none.
 
     ``asha`` (the default) and Hyperband both use rungs ``1, 3, 9, ...`` of Optuna's steps (the
     epoch index ``KerasPruningCallback`` reports, from 0: a rung at step 1 judges a trial after its
