@@ -215,8 +215,11 @@ def suggest_tail(s: Source, max_unfreeze: int = MAX_UNFREEZE, search_depth: bool
     ranking of depths was the reverse of training on 20,000 rows for 5 epochs, where fine-tuning
     the whole tail ranked best (``make bench-tail``, ``results/bench_search.json``,
     ``phase2_fidelity_search_depth``), as in the ablation. (With the depth fixed, the default
-    budget does not rank the rates as the longer training does either, nor do 8,000 or 16,000 rows
-    for one epoch: ``phase2_fidelity``.)
+    budget does not rank the rates as the longer training does either, nor do 2,000 rows x 4
+    epochs or 8,000 x 2: ``phase2_fidelity``, taus 0.00, -0.07 and 0.29. With the rate held at
+    1e-3 the default budget ranked the rest with tau 0.69 over 8 configurations, mostly by the BN
+    mode: the three with batch statistics ranked above the five frozen ones at both budgets,
+    ``phase2_fidelity_fixed_tail_learning_rate``.)
 
     The BN momentum is not searched: a phase-2 trial validates after PreciseBN
     (``finetune.precise_bn``) has replaced the moving statistics, so its score cannot depend on
