@@ -153,7 +153,7 @@ def test_a_study_refuses_trials_of_another_budget(engine_name, pooled, tmp_path)
     assert again["trials"] == 2
 
 
-def test_the_pruner_is_not_asked_after_a_trials_last_epoch(pooled, tmp_path):
+def test_the_pruner_is_not_asked_after_a_trials_last_epoch():
     from search.engines.optuna_engine import pruning_callback
 
     study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=2.0))
@@ -166,7 +166,7 @@ def test_the_pruner_is_not_asked_after_a_trials_last_epoch(pooled, tmp_path):
     assert study.trials[-1].intermediate_values == {2: 0.5} and study.best_trial.number == trial.number
 
 
-def test_the_default_pruner_judges_a_two_epoch_trial_after_its_first_epoch(pooled, tmp_path):
+def test_the_default_pruner_judges_a_two_epoch_trial_after_its_first_epoch(tmp_path):
     """Phase 2's CIFAR-10 budget is 2 epochs: reported from step 0, its only rung (step 1) was its
     last epoch and no trial could be pruned. Its steps start at 1: judged after epoch 1."""
     from search.engines.optuna_engine import DEFAULT_PRUNER, make_pruner, pruning_callback, rung_epochs, rung_steps

@@ -692,6 +692,13 @@ def test_tail_trial_times_runs_the_baseline_then_the_search_and_normalizes_the_g
     assert not objective.keras_validation, "the baseline ran on a copy"
 
 
+def _untrained_row(params: dict, objectives: dict, seed: int) -> dict:
+    """Stands in for ``bench._train_at_each``: a row of made-up scores (``0.5 + seed / 10``), one
+    epoch each, for every budget in ``objectives``, without training."""
+    return {"params": params, **{key: value for name in objectives for key, value in (
+        (name, 0.5 + seed / 10), (f"{name}_seconds", 1.0), (f"{name}_history", [0.5 + seed / 10]))}}
+
+
 def test_tail_fidelity_reuses_the_trainings_an_earlier_result_made_with_the_same_settings(
         maps_cache, tiny_splits, parts, monkeypatch):
     """A new trial budget is ranked against the reference measured before: a (configuration,
@@ -707,8 +714,7 @@ def test_tail_fidelity_reuses_the_trainings_an_earlier_result_made_with_the_same
 
     def logged(params, objectives, seed):  # what is asked to train (the training itself: the test above)
         trained.append(sorted(objectives))
-        return {"params": params, **{key: value for name in objectives for key, value in (
-            (name, 0.5 + seed / 10), (f"{name}_seconds", 1.0), (f"{name}_history", [0.5 + seed / 10]))}}
+        return _untrained_row(params, objectives, seed)
 
     monkeypatch.setattr(bench, "_train_at_each", logged)
     first = bench.tail_fidelity(objective, [(40, 1)], (60, 2), configs=2)
@@ -738,9 +744,7 @@ def test_tail_fidelity_holds_fixed_parameters_in_every_configuration(maps_cache,
     head = _head(parts)
     objective = TailObjective(maps_cache, tiny_splits, parts, head, head.get_weights(), "maps", rows=None,
                               max_epochs=1, batch_size=32, precise_bn_rows=0, precision="float32")
-    monkeypatch.setattr(bench, "_train_at_each", lambda params, objectives, seed: {"params": params, **{
-        key: value for name in objectives for key, value in (
-            (name, 0.5 + seed / 10), (f"{name}_seconds", 1.0), (f"{name}_history", [0.5 + seed / 10]))}})
+    monkeypatch.setattr(bench, "_train_at_each", _untrained_row)
     fixed = space.parse_fixed("tail", ["tail_learning_rate=0.001", "bn_mode=frozen"])
     assert fixed == {"tail_learning_rate": 0.001, "bn_mode": "frozen"}
     out = bench.tail_fidelity(objective, [(40, 1)], (60, 2), configs=4, fixed=fixed)
