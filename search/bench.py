@@ -616,7 +616,8 @@ def bench_tail(cache: Cache, splits: Splits, model: Any, results: Path, budgets:
     from search.io import read_json
 
     objective = make_objective("tail", cache, splits, budgets[0][0], budgets[0][1], backbone=model,
-                               results=str(results), precision=precision, search_depth=search_depth)
+                               results=str(results), precision=precision, search_depth=search_depth,
+                               search_rate=True)  # the whole space; --fix holds parts of it
     path, key = results / "bench_search.json", fidelity_key(search_depth, tuple(fixed or {}))
     previous = (read_json(path) if path.exists() else {}).get(key) if reuse else None
     if previous and previous.get("cache") != cache.path.name:

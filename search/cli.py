@@ -128,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search-depth", action="store_true",
                    help="phase 2 also searches how many of the tail's blocks to unfreeze (default: all of them, "
                         "fixed; the default trial budget ranks depths in reverse, results/bench_search.json)")
+    p.add_argument("--search-rate", action="store_true",
+                   help="phase 2 searches the tail rate even when its trials train less than the final "
+                        "(default: only when they do; else held at its default, as a short budget ranks rates "
+                        "in reverse, results/bench_search.json; such a search's best trial then ships only "
+                        "with --params study)")
     p.add_argument("--head-batch-size", type=int, default=None,
                    help="phase-1 budget: rows per optimizer step of a trial (default "
                         f"{BUDGETS['head'].batch_size}; the final head trains in batches of {HEAD_BATCH_SIZE})")
@@ -362,7 +367,8 @@ def cmd_search(args: argparse.Namespace, argv: list[str]) -> int:
             trials = args.trials if phase == "head" else args.tail_trials  # Hyperband refuses an explicit count
         objective = make_objective(phase, cache, splits, rows, max_epochs, backbone=model, results=args.results,
                                    seed=args.seed, mirrored=args.use_flips, batch_size=args.head_batch_size,
-                                   folds=args.folds, precision=args.tail_precision, search_depth=args.search_depth)
+                                   folds=args.folds, precision=args.tail_precision, search_depth=args.search_depth,
+                                   search_rate=True if args.search_rate else None)
         log.info("phase %s: %s trials, budget %s", phase, trials, objective.budget)
         name = f"{args.study_name}-{phase}" if args.study_name and len(phases) > 1 else args.study_name
         timeout = None if deadline is None else max(1.0, deadline - time.monotonic())

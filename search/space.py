@@ -159,6 +159,8 @@ class KerasTunerSource:
         return self.hp.Int(name, low, high)
 
     def float(self, name: str, low: float, high: float, log: bool = False) -> float:
+        if low == high:  # one value: KerasTuner's Fixed
+            return self.hp.Fixed(name, low)
         return self.hp.Float(name, low, high, sampling="log" if log else "linear")
 
     def choice(self, name: str, values: tuple) -> Any:
@@ -203,7 +205,8 @@ def suggest_head(s: Source) -> dict[str, Any]:
     return p
 
 
-def suggest_tail(s: Source, max_unfreeze: int = MAX_UNFREEZE, search_depth: bool = False) -> dict[str, Any]:
+def suggest_tail(s: Source, max_unfreeze: int = MAX_UNFREEZE, search_depth: bool = False,
+                 search_rate: bool = True) -> dict[str, Any]:
     """Tail fine-tuning: how many of the tail's last blocks train (0: the head alone on the
     frozen tail; ``max_unfreeze``: the whole tail of the cache's cut, the blocks before the
     unfrozen ones running frozen), AdamW peak rate, decay, warm-up, smoothing, shifts, BN mode,
@@ -221,6 +224,12 @@ def suggest_tail(s: Source, max_unfreeze: int = MAX_UNFREEZE, search_depth: bool
     mode: the three with batch statistics ranked above the five frozen ones at both budgets,
     ``phase2_fidelity_fixed_tail_learning_rate``.)
 
+    The tail rate is searched (5e-5 to 3e-3) only with ``search_rate``; otherwise it is held at
+    ``DEFAULT_TAIL["tail_learning_rate"]`` (a float parameter of one value), which is what a
+    search whose trials train less than the final does (``objective.TailObjective.search_rate``):
+    such a budget ranks the rates the wrong way round but, the rate held, ranks the rest with
+    tau 0.69 (above).
+
     The BN momentum is not searched: a phase-2 trial validates after PreciseBN
     (``finetune.precise_bn``) has replaced the moving statistics, so its score cannot depend on
     the momentum, and a sampled value would be noise that ships (study
@@ -229,7 +238,9 @@ def suggest_tail(s: Source, max_unfreeze: int = MAX_UNFREEZE, search_depth: bool
     """
     p: dict[str, Any] = {
         "unfreeze_blocks": s.int("unfreeze_blocks", 0 if search_depth else max_unfreeze, max_unfreeze),
-        "tail_learning_rate": s.float("tail_learning_rate", 5e-5, 3e-3, log=True),
+        "tail_learning_rate": s.float("tail_learning_rate", 5e-5, 3e-3, log=True) if search_rate
+        else s.float("tail_learning_rate", DEFAULT_TAIL["tail_learning_rate"], DEFAULT_TAIL["tail_learning_rate"],
+                     log=True),
         "weight_decay": s.float("weight_decay", 1e-3, 0.2, log=True),
         "warmup_fraction": s.float("warmup_fraction", 0.0, 0.3),
         "label_smoothing": s.float("label_smoothing", 0.0, 0.2),
@@ -245,8 +256,9 @@ SUGGEST: dict[str, Callable[[Source], dict[str, Any]]] = {"head": suggest_head, 
 
 def suggest(phase: str, source: Any, **options: Any) -> dict[str, Any]:
     """Sample one configuration of ``phase`` from an Optuna trial or KerasTuner ``hp``;
-    ``options`` bound the space by what the cache allows (an objective's ``space_options``:
-    the tail's ``max_unfreeze`` blocks, and ``search_depth``)."""
+    ``options`` bound the space by what the cache allows and the budget can rank (an
+    objective's ``space_options``: the tail's ``max_unfreeze`` blocks, ``search_depth`` and
+    ``search_rate``)."""
     return SUGGEST[check_phase(phase)](_adapt(source), **options)
 
 
@@ -264,7 +276,7 @@ class _Recorder:
         return high
 
     def float(self, name: str, low: float, high: float, log: bool = False) -> float:
-        self._add(name, f"{low:g}–{high:g}" + (", log scale" if log else ""))
+        self._add(name, f"fixed at {low:g}" if low == high else f"{low:g}–{high:g}" + (", log scale" if log else ""))
         return low
 
     def choice(self, name: str, values: tuple) -> Any:

@@ -186,3 +186,25 @@ def test_compare_reads_runs_by_name(tmp_path, capsys):
 def test_bad_time_budget_and_folds_are_one_line(capsys):
     _one_line_error(_in_process(capsys, "search", "--time-budget", "0"), "--time-budget must be a positive")
     _one_line_error(_in_process(capsys, "search", "--folds", "0"), "--folds must be at least 1")
+
+
+def test_search_rate_makes_a_short_phase_2_budget_search_the_tail_rate(tiny_npz, tmp_path, capsys):
+    """A phase-2 search whose trials train less than the final holds the tail rate at its default
+    (one value, recorded so); ``--search-rate`` searches it anyway, and the budget says which."""
+    import optuna
+
+    from search import space
+
+    common = ["search", "--phase", "tail", "--weights", "none", "--resolution", "32", "--val-size", "20",
+              "--data", str(tiny_npz), "--cache-dir", str(tmp_path / "cache"), "--results", str(tmp_path / "results"),
+              "--tail-trials", "1", "--tail-rows", "50", "--tail-max-epochs", "1", "--folds", "1", "--quiet"]
+    storage = f"sqlite:///{tmp_path / 'results' / 'study.db'}"
+    rates = {}
+    for name, extra in (("held", []), ("searched", ["--search-rate"])):
+        assert _in_process(capsys, *common, "--study-name", name, *extra).returncode == 0
+        trial = optuna.load_study(study_name=name, storage=storage).trials[0]
+        assert trial.user_attrs["budget"]["search_rate"] is (name == "searched")
+        dist = trial.distributions["tail_learning_rate"]
+        rates[name] = (dist.low, dist.high)
+    rate = space.DEFAULT_TAIL["tail_learning_rate"]
+    assert rates["held"] == (rate, rate) and rates["searched"][0] < rate < rates["searched"][1]

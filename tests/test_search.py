@@ -73,6 +73,9 @@ def test_both_engines_run_both_phases_through_the_same_objective(engine_name, ti
         assert all(p and set(p) <= declared for p in spy.builds), (declared, spy.builds)
         if phase == "tail":  # the search's default space fine-tunes the whole tail
             assert {p["unfreeze_blocks"] for p in spy.builds} == {objective.parts.n_blocks}
+            # and, its trials training less than the final (60 rows, 1 epoch), holds the rate
+            assert objective.budget["search_rate"] is False
+            assert {p["tail_learning_rate"] for p in spy.builds} == {space.DEFAULT_TAIL["tail_learning_rate"]}
         assert summary["best_value"] in spy.fits
         params, provenance = engines.best_params(tmp_path, phase, tiny_cache.path.name)
         assert provenance["engine"] == engine_name and params == summary["best_params"]
@@ -403,3 +406,24 @@ def test_the_tail_depth_is_fixed_at_the_whole_tail_unless_searched():
             for search_depth in (False, True)}
     assert rows[False]["unfreeze_blocks"] == f"fixed at {space.MAX_UNFREEZE}"
     assert rows[True]["unfreeze_blocks"] == f"integer 0–{space.MAX_UNFREEZE}"
+
+
+def test_the_tail_rate_is_held_at_its_default_unless_searched():
+    import keras_tuner as kt
+
+    rate = space.DEFAULT_TAIL["tail_learning_rate"]
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    held, searched = set(), set()
+    for i in range(16):
+        trial = study.ask()
+        params = space.suggest("tail", trial, search_rate=i % 2 == 0)
+        assert trial.params["tail_learning_rate"] == params["tail_learning_rate"]  # recorded, so the final gets it
+        (searched if i % 2 == 0 else held).add(params["tail_learning_rate"])
+        study.tell(trial, 0.5)
+    assert held == {rate} and len(searched) == 8 and all(5e-5 <= r <= 3e-3 for r in searched)
+    hp = kt.HyperParameters()
+    assert space.suggest("tail", hp, search_rate=False)["tail_learning_rate"] == rate
+    assert [type(h).__name__ for h in hp.space if h.name == "tail_learning_rate"] == ["Fixed"]
+    assert space.default_trial("tail", search_rate=False)["tail_learning_rate"] == rate
+    rows = {r["name"]: r["values"] for r in space.describe("tail", search_rate=False)}
+    assert rows["tail_learning_rate"] == f"fixed at {rate:g}"

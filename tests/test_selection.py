@@ -113,6 +113,21 @@ def test_a_tail_search_below_the_finals_training_ships_only_when_asked(tmp_path)
     assert engines.below_final_fidelity(None, 1500, 8) is None
 
 
+def test_a_tail_search_that_held_the_rate_ships_its_win_below_the_finals_training(tmp_path):
+    """The same win at the same short budget ships when the search held the tail rate at its
+    default (the parameter such a budget ranks in reverse); the noise rule still guards it."""
+    win = ([0.6, 0.62, 0.61, 0.6, 0.63], [0.7, 0.73, 0.71, 0.7, 0.72])
+    _study_with(tmp_path, *win, phase="tail", budget={"rows": 4000, "max_epochs": 2, "search_rate": False})
+    params, prov = engines.resolve_params("auto", tmp_path, "c1", phases=("tail",), train_rows=45000, tail_epochs=8)
+    assert prov["tail"]["source"] == "search" and params["tail"]["weight_decay"] == 0.1
+    noise = tmp_path / "noise"
+    noise.mkdir()
+    _study_with(noise, [0.6, 0.7, 0.65, 0.7, 0.6], [0.7, 0.6, 0.7, 0.65, 0.7], phase="tail",
+                budget={"rows": 4000, "max_epochs": 2, "search_rate": False})
+    params, prov = engines.resolve_params("auto", noise, "c1", phases=("tail",), train_rows=45000, tail_epochs=8)
+    assert prov["tail"]["source"] == "default" and "noise" in prov["tail"]["why"]
+
+
 def test_on_one_split_trials_are_compared_image_by_image():
     rng = np.random.default_rng(0)
     default = rng.random(2000) < 0.80

@@ -5,6 +5,7 @@ import json
 
 import keras
 import numpy as np
+import optuna
 import pytest
 
 from conftest import TINY_RES
@@ -743,7 +744,8 @@ def test_tail_fidelity_holds_fixed_parameters_in_every_configuration(maps_cache,
 
     head = _head(parts)
     objective = TailObjective(maps_cache, tiny_splits, parts, head, head.get_weights(), "maps", rows=None,
-                              max_epochs=1, batch_size=32, precise_bn_rows=0, precision="float32")
+                              max_epochs=1, batch_size=32, precise_bn_rows=0, precision="float32",
+                              search_rate=True)  # as bench_tail makes it: the whole space, the rate in it
     monkeypatch.setattr(bench, "_train_at_each", _untrained_row)
     fixed = space.parse_fixed("tail", ["tail_learning_rate=0.001", "bn_mode=frozen"])
     assert fixed == {"tail_learning_rate": 0.001, "bn_mode": "frozen"}
@@ -769,12 +771,22 @@ def test_a_tail_trial_on_data_smaller_than_its_rows_trains_for_the_finals_epochs
     head = _head(parts)
     available = len(tiny_splits.train_idx)
 
-    def epochs(rows: int) -> int:
+    def budget(rows: int | None, max_epochs: int = 1, **options) -> dict:
         return TailObjective(maps_cache, tiny_splits, parts, head, head.get_weights(), "maps", rows=rows,
-                             max_epochs=1, batch_size=32, precise_bn_rows=0, precision="float32",
-                             full_epochs=3).budget["max_epochs"]
+                             max_epochs=max_epochs, batch_size=32, precise_bn_rows=0, precision="float32",
+                             full_epochs=3, **options).budget
 
-    assert (epochs(available - 10), epochs(available + 10)) == (1, 3)
+    assert (budget(available - 10)["max_epochs"], budget(available + 10)["max_epochs"]) == (1, 3)
+    # the tail rate is searched only by a trial that trains as the final does (a budget that trains
+    # less ranks rates in reverse), unless asked for
+    assert [budget(rows, epochs)["search_rate"] for rows, epochs in
+            ((available - 10, 1), (None, 1), (None, 3), (available + 10, 1))] == [False, False, True, True]
+    assert budget(available - 10, search_rate=True)["search_rate"] is True
+    objective = TailObjective(maps_cache, tiny_splits, parts, head, head.get_weights(), "maps", rows=available - 10,
+                              max_epochs=1, batch_size=32, precise_bn_rows=0, precision="float32", full_epochs=3)
+    trial = optuna.create_study().ask()
+    assert space.suggest("tail", trial, **objective.space_options)["tail_learning_rate"] == \
+        space.DEFAULT_TAIL["tail_learning_rate"]
 
 
 def test_a_small_data_tail_trial_is_cross_validated_and_keeps_every_held_out_images_hits(

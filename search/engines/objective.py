@@ -42,6 +42,7 @@ from search import batches, finetune, selection, space, tfgraph, train
 from search.cache import Cache
 from search.config import FinalConfig
 from search.data import Splits
+from search.engines.choice import below_final_fidelity
 from search.errors import UserError
 
 
@@ -153,6 +154,7 @@ class TailObjective:
     precise_bn_rows: int = 1024
     full_epochs: int = FinalConfig.tail_epochs
     search_depth: bool = False
+    search_rate: bool | None = None
     folds: int = 1
     fold_head_weights: list = field(default_factory=list, repr=False)
     fold_head: Callable[[np.ndarray], list] | None = field(default=None, repr=False)
@@ -168,6 +170,9 @@ class TailObjective:
     def __post_init__(self) -> None:
         self._rows = batches.stratified_rows(self.splits.y_train, self.splits.train_idx, self.rows)
         self.max_epochs = tail_trial_epochs(len(self._rows), self.rows, self.max_epochs, self.full_epochs)
+        if self.search_rate is None:  # a trial that trains less than the final does not rank rates
+            self.search_rate = below_final_fidelity({"rows": len(self._rows), "max_epochs": self.max_epochs},
+                                                    len(self.splits.train_idx), self.full_epochs) is None
         if self.folds > 1:
             self._fold_rows = batches.stratified_folds(self._rows, self.splits.y_train[self._rows], self.folds)
             if not self.fold_head_weights and self.fold_head is not None:
@@ -182,14 +187,24 @@ class TailObjective:
     @property
     def space_options(self) -> dict[str, Any]:
         """The tail's blocks bound how many can be unfrozen; the depth is searched only with
-        ``search_depth``, else fixed at all of them (``space.suggest_tail``)."""
-        return {"max_unfreeze": self.parts.n_blocks, "search_depth": self.search_depth}
+        ``search_depth``, else fixed at all of them; the tail rate only with ``search_rate``,
+        else held at its default (``space.suggest_tail``).
+
+        ``search_rate`` None (the default) decides by the budget: the rate is searched when a
+        trial trains as the final's tail does (on every training image for at least
+        ``full_epochs``, :func:`~search.engines.choice.below_final_fidelity`) and held otherwise,
+        because such a budget ranks the rates the wrong way round (CIFAR-10, 4,000 of 45,000
+        images x 2 epochs: Kendall's tau 0.00 against 20,000 x 5 with the rate searched, 0.69
+        with it held; ``results/bench_search.json``, ``phase2_fidelity`` and
+        ``phase2_fidelity_fixed_tail_learning_rate``)."""
+        return {"max_unfreeze": self.parts.n_blocks, "search_depth": self.search_depth,
+                "search_rate": bool(self.search_rate)}
 
     @property
     def budget(self) -> dict[str, Any]:
         return {"rows": len(self._rows), "max_epochs": self.max_epochs, "batch_size": self.batch_size,
                 "precision": self.precision, "precise_bn_rows": self.precise_bn_rows, "folds": self.folds,
-                "head": self.head_provenance}
+                "search_rate": bool(self.search_rate), "head": self.head_provenance}
 
     def build(self, params: dict[str, Any], seed: int = 0) -> keras.Model:
         tfgraph.release_custom_gradients(self._keep)  # the previous trial's trainer is done
@@ -256,7 +271,8 @@ Objective = HeadObjective | TailObjective
 def make_objective(phase: str, cache: Cache, splits: Splits, rows: int | None, max_epochs: int,
                    backbone: keras.Model | None = None, results: str = "results", seed: int = 0,
                    mirrored: bool = False, batch_size: int | None = None, folds: int | None = None,
-                   precision: str = FinalConfig.tail_precision, search_depth: bool = False) -> Objective:
+                   precision: str = FinalConfig.tail_precision, search_depth: bool = False,
+                   search_rate: bool | None = None) -> Objective:
     """The ``phase`` objective on ``cache`` with a budget of ``rows`` x ``max_epochs``; a head
     trial steps in batches of ``batch_size`` rows (None: ``space.BUDGETS["head"]``'s).
 
@@ -266,7 +282,8 @@ def make_objective(phase: str, cache: Cache, splits: Splits, rows: int | None, m
     tail trial counts all training images, whatever its ``rows`` (CIFAR-10's tail trials train
     on 4,000 of 45,000 images and are scored once, on the validation split). ``precision``: the
     tail trials' compute precision. ``search_depth``: the tail's trials sample how many blocks to
-    unfreeze (default: all of them).
+    unfreeze (default: all of them); ``search_rate``: whether they sample the tail rate (None:
+    only when a trial trains as the final's tail does, :attr:`TailObjective.space_options`).
 
     The tail objective starts from the head of the best phase-1 trial on this cache key (or the
     default head when there is none), trained once here on all pooled features; ``backbone`` is
@@ -298,7 +315,8 @@ def make_objective(phase: str, cache: Cache, splits: Splits, rows: int | None, m
 
     return TailObjective(cache, splits, parts, head, head.get_weights(), cache.path.name, rows=rows,
                          max_epochs=max_epochs, head_provenance=provenance["head"], precision=precision,
-                         search_depth=search_depth, folds=trial_folds(splits) if folds is None else folds,
+                         search_depth=search_depth, search_rate=search_rate,
+                         folds=trial_folds(splits) if folds is None else folds,
                          fold_head=fold_head)
 
 
