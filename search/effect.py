@@ -221,7 +221,10 @@ def run_effect(datasets: list[str], seeds: list[int], results: str | os.PathLike
                         (searched["params_provenance"][ph].get("decision") or {}).get("why")
                         for ph in ("head", "tail")},
                 "tail_decision": {"searched": searched.get("tail_decision"), "default": default.get("tail_decision")},
-                "head_folds": _folds(searched_dir, "head"), "tail_folds": _folds(searched_dir, "tail"),
+                "head_folds": _budget(searched_dir, "head").get("folds"),
+                "tail_folds": _budget(searched_dir, "tail").get("folds"),
+                # whether phase 2 sampled the tail rate (else held at its default: TailObjective.space_options)
+                "tail_search_rate": _budget(searched_dir, "tail").get("search_rate"),
                 "default_final": default_final})
         diffs = [r["searched_test"] - r["default_test"] for r in rows]
         entry = {"name": name, "data": data, "seeds": rows, "seeds_run": seeds, "search_args": search_args,
@@ -239,8 +242,8 @@ def run_effect(datasets: list[str], seeds: list[int], results: str | os.PathLike
     return out
 
 
-def _folds(results: Path, phase: str) -> int | None:
-    """The ``phase`` study's cross-validation folds (its trials' budget), if recorded."""
+def _budget(results: Path, phase: str) -> dict:
+    """The ``phase`` study's trial budget as its first trial recorded it ({} if none)."""
     import optuna
 
     path = results / "searches"
@@ -248,5 +251,5 @@ def _folds(results: Path, phase: str) -> int | None:
         p = read_json(pointer)
         if p.get("engine") == "optuna":
             trials = optuna.load_study(study_name=p["study_name"], storage=p["storage"]).trials
-            return trials[0].user_attrs.get("budget", {}).get("folds") if trials else None
-    return None
+            return trials[0].user_attrs.get("budget", {}) if trials else {}
+    return {}

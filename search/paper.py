@@ -124,9 +124,16 @@ def effect_rows(effect: dict) -> list[dict[str, Any]]:
                     "trials_tail": seeds[0]["trials"]["tail"]["trials"],
                     "search_minutes": float(np.mean([s["search_seconds"] for s in seeds])) / 60,
                     # phase-2 parameters shipped from trials below the final's training (large data: the
-                    # default budget's 4,000 images x 2 epochs), which choice.resolve_params no longer does
-                    "tails_searched_below_final": sum(s["shipped"]["tail"] == "search" for s in seeds)
-                    if seeds[0]["train_images"] >= selection.SMALL_DATA_ROWS else 0})
+                    # default budget's 4,000 images x 2 epochs) by a search that sampled the tail rate,
+                    # which choice.resolve_params no longer does (a row without tail_search_rate predates
+                    # the held rate: it sampled it)
+                    "tails_searched_below_final": sum(s["shipped"]["tail"] == "search" and
+                                                      s.get("tail_search_rate", True) is not False for s in seeds)
+                    if seeds[0]["train_images"] >= selection.SMALL_DATA_ROWS else 0,
+                    # searches whose phase 2 held the tail rate at its default, and how many shipped their tail
+                    "tails_rate_held": sum(s.get("tail_search_rate") is False for s in seeds),
+                    "tails_rate_held_shipped": sum(s.get("tail_search_rate") is False and
+                                                   s["shipped"]["tail"] == "search" for s in seeds)})
     return out
 
 

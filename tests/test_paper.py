@@ -174,6 +174,21 @@ def test_effect_rows_call_an_effect_only_beyond_the_seed_spread():
     assert row["effect"]
 
 
+def test_effect_rows_tell_a_short_budgets_tail_that_sampled_the_rate_from_one_that_held_it():
+    seed = {"train_images": 45000, "test_images": 10000, "search_seconds": 60.0,
+            "trials": {"head": {"trials": 40}, "tail": {"trials": 24}},
+            "shipped": {"head": "search", "tail": "search"}}
+    ds = {"name": "cifar10", "seed_spread_default": 0.01, "seed_spread_searched": 0.02, "mean_default_test": 0.88,
+          "mean_searched_test": 0.885, "mean_difference": 0.005}
+    (old,) = effect_rows({"datasets": [{**ds, "seeds": [seed, seed]}]})  # recorded before the held rate
+    assert old["tails_searched_below_final"] == 2 and old["tails_rate_held"] == 0
+    held = [{**seed, "tail_search_rate": False}, {**seed, "tail_search_rate": False,
+                                                  "shipped": {"head": "search", "tail": "default"}}]
+    (new,) = effect_rows({"datasets": [{**ds, "seeds": held}]})
+    assert new["tails_searched_below_final"] == 0
+    assert (new["tails_rate_held"], new["tails_rate_held_shipped"]) == (2, 1)
+
+
 def test_goals_table_says_not_met_below_a_bar(tiny_results):
     results = tiny_results[0]
     ctx = build_context(results)
