@@ -183,11 +183,25 @@ def _goals_table(ctx: dict, d: dict) -> str:
         rows.append(["phase-1 fidelity, Kendall's tau", f"at least {GOALS.kendall_tau:g}", f"{tau:.2f}",
                      verdict(tau >= GOALS.kendall_tau)])
         from search import space
+        from search.config import FinalConfig
+        from search.engines.objective import holds_rate
 
-        budget = f"{space.BUDGETS['tail'].rows}x{space.BUDGETS['tail'].max_epochs}"  # bench-tail's name of the default
-        tail_tau = ((bench.get(fidelity_key(False)) or {}).get("budgets", {}).get(budget) or {}).get("kendall_tau")
+        tail = space.BUDGETS["tail"]
+        budget = f"{tail.rows}x{tail.max_epochs}"  # bench-tail's name of the default
+        # the space the default search draws from on this data: on CIFAR-10 its trials train less than
+        # the final, so it holds the tail rate at its default, and bench-tail --fix measures that space
+        rate = space.DEFAULT_TAIL["tail_learning_rate"]
+        held = holds_rate(final["data"]["train"], tail.rows, tail.max_epochs, FinalConfig.tail_epochs)
+        key = fidelity_key(False, ("tail_learning_rate",)) if held else fidelity_key(False)
+        record = bench.get(key) or {}
+        if held and record.get("fixed") != {"tail_learning_rate": rate}:
+            record = {}
+        tail_tau = (record.get("budgets", {}).get(budget) or {}).get("kendall_tau")
+        whole = ((bench.get(fidelity_key(False)) or {}).get("budgets", {}).get(budget) or {}).get("kendall_tau")
+        note = f" (the tail rate held at {rate:g}, as the search holds it here" + (
+            f"; {whole:.2f} with the rate searched)" if whole is not None else ")") if held else ""
         rows.append(["phase-2 fidelity, Kendall's tau", f"at least {GOALS.tail_kendall_tau:g}",
-                     "not measured" if tail_tau is None else f"{tail_tau:.2f}",
+                     "not measured" if tail_tau is None else f"{tail_tau:.2f}{note}",
                      "not measured" if tail_tau is None else verdict(tail_tau >= GOALS.tail_kendall_tau)])
         timed = bench.get("phase2_trials")
         minutes = timed["goal_trials_normalized"]["normalized_minutes"] if timed else None
@@ -199,8 +213,9 @@ def _goals_table(ctx: dict, d: dict) -> str:
         g = memory["released"]["growth_pct"]
         rows.append(["memory growth over a long search", f"at most {GOALS.memory_growth_pct:g} %", f"{g:+.1f} %",
                      verdict(g <= GOALS.memory_growth_pct)])
-    if d["effect"]:
-        best = max(d["effect"], key=lambda e: e["difference_points"])
+    small = [e for e in d["effect"] if e["name"] != "cifar10"]  # the bar is about the sets other than CIFAR-10
+    if small:
+        best = max(small, key=lambda e: e["difference_points"])
         rows.append(["search beats defaults on a small dataset", f"by at least {GOALS.search_gain_points:g} point",
                      f"{best['difference_points']:+.2f} points ({best['name']})",
                      verdict(best["difference_points"] >= GOALS.search_gain_points)])

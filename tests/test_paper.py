@@ -209,7 +209,22 @@ def test_goals_table_reads_phase2_fidelity_of_the_default_trial_budget(tiny_resu
     ctx = build_context(tiny_results[0])
     budget = f"{space.BUDGETS['tail'].rows}x{space.BUDGETS['tail'].max_epochs}"
     ctx["bench_search"]["phase2_fidelity"] = {"budgets": {budget: {"kendall_tau": 0.42}, "1x1": {"kendall_tau": 0.9}}}
+    ctx["final"]["data"]["train"] = 1000  # fewer than a trial's rows: trials train as the final, the rate searched
     assert "| phase-2 fidelity, Kendall's tau | at least 0.5 | 0.42 | **not met** |" in _goals_table(ctx, ctx["d"])
+    # CIFAR-10's 45,000 images: the search holds the rate, and the record of that space decides
+    ctx["final"]["data"]["train"] = 45000
+    ctx["bench_search"].pop("phase2_fidelity_fixed_tail_learning_rate", None)
+    assert "| phase-2 fidelity, Kendall's tau | at least 0.5 | not measured | not measured |" \
+        in _goals_table(ctx, ctx["d"])
+    rate = space.DEFAULT_TAIL["tail_learning_rate"]
+    for value, verdict in ((rate, "met"), (rate / 2, "not measured")):  # held at another value: not this space
+        ctx["bench_search"]["phase2_fidelity_fixed_tail_learning_rate"] = {
+            "fixed": {"tail_learning_rate": value}, "budgets": {budget: {"kendall_tau": 0.69}}}
+        row = [r for r in _goals_table(ctx, ctx["d"]).splitlines() if r.startswith("| phase-2 fidelity")][0]
+        assert row.endswith(f"| {verdict} |"), row
+        if verdict == "met":
+            assert "| 0.69 (the tail rate held at 0.001, as the search holds it here; 0.42 with the rate searched) |" \
+                in row
 
 
 def test_goals_table_reads_the_timed_phase2_trials(tiny_results):
@@ -337,3 +352,12 @@ def test_the_other_precision_run_of_the_same_recipe_and_seed_is_reported_against
     del frontier["runs"]["pair"]
     (results / "frontier.json").write_text(json.dumps(frontier))
     assert build_context(results)["d"]["precision_pair"] is None
+
+
+def test_goals_table_judges_the_small_set_bar_on_the_sets_other_than_cifar10(tiny_results):
+    ctx = build_context(tiny_results[0])
+    d = {**ctx["d"], "effect": [{"name": "cifar10", "difference_points": 1.5},
+                                {"name": "lowdata", "difference_points": 0.2},
+                                {"name": "digits", "difference_points": -0.1}]}
+    assert "| search beats defaults on a small dataset | by at least 1 point | +0.20 points (lowdata) | **not met** |" \
+        in _goals_table(ctx, d)

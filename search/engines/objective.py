@@ -171,8 +171,7 @@ class TailObjective:
         self._rows = batches.stratified_rows(self.splits.y_train, self.splits.train_idx, self.rows)
         self.max_epochs = tail_trial_epochs(len(self._rows), self.rows, self.max_epochs, self.full_epochs)
         if self.search_rate is None:  # a trial that trains less than the final does not rank rates
-            self.search_rate = below_final_fidelity({"rows": len(self._rows), "max_epochs": self.max_epochs},
-                                                    len(self.splits.train_idx), self.full_epochs) is None
+            self.search_rate = not holds_rate(len(self.splits.train_idx), self.rows, self.max_epochs, self.full_epochs)
         if self.folds > 1:
             self._fold_rows = batches.stratified_folds(self._rows, self.splits.y_train[self._rows], self.folds)
             if not self.fold_head_weights and self.fold_head is not None:
@@ -333,6 +332,16 @@ def tail_trial_epochs(available: int, rows: int | None, max_epochs: int, full_ep
     if rows is None or available >= rows:
         return max_epochs
     return max(max_epochs, full_epochs)
+
+
+def holds_rate(train_rows: int, rows: int | None, max_epochs: int, full_epochs: int) -> bool:
+    """Whether a phase-2 search with a budget of ``rows`` x ``max_epochs`` on ``train_rows``
+    training images holds the tail rate at its default (:attr:`TailObjective.space_options`):
+    its trials (:func:`tail_trial_epochs`) train on fewer images or for fewer epochs than the
+    final's tail (``full_epochs``)."""
+    available = train_rows if rows is None else min(rows, train_rows)
+    epochs = tail_trial_epochs(available, rows, max_epochs, full_epochs)
+    return below_final_fidelity({"rows": available, "max_epochs": epochs}, train_rows, full_epochs) is not None
 
 
 def trial_folds(splits: Splits, rows: int | None = None) -> int:
