@@ -312,16 +312,28 @@ def _tail_fidelity(fidelity: dict | None) -> dict | None:
     """A complete ``bench-tail``: its configurations (of every depth, or of the search's one) and
     reference (rows, epochs, median seconds), and its budgets, fewest rows x epochs first, each
     with its taus against the reference (overall, and within depth when depths were sampled) and
-    its median seconds; None if there is none."""
+    its median seconds, and the tau over the pairs that share the BN mode when both modes were
+    drawn; None if there is none."""
     if not fidelity or not fidelity.get("complete") or not fidelity.get("budgets"):
         return None
+    from search import space
+    from search.bench import kendall_tau
+
+    rows = fidelity.get("rows") or []
+    modes = [r["params"].get("bn_mode") for r in rows]
+    by_mode = len(set(modes)) > 1  # the BN mode was sampled: how well the budget ranks within one mode
     budgets = [{"rows": b["budget"]["rows"], "epochs": b["budget"]["max_epochs"], "tau": b["kendall_tau"],
                 "tau_within": b.get("kendall_tau_within_depth") if fidelity.get("search_depth") else None,
+                "tau_within_bn": kendall_tau([r[name] for r in rows], [r["full"] for r in rows], modes)
+                if by_mode and all(name in r for r in rows) else None,
                 "seconds": b["seconds_median"]}
-               for b in fidelity["budgets"].values()]
+               for name, b in fidelity["budgets"].items()]
+    rate = space.DEFAULT_TAIL["tail_learning_rate"]
     fixed = ", ".join(f"{name.replace('_', ' ')} at {value:g}" if isinstance(value, float) else
                       f"{name.replace('_', ' ')} at {value}" for name, value in (fidelity.get("fixed") or {}).items())
     return {"configs": fidelity["configs"], "search_depth": bool(fidelity.get("search_depth")), "fixed": fixed,
+            # the space a search holds its rate in (its trials training less than the final: CIFAR-10's)
+            "held_rate": (fidelity.get("fixed") or {}) == {"tail_learning_rate": rate},
             "side": _cache_side(fidelity.get("cache")), "ref_rows": fidelity["reference"]["rows"],
             "ref_epochs": fidelity["reference"]["max_epochs"], "ref_seconds": fidelity["full_seconds_median"],
             "budgets": sorted(budgets, key=lambda b: b["rows"] * b["epochs"])}

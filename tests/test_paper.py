@@ -264,22 +264,33 @@ def test_phase2_fidelity_of_each_budget_is_reported_overall_and_within_depth(tin
     assert cheap < text.index("At 8,000 rows for 3 epochs (80 s, median), Kendall's tau against the longer training "
                               "was 0.43 over all pairs and 0.71")
     # the search's own space (one depth): its paragraph follows, without a within-depth figure
-    fixed = text.index("A benchmark trained 6 random tail configurations with the whole tail unfrozen, as the search "
-                       "draws them, from the same head, at the trial budget and at 20,000 rows for 5 epochs (250 s")
+    fixed = text.index("A benchmark trained 6 random tail configurations with the whole tail unfrozen and the tail "
+                       "rate sampled too, as the search draws them where its trials train as the final does, from the "
+                       "same head, at the trial budget and at 20,000 rows for 5 epochs (250 s")
     assert fixed > cheap and "**Phase-2 fidelity.**" not in text[fixed - 30:fixed]
     assert "At 4,000 rows for 2 epochs (40 s, median), Kendall's tau against the longer training was 0.60 over " \
            "all pairs.\n" in text
     # bench-tail --fix: its own paragraph, after the others, saying what was held fixed
+    # within one BN mode: batch's two configurations ranked in reverse, frozen's two in order
+    rows = [{"params": {"bn_mode": mode}, "4000x2": short, "full": full}
+            for mode, short, full in (("batch", 0.80, 0.85), ("batch", 0.81, 0.84),
+                                      ("frozen", 0.50, 0.82), ("frozen", 0.60, 0.83))]
     bench["phase2_fidelity_fixed_tail_learning_rate"] = {
-        **bench["phase2_fidelity"], "configs": 7, "fixed": {"tail_learning_rate": 0.001},
-        "budgets": {"4000x2": budget(4000, 2, 0.52, 0.52, 41.0)}}
+        **bench["phase2_fidelity"], "configs": 4, "fixed": {"tail_learning_rate": 0.001},
+        "budgets": {"4000x2": budget(4000, 2, 0.52, 0.52, 41.0)}, "rows": rows}
+    bench["phase2_fidelity_fixed_bn_mode"] = {**bench["phase2_fidelity"], "configs": 5, "fixed": {"bn_mode": "batch"}}
     (results / "bench_search.json").write_text(json.dumps(bench))
     text = write_paper(results, tiny_results[1], str(tiny_results[2])).read_text()
-    held = text.index("A benchmark trained 7 random tail configurations with the whole tail unfrozen, as the search "
-                      "draws them but with the tail learning rate at 0.001 in all of them, from the same head")
+    held = text.index("A benchmark trained 4 random tail configurations with the whole tail unfrozen and the tail "
+                      "learning rate at its default, as the search draws them when its trials train less than the "
+                      "final (here), from the same head")
     assert held > text.index("A benchmark trained 6 random tail configurations")
-    assert "Kendall's tau against the longer training was 0.52 over all pairs." in text[held:]
-    for key in ("phase2_fidelity", "phase2_fidelity_search_depth", "phase2_fidelity_fixed_tail_learning_rate"):
+    assert "Kendall's tau against the longer training was 0.52 over all pairs and 0.00 over the pairs that share " \
+           "the BN mode." in text[held:]
+    assert "A benchmark trained 5 random tail configurations with the whole tail unfrozen but with the bn mode at " \
+           "batch in all of them, from the same head" in text
+    for key in ("phase2_fidelity", "phase2_fidelity_search_depth", "phase2_fidelity_fixed_tail_learning_rate",
+                "phase2_fidelity_fixed_bn_mode"):
         bench[key]["complete"] = False  # a benchmark still running is not reported
     (results / "bench_search.json").write_text(json.dumps(bench))
     assert "Phase-2 fidelity." not in write_paper(results, tiny_results[1], str(tiny_results[2])).read_text()
