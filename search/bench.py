@@ -527,7 +527,7 @@ def tail_fidelity(objective: Any, budgets: list[tuple[int, int]], reference: tup
         params = space.suggest("tail", trial, **objective.space_options)
         old = previous["rows"][i] if earlier and i < len(previous["rows"]) else None
         same = [name for name, obj in objectives.items() if old is not None and old["params"] == params
-                and name in old and earlier.get(name) == obj.budget]
+                and name in old and earlier.get(name) == _training(obj.budget)]
         row = _train_at_each(params, {n: o for n, o in objectives.items() if n not in same}, seed=i)
         row.update({key: old[key] for name in same for key in (name, f"{name}_seconds", f"{name}_history")})
         ranking.append({**row, "reused": same} if same else row)
@@ -577,7 +577,14 @@ def _earlier_budgets(previous: dict | None, configs_seed: int) -> dict[str, dict
     :func:`tail_fidelity` result drawn with ``configs_seed``; none otherwise."""
     if not previous or previous.get("configs_seed") != configs_seed or not previous.get("rows"):
         return {}
-    return {"full": previous["reference"], **{name: b["budget"] for name, b in previous.get("budgets", {}).items()}}
+    return {"full": _training(previous["reference"]),
+            **{name: _training(b["budget"]) for name, b in previous.get("budgets", {}).items()}}
+
+
+def _training(budget: dict) -> dict:
+    """A trial budget's training settings: less ``search_rate``, which says what a search samples,
+    not how a configuration drawn here trains."""
+    return {k: v for k, v in budget.items() if k != "search_rate"}
 
 
 def bench_tail_trials(cache: Cache, splits: Splits, spec: backbones.BackboneSpec, model: Any, results: Path,

@@ -733,6 +733,13 @@ def test_tail_fidelity_reuses_the_trainings_an_earlier_result_made_with_the_same
     trained.clear()
     bench.tail_fidelity(objective, [(40, 1)], (60, 2), configs=2, configs_seed=4, previous=first)
     assert trained == [["40x1", "full"], ["40x1", "full"]]
+    # a result recorded before budgets said whether the rate was searched trained the same way
+    older = json.loads(json.dumps(first))
+    for budget in [older["reference"], *(b["budget"] for b in older["budgets"].values())]:
+        assert budget.pop("search_rate") is False
+    trained.clear()
+    bench.tail_fidelity(objective, [(40, 1)], (60, 2), configs=2, previous=older)
+    assert trained == [[], []]
 
 
 def test_tail_fidelity_holds_fixed_parameters_in_every_configuration(maps_cache, tiny_splits, parts, monkeypatch):
