@@ -25,8 +25,8 @@ from search.errors import UserError
 from search.io import atomic_path, read_json, save_figure
 from search.report import confusion_figure
 
-RESULT_FILES = ("final", "final_cold", "evaluate", "seeds", "frontier", "search_effect", "search_pair", "study_head",
-                "study_tail", "bench_cache", "bench_search", "bench_memory")
+RESULT_FILES = ("final", "final_cold", "evaluate", "seeds", "frontier", "search_effect", "search_effect_tail_shipped",
+                "search_pair", "study_head", "study_tail", "bench_cache", "bench_search", "bench_memory")
 PIPELINE = {"cache": "frozen pass (cache)", "head": "head on pooled features", "tail": "tail fine-tuning",
             "bn_reestimate": "batch-norm re-estimation", "tta_choice": "test-time mirroring choice",
             "test": "test set", "stitch_and_save": "stitch, check and save", "total": "total"}
@@ -134,6 +134,28 @@ def effect_rows(effect: dict) -> list[dict[str, Any]]:
                     "tails_rate_held": sum(s.get("tail_search_rate") is False for s in seeds),
                     "tails_rate_held_shipped": sum(s.get("tail_search_rate") is False and
                                                    s["shipped"]["tail"] == "search" for s in seeds)})
+    return out
+
+
+def tail_shipped(shipped: dict | None, effect: dict | None) -> dict | None:
+    """CIFAR-10's row of ``search_effect_tail_shipped.json`` (a run of the comparison in which
+    phase-2 searches on a budget below the final's training, the rate held, shipped their best
+    trials) beside ``search_effect.json``'s: the mean validation and test accuracy of the searched
+    finals in each, the latter only where its seeds shipped the same heads (the same decision
+    text) with the defaults' tail; None without the first."""
+    row = next((d for d in (shipped or {}).get("datasets", []) if d["name"] == "cifar10"), None)
+    if row is None:
+        return None
+    seeds = row["seeds"]
+    out = {"n_seeds": len(seeds), "tails_shipped": sum(s["shipped"]["tail"] == "search" for s in seeds),
+           "val": float(np.mean([s["searched_val"] for s in seeds])),
+           "test": float(np.mean([s["searched_test"] for s in seeds])), "same_heads": None}
+    main = {s["seed"]: s for d in (effect or {}).get("datasets", []) if d["name"] == "cifar10" for s in d["seeds"]}
+    pairs = [(s, main.get(s["seed"])) for s in seeds]
+    if all(m is not None and m["shipped"]["tail"] == "default" and m["why"]["head"] == s["why"]["head"]
+           for s, m in pairs):
+        out["same_heads"] = {"val": float(np.mean([m["searched_val"] for _, m in pairs])),
+                             "test": float(np.mean([m["searched_test"] for _, m in pairs]))}
     return out
 
 
@@ -443,6 +465,7 @@ def build_context(results: Path) -> dict:
         "worst_1": f"{worst[1]} at {_pct(per_class[worst[1]])}",
         "confused_true": names[i], "confused_pred": names[j], "confused_count": int(off[i, j]),
         "effect": effect_rows(ctx.get("search_effect") or {}),
+        "tail_shipped": tail_shipped(ctx.get("search_effect_tail_shipped"), ctx.get("search_effect")),
         "head_default_value": default_trial["value"] if default_trial else None,
         "tail_best_is_defaults": bool(tail_study) and any(
             t.get("defaults") and t["number"] == tail_study.get("best_number") for t in tail_study.get("finished", [])),

@@ -265,8 +265,8 @@ def test_phase2_fidelity_of_each_budget_is_reported_overall_and_within_depth(tin
                               "was 0.43 over all pairs and 0.71")
     # the search's own space (one depth): its paragraph follows, without a within-depth figure
     fixed = text.index("A benchmark trained 6 random tail configurations with the whole tail unfrozen and the tail "
-                       "rate sampled too, as the search draws them where its trials train as the final does, from the "
-                       "same head, at the trial budget and at 20,000 rows for 5 epochs (250 s")
+                       "rate sampled too, as on small data, from the same head, at the trial budget and at 20,000 rows "
+                       "for 5 epochs (250 s")
     assert fixed > cheap and "**Phase-2 fidelity.**" not in text[fixed - 30:fixed]
     assert "At 4,000 rows for 2 epochs (40 s, median), Kendall's tau against the longer training was 0.60 over " \
            "all pairs.\n" in text
@@ -282,8 +282,7 @@ def test_phase2_fidelity_of_each_budget_is_reported_overall_and_within_depth(tin
     (results / "bench_search.json").write_text(json.dumps(bench))
     text = write_paper(results, tiny_results[1], str(tiny_results[2])).read_text()
     held = text.index("A benchmark trained 4 random tail configurations with the whole tail unfrozen and the tail "
-                      "learning rate at its default, as the search draws them when its trials train less than the "
-                      "final (here), from the same head")
+                      "rate at its default, as the search draws them here, from the same head")
     assert held > text.index("A benchmark trained 6 random tail configurations")
     assert "Kendall's tau against the longer training was 0.52 over all pairs and 0.00 over the pairs that share " \
            "the BN mode." in text[held:]
@@ -372,3 +371,22 @@ def test_goals_table_judges_the_small_set_bar_on_the_sets_other_than_cifar10(tin
                                 {"name": "digits", "difference_points": -0.1}]}
     assert "| search beats defaults on a small dataset | by at least 1 point | +0.20 points (lowdata) | **not met** |" \
         in _goals_table(ctx, d)
+
+
+def test_tail_shipped_compares_the_run_that_shipped_short_budget_tails_with_the_same_heads_default_tail():
+    from search.paper import tail_shipped
+
+    def seed(n, val, test, tail, head_why):
+        return {"seed": n, "searched_val": val, "searched_test": test, "why": {"head": head_why},
+                "shipped": {"head": "search", "tail": tail}}
+
+    shipped = {"datasets": [{"name": "cifar10", "seeds": [seed(0, 0.89, 0.886, "search", "a"),
+                                                          seed(1, 0.883, 0.885, "search", "b")]}]}
+    effect = {"datasets": [{"name": "cifar10", "seeds": [seed(0, 0.893, 0.891, "default", "a"),
+                                                         seed(1, 0.89, 0.887, "default", "b")]}]}
+    out = tail_shipped(shipped, effect)
+    assert out["tails_shipped"] == 2 and out["val"] == pytest.approx(0.8865)
+    assert out["same_heads"] == {"val": pytest.approx(0.8915), "test": pytest.approx(0.889)}
+    effect["datasets"][0]["seeds"][1]["why"]["head"] = "another head"  # not the same heads: no comparison
+    assert tail_shipped(shipped, effect)["same_heads"] is None
+    assert tail_shipped(None, effect) is None

@@ -113,19 +113,15 @@ def test_a_tail_search_below_the_finals_training_ships_only_when_asked(tmp_path)
     assert engines.below_final_fidelity(None, 1500, 8) is None
 
 
-def test_a_tail_search_that_held_the_rate_ships_its_win_below_the_finals_training(tmp_path):
-    """The same win at the same short budget ships when the search held the tail rate at its
-    default (the parameter such a budget ranks in reverse); the noise rule still guards it."""
+def test_a_tail_search_that_held_the_rate_still_ships_its_win_below_the_finals_training_only_when_asked(tmp_path):
+    """Holding the tail rate does not make a short budget's winner ship: with the rate held, such
+    winners still lost to the defaults' tail in the final (results/search_effect_tail_shipped.json)."""
     win = ([0.6, 0.62, 0.61, 0.6, 0.63], [0.7, 0.73, 0.71, 0.7, 0.72])
     _study_with(tmp_path, *win, phase="tail", budget={"rows": 4000, "max_epochs": 2, "search_rate": False})
     params, prov = engines.resolve_params("auto", tmp_path, "c1", phases=("tail",), train_rows=45000, tail_epochs=8)
+    assert prov["tail"]["source"] == "default" and "trained 2 epochs" in prov["tail"]["why"]
+    params, prov = engines.resolve_params("study", tmp_path, "c1", phases=("tail",), train_rows=45000, tail_epochs=8)
     assert prov["tail"]["source"] == "search" and params["tail"]["weight_decay"] == 0.1
-    noise = tmp_path / "noise"
-    noise.mkdir()
-    _study_with(noise, [0.6, 0.7, 0.65, 0.7, 0.6], [0.7, 0.6, 0.7, 0.65, 0.7], phase="tail",
-                budget={"rows": 4000, "max_epochs": 2, "search_rate": False})
-    params, prov = engines.resolve_params("auto", noise, "c1", phases=("tail",), train_rows=45000, tail_epochs=8)
-    assert prov["tail"]["source"] == "default" and "noise" in prov["tail"]["why"]
 
 
 def test_on_one_split_trials_are_compared_image_by_image():
