@@ -229,7 +229,8 @@ def suggest_tail(s: Source, max_unfreeze: int = MAX_UNFREEZE, search_depth: bool
     ``DEFAULT_TAIL["tail_learning_rate"]`` (a float parameter of one value), which is what a
     search whose trials train less than the final does (``objective.TailObjective.search_rate``):
     such a budget ranks the rates the wrong way round but, the rate held, ranks the rest with
-    tau 0.69 (above).
+    tau 0.69 (above; its winners still did not carry over to the final, so they do not ship
+    under ``auto``: ``search.engines.choice``).
 
     The BN momentum is not searched: a phase-2 trial validates after PreciseBN
     (``finetune.precise_bn``) has replaced the moving statistics, so its score cannot depend on
