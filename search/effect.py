@@ -210,6 +210,7 @@ def run_effect(datasets: list[str], seeds: list[int], results: str | os.PathLike
             if searched["data"]["fingerprint"] != default["data"]["fingerprint"]:
                 raise UserError(f"{name} seed {seed}: the two finals saw different data")
             s, d = _test(searched), _test(default)
+            tail_budget = _budget(searched_dir, "tail")
             rows.append({
                 "seed": seed, "default_test": d["test"], "default_test_interval": d["test_interval"],
                 "searched_test": s["test"], "searched_test_interval": s["test_interval"],
@@ -222,9 +223,9 @@ def run_effect(datasets: list[str], seeds: list[int], results: str | os.PathLike
                         for ph in ("head", "tail")},
                 "tail_decision": {"searched": searched.get("tail_decision"), "default": default.get("tail_decision")},
                 "head_folds": _budget(searched_dir, "head").get("folds"),
-                "tail_folds": _budget(searched_dir, "tail").get("folds"),
+                "tail_folds": tail_budget.get("folds"),
                 # whether phase 2 sampled the tail rate (else held at its default: TailObjective.space_options)
-                "tail_search_rate": _budget(searched_dir, "tail").get("search_rate"),
+                "tail_search_rate": tail_budget.get("search_rate"),
                 "default_final": default_final})
         diffs = [r["searched_test"] - r["default_test"] for r in rows]
         entry = {"name": name, "data": data, "seeds": rows, "seeds_run": seeds, "search_args": search_args,
