@@ -214,12 +214,12 @@ def _goals_table(ctx: dict, d: dict) -> str:
         # the final, so it holds the tail rate at its default, and bench-tail --fix measures that space
         rate = space.DEFAULT_TAIL["tail_learning_rate"]
         held = holds_rate(final["data"]["train"], tail.rows, tail.max_epochs, FinalConfig.tail_epochs)
-        key = fidelity_key(False, ("tail_learning_rate",)) if held else fidelity_key(False)
-        record = bench.get(key) or {}
-        if held and record.get("fixed") != {"tail_learning_rate": rate}:
-            record = {}
-        tail_tau = (record.get("budgets", {}).get(budget) or {}).get("kendall_tau")
-        whole = ((bench.get(fidelity_key(False)) or {}).get("budgets", {}).get(budget) or {}).get("kendall_tau")
+        def tau(record: dict | None) -> float | None:  # at the default budget
+            return (((record or {}).get("budgets") or {}).get(budget) or {}).get("kendall_tau")
+
+        whole = tau(bench.get(fidelity_key(False)))
+        fixed = bench.get(fidelity_key(False, ("tail_learning_rate",))) or {}
+        tail_tau = (tau(fixed) if fixed.get("fixed") == {"tail_learning_rate": rate} else None) if held else whole
         note = f" (the tail rate held at {rate:g}, as the search holds it here" + (
             f"; {whole:.2f} with the rate searched)" if whole is not None else ")") if held else ""
         rows.append(["phase-2 fidelity, Kendall's tau", f"at least {GOALS.tail_kendall_tau:g}",
