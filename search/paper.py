@@ -214,12 +214,13 @@ def _goals_table(ctx: dict, d: dict) -> str:
         # the final, so it holds the tail rate at its default, and bench-tail --fix measures that space
         rate = space.DEFAULT_TAIL["tail_learning_rate"]
         held = holds_rate(final["data"]["train"], tail.rows, tail.max_epochs, FinalConfig.tail_epochs)
+
         def tau(record: dict | None) -> float | None:  # at the default budget
             return (((record or {}).get("budgets") or {}).get(budget) or {}).get("kendall_tau")
 
         whole = tau(bench.get(fidelity_key(False)))
-        fixed = bench.get(fidelity_key(False, ("tail_learning_rate",))) or {}
-        tail_tau = (tau(fixed) if fixed.get("fixed") == {"tail_learning_rate": rate} else None) if held else whole
+        fixed = bench.get(fidelity_key(False, ("tail_learning_rate",)))
+        tail_tau = (tau(fixed) if _holds_default_rate(fixed) else None) if held else whole
         note = f" (the tail rate held at {rate:g}, as the search holds it here" + (
             f"; {whole:.2f} with the rate searched)" if whole is not None else ")") if held else ""
         rows.append(["phase-2 fidelity, Kendall's tau", f"at least {GOALS.tail_kendall_tau:g}",
@@ -338,7 +339,6 @@ def _tail_fidelity(fidelity: dict | None) -> dict | None:
     drawn; None if there is none."""
     if not fidelity or not fidelity.get("complete") or not fidelity.get("budgets"):
         return None
-    from search import space
     from search.bench import kendall_tau
 
     rows = fidelity.get("rows") or []
@@ -350,15 +350,22 @@ def _tail_fidelity(fidelity: dict | None) -> dict | None:
                 if by_mode and all(name in r for r in rows) else None,
                 "seconds": b["seconds_median"]}
                for name, b in fidelity["budgets"].items()]
-    rate = space.DEFAULT_TAIL["tail_learning_rate"]
     fixed = ", ".join(f"{name.replace('_', ' ')} at {value:g}" if isinstance(value, float) else
                       f"{name.replace('_', ' ')} at {value}" for name, value in (fidelity.get("fixed") or {}).items())
     return {"configs": fidelity["configs"], "search_depth": bool(fidelity.get("search_depth")), "fixed": fixed,
             # the space a search holds its rate in (its trials training less than the final: CIFAR-10's)
-            "held_rate": (fidelity.get("fixed") or {}) == {"tail_learning_rate": rate},
+            "held_rate": _holds_default_rate(fidelity),
             "side": _cache_side(fidelity.get("cache")), "ref_rows": fidelity["reference"]["rows"],
             "ref_epochs": fidelity["reference"]["max_epochs"], "ref_seconds": fidelity["full_seconds_median"],
             "budgets": sorted(budgets, key=lambda b: b["rows"] * b["epochs"])}
+
+
+def _holds_default_rate(fidelity: dict | None) -> bool:
+    """Whether a ``bench-tail`` record held exactly the tail rate, at its default: the space a
+    search draws from when its trials train less than the final (CIFAR-10's)."""
+    from search import space
+
+    return ((fidelity or {}).get("fixed") or {}) == {"tail_learning_rate": space.DEFAULT_TAIL["tail_learning_rate"]}
 
 
 def _cache_side(cache_id: str | None) -> int | None:

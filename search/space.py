@@ -238,11 +238,10 @@ def suggest_tail(s: Source, max_unfreeze: int = MAX_UNFREEZE, search_depth: bool
     ``tail-MobileNet-224-conv_pw_11_relu-35aa909a6b06``, renamed ``...-with-momentum``, picked
     0.99 this way and its final lagged). It stays fixed at ``DEFAULT_TAIL["bn_momentum"]``.
     """
+    rate = DEFAULT_TAIL["tail_learning_rate"]
     p: dict[str, Any] = {
         "unfreeze_blocks": s.int("unfreeze_blocks", 0 if search_depth else max_unfreeze, max_unfreeze),
-        "tail_learning_rate": s.float("tail_learning_rate", 5e-5, 3e-3, log=True) if search_rate
-        else s.float("tail_learning_rate", DEFAULT_TAIL["tail_learning_rate"], DEFAULT_TAIL["tail_learning_rate"],
-                     log=True),
+        "tail_learning_rate": s.float("tail_learning_rate", *((5e-5, 3e-3) if search_rate else (rate, rate)), log=True),
         "weight_decay": s.float("weight_decay", 1e-3, 0.2, log=True),
         "warmup_fraction": s.float("warmup_fraction", 0.0, 0.3),
         "label_smoothing": s.float("label_smoothing", 0.0, 0.2),
