@@ -10,8 +10,11 @@ Entry point: :func:`compare_runs`, behind ``python -m search.cli compare``. It w
   minutes: its training seconds (head, tail) times its training factor, the rest times its
   inference factor. A reused cache's extraction is then counted as normalized in the run of the
   comparison that built that cache (same cache key); without one, the run has no normalized
-  figures. The figure plots normalized minutes when any run has them (those runs only), else
-  wall minutes;
+  figures. The same runs also get ``normalized.reference``: the whole run normalized as the
+  cost bar measures it (``final.normalized_time``: wall time times the in-run reference speed
+  over 60 images/s), a reused cache's extraction at the speed of the run that built it; unlike
+  the stage-by-stage figure it compares runs of different input sides. The figure plots
+  normalized minutes (stage by stage) when any run has them (those runs only), else wall minutes;
 - ``seeds.json``: the runs of the first run's recipe (:func:`recipe_of`) under different seeds,
   the latest finished run of each seed (earlier ones are listed as ``superseded``): test
   accuracy of each with its 95 % interval (Wilson, binomial on the test images), their mean,
@@ -81,15 +84,24 @@ def curve(run: dict) -> dict[str, Any]:
         points.append({"stage": f"tail epoch {e['epoch']}", "seconds": extraction + head + e["seconds"],
                        "val_accuracy": e["val_accuracy"]})
     total = float(run["timings_seconds"]["total"]) + (extraction if run["cache"]["reused"] else 0.0)
-    by_stage = (run.get("normalized_time") or {}).get("by_stage")
+    timed = run.get("normalized_time") or {}
+    by_stage = timed.get("by_stage")
     normalized = None
     if by_stage:  # the extraction of a reused cache is added by compare_runs from the run that built it
         own = 0.0 if run["cache"]["reused"] else extraction * by_stage["inference_factor"] / 60
+        reference = None
+        if timed.get("normalized_minutes") is not None and timed.get("wall_minutes"):
+            # the bar's measure (final.normalized_time): the whole run's wall time times the
+            # in-run reference speed over the reference machine's, a factor the run recorded
+            factor = timed["normalized_minutes"] / timed["wall_minutes"]
+            reference = {"factor": factor, "final_minutes": float(timed["normalized_minutes"]),
+                         "extraction_minutes": 0.0 if run["cache"]["reused"] else extraction / 60 * factor}
         normalized = {"extraction_minutes": own, "training_factor": by_stage["training_factor"],
                       "inference_factor": by_stage["inference_factor"],
                       "points": [own + (p["seconds"] - extraction) * by_stage["training_factor"] / 60
                                  for p in points],
                       "final_minutes": float(by_stage["normalized_minutes"]),
+                      "reference": reference,
                       "extraction_from": None if run["cache"]["reused"] else "this run",
                       "reference_method": reference_method(run)}
     return {"points": points, "normalized": normalized, "cache_key": _key_id(run["cache"]["key"]),
@@ -131,8 +143,8 @@ def _complete_normalized(frontier: dict[str, dict]) -> None:
     Of several runs that built the same cache, the latest finished is the measurement taken."""
     builders = sorted(((run.get("finished") or "", label) for label, run in frontier.items()
                        if run["normalized"] and not run["cache_reused"]))
-    built = {frontier[label]["cache_key"]: (label, frontier[label]["normalized"]["extraction_minutes"])
-             for _, label in builders}  # later builders overwrite earlier ones
+    built = {frontier[label]["cache_key"]: (label, frontier[label]["normalized"]) for _, label in builders}
+    # later builders overwrite earlier ones
     for run in frontier.values():
         norm = run["normalized"]
         if not norm or not run["cache_reused"]:
@@ -140,9 +152,17 @@ def _complete_normalized(frontier: dict[str, dict]) -> None:
         if run["cache_key"] not in built:
             run["normalized"] = None
             continue
-        label, minutes = built[run["cache_key"]]
+        label, builder = built[run["cache_key"]]
+        minutes = builder["extraction_minutes"]
         norm.update(extraction_minutes=minutes, extraction_from=label, points=[m + minutes for m in norm["points"]],
                     final_minutes=norm["final_minutes"] + minutes)
+        reference = norm.get("reference")
+        if reference is not None:
+            if builder.get("reference") is None:
+                norm["reference"] = None
+            else:
+                extra = builder["reference"]["extraction_minutes"]
+                reference.update(extraction_minutes=extra, final_minutes=reference["final_minutes"] + extra)
 
 
 def recipe_of(run: dict) -> dict:

@@ -225,8 +225,12 @@ def test_frontier_normalizes_stage_by_stage_and_borrows_a_reused_caches_extracti
                                                "normalized_minutes": minutes}}
         return run
 
-    cold = with_factors(_run(0, 0.88, 0.88), 0.5, 2.0, 30.0)
-    reused = with_factors(_run(0, 0.89, 0.89, reused=True), 2.0, 1.0, 10.0)
+    def with_reference(run: dict, wall: float, factor: float) -> dict:
+        run["normalized_time"].update(wall_minutes=wall, normalized_minutes=wall * factor)
+        return run
+
+    cold = with_reference(with_factors(_run(0, 0.88, 0.88), 0.5, 2.0, 30.0), 12.0, 2.5)
+    reused = with_reference(with_factors(_run(0, 0.89, 0.89, reused=True), 2.0, 1.0, 10.0), 2.0, 3.0)
     other = with_factors(_run(0, 0.87, 0.87, reused=True), 1.0, 1.0, 7.0)
     other["cache"]["key"] = {**other["cache"]["key"], "cut_layer": "conv_pw_12_relu"}
     reused["normalized_time"]["reference"] = {"images_per_second": 200.0, "start": {"method": "compiled"}}
@@ -246,6 +250,11 @@ def test_frontier_normalizes_stage_by_stage_and_borrows_a_reused_caches_extracti
     assert frontier["reused"]["normalized"]["points"] == pytest.approx([22.0, 25.333333, 28.666667])
     assert frontier["reused"]["normalized"]["final_minutes"] == pytest.approx(30.0)
     assert frontier["other"]["normalized"] is None, "no run of the comparison built its cache"
+    # the bar's measure: the cold run's whole wall time x its factor; the reused run's own, plus the
+    # cold run's 10 minutes of extraction at the cold run's factor
+    assert frontier["cold"]["normalized"]["reference"]["final_minutes"] == pytest.approx(30.0)
+    assert frontier["cold"]["normalized"]["reference"]["extraction_minutes"] == pytest.approx(25.0)
+    assert frontier["reused"]["normalized"]["reference"]["final_minutes"] == pytest.approx(6.0 + 25.0)
     written = json.loads((tmp_path / "results" / "frontier.json").read_text())["runs"]
     assert written["reused"]["normalized"]["extraction_from"] == "cold"
     # two runs built the cache: the later one's extraction is taken, whatever the order given

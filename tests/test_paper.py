@@ -329,7 +329,8 @@ def test_runs_table_names_given_settings_and_precision_and_shows_normalized_minu
     ema = {"tail": {"ema_momentum": 0.998}}
     frontier = {"runs": {
         "ema": {**base, "params": "default/default, ema_momentum=0.998", "param_changes": ema,
-                "tail_precision": "mixed_bfloat16", "finished": "1", "normalized": {"final_minutes": 12.34}},
+                "tail_precision": "mixed_bfloat16", "finished": "1",
+                "normalized": {"final_minutes": 12.34, "reference": {"final_minutes": 9.87}}},
         "f32": {**base, "params": "default/default", "tail_precision": "float32", "finished": "2", "normalized": None},
         "searched": {**base, "params": "search/search", "finished": "3", "tail_epochs": 7},
         "short": {**base, "params": "default/default, ema_momentum=0.998", "param_changes": ema, "finished": "4",
@@ -338,7 +339,8 @@ def test_runs_table_names_given_settings_and_precision_and_shows_normalized_minu
     assert [line.split("|")[1].strip() for line in lines] == [
         "ema_momentum=0.998", "float32 tail", "searched parameters",
         "176 px input, ema_momentum=0.998, 5 tail epochs, mirrored images cached"]
-    assert [line.split("|")[-2].strip() for line in lines] == ["12.3", "–", "–", "–"]
+    assert [line.split("|")[-2].strip() for line in lines] == ["12.3", "–", "–", "–"]  # by stage
+    assert [line.split("|")[-3].strip() for line in lines] == ["9.9", "–", "–", "–"]  # the bar's measure
 
 
 def test_the_other_precision_run_of_the_same_recipe_and_seed_is_reported_against_the_spread(tiny_results):
@@ -390,3 +392,24 @@ def test_tail_shipped_compares_the_run_that_shipped_short_budget_tails_with_the_
     effect["datasets"][0]["seeds"][1]["why"]["head"] = "another head"  # not the same heads: no comparison
     assert tail_shipped(shipped, effect)["same_heads"] is None
     assert tail_shipped(None, effect) is None
+
+
+def test_within_cost_bar_takes_the_most_accurate_setting_run_on_two_seeds_under_the_bar():
+    from search.paper import within_cost_bar
+
+    final = {"cache": {"key": {"cut_layer": "c11", "resolution": 176}}, "tail_precision_resolved": "mixed_bfloat16",
+             "config": {"tail_epochs": 8}}
+
+    def run(side: int, seed: int, test: float, minutes: float, method: str = "compiled") -> dict:
+        return {"cut_layer": "c11", "resolution": side, "seed": seed, "params": "default/default",
+                "final": {"test_accuracy": test, "val_accuracy": test + 0.01},
+                "normalized": {"reference_method": method, "reference": {"final_minutes": minutes}}}
+
+    runs = {"a0": run(152, 0, 0.884, 29.8), "a1": run(152, 1, 0.877, 28.0),
+            "d0": run(176, 0, 0.886, 39.2), "d1": run(176, 1, 0.883, 29.0),  # one seed over the bar
+            "s0": run(144, 0, 0.99, 20.0),  # one seed only
+            "p0": run(128, 0, 0.95, 10.0, "predict"), "p1": run(128, 1, 0.95, 10.0, "predict")}  # old reference
+    got = within_cost_bar({"runs": runs}, final, bar=30.0)
+    assert got["setting"] == "152 px input" and got["seeds"] == [0, 1]
+    assert got["minutes"] == pytest.approx(29.8) and got["mean_test"] == pytest.approx(0.8805)
+    assert within_cost_bar({"runs": runs}, final, bar=29.0) is None  # the 152-px seed 0 took 29.8
