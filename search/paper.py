@@ -303,6 +303,18 @@ def _runs_table(frontier: dict, final: dict) -> str:
                    "normalized by stage"], rows)
 
 
+EFFECT_RUN = re.compile(r"effect/(?P<dataset>[\w.-]+)-seed(?P<seed>\d+)/final\.json$")
+
+
+def study_source(study: dict | None) -> dict | None:
+    """Which search of the search-effect comparison a study report (``study_head.json``,
+    ``report.summarize``) comes from, read from the final run it names (``final_source``, a
+    ``.../effect/<dataset>-seed<N>/final.json`` of ``search.effect``): ``{"dataset", "seed"}``,
+    or None for a study of another origin."""
+    match = EFFECT_RUN.search(str((study or {}).get("final_source") or ""))
+    return {"dataset": match["dataset"], "seed": int(match["seed"])} if match else None
+
+
 def within_cost_bar(frontier: dict | None, final: dict, bar: float = GOALS.cold_final_normalized_minutes
                     ) -> dict | None:
     """The setting of ``frontier.json`` (as :func:`_factor` names it against the reported run)
@@ -354,9 +366,18 @@ def _provenance_table(ctx: dict) -> str:
         rows.append(["`results/search_effect.json`", ds["name"], ds.get("code_version") or "not recorded",
                      f"`{ctx['search_effect'].get('command', 'make search-effect')}`",
                      ctx["search_effect"].get("recorded", "")])
+    effect = ctx.get("search_effect") or {}
     for name in ("study_head", "study_tail"):
         if ctx.get(name):
-            rows.append([f"`results/{name}.json`", f"study `{ctx[name]['study_name']}`", "", "`make search`", ""])
+            source = study_source(ctx[name])
+            row = next((ds for ds in effect.get("datasets", []) if source and ds["name"] == source["dataset"]), None)
+            if row is not None:  # one of the searches of the search-effect comparison
+                rows.append([f"`results/{name}.json`", f"study `{ctx[name]['study_name']}`",
+                             row.get("code_version") or "not recorded",
+                             f"`{effect.get('command', 'make search-effect')}` (seed {source['seed']}), "
+                             "then `transfer-search report`", ""])
+            else:
+                rows.append([f"`results/{name}.json`", f"study `{ctx[name]['study_name']}`", "", "`make search`", ""])
     for name in ("bench_cache", "bench_search", "bench_memory", "frontier"):
         if ctx.get(name):
             rows.append([f"`results/{name}.json`", name.replace("_", " "), "", f"`make {name.replace('_', '-')}`"
@@ -497,6 +518,7 @@ def build_context(results: Path) -> dict:
         "seed_spread_points": 100 * (max(tests) - min(tests)),
         "precision_pair": _precision_pair(ctx.get("frontier"), final),
         "within_cost_bar": within_cost_bar(ctx.get("frontier"), final),
+        "study_source": study_source(ctx.get("study_head")),
         "tail_fidelity": [f for f in (_tail_fidelity(bench.get(key)) for key in (
             fidelity_key(True), fidelity_key(False), *sorted(k for k in bench if "_fixed_" in k))) if f],
         "tail_trials": _tail_trials(bench.get("phase2_trials")),

@@ -413,3 +413,13 @@ def test_within_cost_bar_takes_the_most_accurate_setting_run_on_two_seeds_under_
     assert got["setting"] == "152 px input" and got["seeds"] == [0, 1]
     assert got["minutes"] == pytest.approx(29.8) and got["mean_test"] == pytest.approx(0.8805)
     assert within_cost_bar({"runs": runs}, final, bar=29.0) is None  # the 152-px seed 0 took 29.8
+
+
+def test_study_source_names_the_effect_search_a_study_report_comes_from():
+    from search.paper import study_source
+
+    effect_run = "results/effect/cifar10-seed0/final.json"
+    assert study_source({"final_source": effect_run}) == {"dataset": "cifar10", "seed": 0}
+    assert study_source({"final_source": "/x/effect/lowdata-seed12/final.json"}) == {"dataset": "lowdata", "seed": 12}
+    assert study_source({"final_source": "results/final.json"}) is None  # a `make search` + `make final`
+    assert study_source({"final_source": None}) is None and study_source(None) is None
