@@ -19,11 +19,11 @@ Scores (the model is scikit-learn's model selection: every score comes with its 
   cached pooled features, a tail trial on their cached maps; the validation split stays
   untouched for the final model's own choices. The study keeps each fold's accuracy; the
   trial's value is their mean, its standard error ``sd / sqrt(k)``. Two trials of one study
-  share their folds, so the comparison is paired. A tail trial also keeps which training images
-  it got right when held out (each exactly once), and two tail trials are compared image by
-  image over all of them, as on one split but over every training image instead of the
-  validation split's few (1,500 instead of 300 for a folder of 1,800); head trials, which keep
-  no hits, by the fold-by-fold differences (paired t).
+  share their folds, so the comparison is paired. A trial also keeps which training images it
+  got right when held out (each exactly once), and two trials are compared image by image over
+  all of them, as on one split but over every training image instead of the validation split's
+  few (1,500 instead of 300 for a folder of 1,800). Trials recorded without those hits (phase-1
+  trials before they were kept) are compared by the fold-by-fold differences (paired t).
 
 The shipping rule: the searched trial ships when its margin over the defaults exceeds a
 one-sided :data:`CONFIDENCE` bound of the noise (normal on paired images; paired t on folds);
@@ -86,8 +86,9 @@ def unpack_hits(packed: str, n: int) -> Any:
 @dataclass
 class Score:
     """A trial's estimate: ``value`` (the mean), ``scores`` (one per fold; one value on a single
-    split), ``n`` (images each score was measured on) and, on a single split, ``hits``
-    (:func:`pack_hits` of the images it got right)."""
+    split), ``n`` (the images its ``hits`` cover: the validation split, or every training image
+    held out once across the folds) and ``hits`` (:func:`pack_hits` of the images it got right;
+    None for trials recorded before they were kept)."""
 
     value: float
     scores: list[float] = field(default_factory=list)
@@ -128,7 +129,7 @@ def decide(best: Score, default: Score | None, best_is_default: bool = False) ->
     ``best`` ships only if ``best.value - default.value`` exceeds ``threshold`` = the one-sided
     :data:`CONFIDENCE` quantile times the standard error of the margin: the normal on the
     image-by-image differences when both recorded the same images' hits (one split, or the
-    out-of-fold images of a cross-validated tail trial), else Student's t on the paired fold
+    out-of-fold images of a cross-validated trial), else Student's t on the paired fold
     differences when both were cross-validated on the same folds, else the normal on the
     binomial errors.
     Without a defaults' score the rule cannot be applied and the defaults ship.

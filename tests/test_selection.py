@@ -61,8 +61,17 @@ def test_small_data_head_trials_are_cross_validated_on_shared_stratified_folds(t
     objective = HeadObjective(data, "tiny", max_epochs=2, batch_size=16, folds=5)
     value = objective.fit(objective.build(space.DEFAULTS["head"]), 2)
     score = objective.last_score
-    assert score.folds == 5 and score.n == 20 and value == pytest.approx(np.mean(score.scores))
+    assert score.folds == 5 and score.n == len(data.x_train) == 100 and value == pytest.approx(np.mean(score.scores))
     assert objective.budget["folds"] == 5
+    # the hits: each fold's held-out images at its best epoch, in fold order (every image once)
+    hits = selection.unpack_hits(score.hits, score.n)
+    per_fold = np.split(hits, np.cumsum([len(f.x_val) for f in folds])[:-1])
+    assert [float(f.mean()) for f in per_fold] == pytest.approx(score.scores, abs=1e-6)
+    out = selection.decide(score, selection.Score(value, score.scores, score.n, selection.pack_hits(~hits)))
+    assert out["test"].startswith("paired over 100 out-of-fold images (5 folds)")
+    # a defaults' trial recorded without hits (an older study): the paired t over the folds
+    older = selection.decide(score, selection.Score(value - 0.01, [s - 0.01 for s in score.scores], score.n))
+    assert older["test"].startswith("paired t over 5 folds")
 
 
 def _study_with(tmp_path, default_scores, best_scores, cache_id="c1", phase="head", budget=None):

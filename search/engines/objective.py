@@ -24,8 +24,8 @@ small data a trial is cross-validated (``folds`` > 1): a head trial trains one h
 the cached pooled features, a tail trial one tail per fold on the cached maps (each fold from a
 phase-1 head trained without that fold's images: a head that had seen them flatters the
 configurations that move it least), the pruner watching the first fold's epochs, and its value
-is the mean over the folds. A tail trial also records which
-training images it got right when held out (every one exactly once), so two tail trials are
+is the mean over the folds. A trial of either phase also records which
+training images it got right when held out (every one exactly once), so two trials are
 compared image by image over all the training images rather than over the validation split.
 """
 
@@ -109,7 +109,7 @@ class HeadObjective:
             hits = train.head_hits(model, self._fit_data)  # the best epoch's weights (restored)
             self.last_score = selection.Score(value, [value], len(hits), selection.pack_hits(hits))
             return value
-        scores = []
+        scores, hits = [], []
         for k, data in enumerate(self._fold_data):
             if k:  # the engine's callbacks (pruning) watch the first fold only
                 model = train.build_head_model(self._params, data.x_train.shape[1], data.y_train.shape[1],
@@ -118,7 +118,9 @@ class HeadObjective:
                                      initial_epoch=initial_epoch if k == 0 else 0, seed=self._seed + k,
                                      resident=not self.plain_keras, batch_size=self.batch_size)
             scores.append(float(max(history["val_accuracy"])))
-        self.last_score = selection.Score(float(np.mean(scores)), scores, len(self._fold_data[0].x_val))
+            hits.append(train.head_hits(model, data))  # the held-out fold, at the best epoch's weights
+        every = np.concatenate(hits)  # the training images in fold order: the same order in every trial
+        self.last_score = selection.Score(float(np.mean(scores)), scores, len(every), selection.pack_hits(every))
         return self.last_score.value
 
 
