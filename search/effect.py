@@ -153,7 +153,7 @@ def run_effect(datasets: list[str], seeds: list[int], results: str | os.PathLike
     the dataset it was on; any other is run again, its per-seed folders under
     ``results/effect/`` cleared first (a study left there by older code is not resumed). A
     dataset recorded in the file but not asked for now stays in it as recorded, with its own
-    ``code_version``, after the ones asked for."""
+    ``code_version``, ``command`` and ``recorded`` time, after the ones asked for."""
     results, work = Path(results), Path(work)
     for name in datasets:
         if name not in DATASETS:
@@ -168,10 +168,13 @@ def run_effect(datasets: list[str], seeds: list[int], results: str | os.PathLike
             if resumable and (d.get("seeds_run"), d.get("search_args"), d.get("code_version")) == same}
     log = results / "effect" / "effect.log"
     log.parent.mkdir(parents=True, exist_ok=True)
+    command = "python -m search.cli effect " + " ".join(sys.argv[2:])
     out: dict[str, Any] = {"seeds": seeds, "search_args": search_args, "datasets": [],
-                           "final_tail_precision": FINAL_PRECISION,
-                           "command": "python -m search.cli effect " + " ".join(sys.argv[2:])}
-    others = [d for d in previous.get("datasets", []) if d["name"] not in datasets]
+                           "final_tail_precision": FINAL_PRECISION, "command": command}
+    # a row kept from an earlier run names that run's command and time (older files: the file's)
+    others = [{**d, "command": d.get("command") or previous.get("command"),
+               "recorded": d.get("recorded") or previous.get("recorded")}
+              for d in previous.get("datasets", []) if d["name"] not in datasets]
 
     def save() -> None:  # after each dataset: a killed run keeps what it finished
         write_json(out_path, {**out, "datasets": [*out["datasets"], *others]})
@@ -229,7 +232,7 @@ def run_effect(datasets: list[str], seeds: list[int], results: str | os.PathLike
                 "default_final": default_final})
         diffs = [r["searched_test"] - r["default_test"] for r in rows]
         entry = {"name": name, "data": data, "seeds": rows, "seeds_run": seeds, "search_args": search_args,
-                 "code_version": code,
+                 "code_version": code, "command": command, "recorded": time.strftime("%Y-%m-%dT%H:%M:%S"),
                  "mean_default_test": float(np.mean([r["default_test"] for r in rows])),
                  "mean_searched_test": float(np.mean([r["searched_test"] for r in rows])),
                  "mean_difference": float(np.mean(diffs)),

@@ -345,6 +345,11 @@ def within_cost_bar(frontier: dict | None, final: dict, bar: float = GOALS.cold_
     return best
 
 
+def _effect_command(effect: dict, row: dict) -> str:
+    """The command that wrote a dataset's row of ``search_effect.json`` (older rows: the file's)."""
+    return row.get("command") or effect.get("command") or "make search-effect"
+
+
 def _provenance_table(ctx: dict) -> str:
     """Appendix A: which run wrote each file the paper reads, its code version and its command."""
     final = ctx["final"]
@@ -364,8 +369,8 @@ def _provenance_table(ctx: dict) -> str:
                      "`transfer-search final`", run.get("finished", "")])
     for ds in (ctx.get("search_effect") or {}).get("datasets", []):
         rows.append(["`results/search_effect.json`", ds["name"], ds.get("code_version") or "not recorded",
-                     f"`{ctx['search_effect'].get('command', 'make search-effect')}`",
-                     ctx["search_effect"].get("recorded", "")])
+                     f"`{_effect_command(ctx['search_effect'], ds)}`",
+                     ds.get("recorded") or ctx["search_effect"].get("recorded", "")])
     effect = ctx.get("search_effect") or {}
     for name in ("study_head", "study_tail"):
         if ctx.get(name):
@@ -374,7 +379,7 @@ def _provenance_table(ctx: dict) -> str:
             if row is not None:  # one of the searches of the search-effect comparison
                 rows.append([f"`results/{name}.json`", f"study `{ctx[name]['study_name']}`",
                              row.get("code_version") or "not recorded",
-                             f"`{effect.get('command', 'make search-effect')}` (seed {source['seed']}), "
+                             f"`{_effect_command(effect, row)}` (seed {source['seed']}), "
                              "then `transfer-search report`", ""])
             else:
                 rows.append([f"`results/{name}.json`", f"study `{ctx[name]['study_name']}`", "", "`make search`", ""])

@@ -175,12 +175,16 @@ def test_search_effect_resumes_only_what_the_same_code_recorded(tmp_path, monkey
     (results / "effect" / "digits-seed0" / "old-study.db").write_text("")
     old = {"name": "digits", "seeds_run": [0], "search_args": [], "code_version": "0ldc0de", "seeds": []}
     untouched = {**old, "name": "lowdata"}  # recorded, not asked for now: stays as it was
-    (results / "search_effect.json").write_text(json.dumps({"datasets": [untouched, old]}))
+    (results / "search_effect.json").write_text(json.dumps({"datasets": [untouched, old], "command": "earlier",
+                                                            "recorded": "T-earlier"}))
     monkeypatch.setattr(effect, "code_version", lambda: "abc1234")
     out = effect.run_effect(["digits"], [0], results=results, work=tmp_path / "w")
     assert len(calls) == 3 and out["datasets"][0]["code_version"] == "abc1234"
-    assert out["datasets"][1] == untouched and len(out["datasets"]) == 2
-    assert json.loads((results / "search_effect.json").read_text())["datasets"][1] == untouched
+    assert out["datasets"][0]["command"] == out["command"] != "earlier"  # this run's row: this command
+    # recorded, not asked for now: as it was, naming the command and time of the run that wrote it
+    kept = {**untouched, "command": "earlier", "recorded": "T-earlier"}
+    assert out["datasets"][1] == kept and len(out["datasets"]) == 2
+    assert json.loads((results / "search_effect.json").read_text())["datasets"][1] == kept
     finals = [c for c in calls if c[0] == "final"]  # one precision for both: only the parameters differ
     assert [c[c.index("--tail-precision") + 1] for c in finals] == [effect.FINAL_PRECISION] * 2
     row = out["datasets"][0]["seeds"][0]
