@@ -287,13 +287,18 @@ def _precision_pair(frontier: dict | None, final: dict) -> dict | None:
             "lead_points": 100 * (final["test_accuracy"] - other["final"]["test_accuracy"])}
 
 
+def _setting(run: dict, final: dict) -> str:
+    """What a run of ``frontier.json`` varied against the reported run ``final`` (:func:`_factor`)."""
+    key = final["cache"]["key"]
+    return _factor(run, key["cut_layer"], key["resolution"], final.get("tail_precision_resolved"),
+                   (final.get("config") or {}).get("tail_epochs"))
+
+
 def _runs_table(frontier: dict, final: dict) -> str:
     runs = list((frontier or {}).get("runs", {}).values())
-    cut, side = final["cache"]["key"]["cut_layer"], final["cache"]["key"]["resolution"]
     rows = []
     for run in sorted(runs, key=lambda r: (r.get("finished") or "")):
-        factor = _factor(run, cut, side, final.get("tail_precision_resolved"),
-                         (final.get("config") or {}).get("tail_epochs"))
+        factor = _setting(run, final)
         norm = (run.get("normalized") or {}).get("final_minutes")
         reference = ((run.get("normalized") or {}).get("reference") or {}).get("final_minutes")
         rows.append([factor, run.get("seed"), _pct(run["final"]["val_accuracy"]), _pct(run["final"]["test_accuracy"]),
@@ -322,15 +327,11 @@ def within_cost_bar(frontier: dict | None, final: dict, bar: float = GOALS.cold_
     (``normalized.reference``, compiled reference calls only) and whose mean test accuracy is
     the highest: its name, seeds, slowest run's minutes and mean test and validation accuracy;
     None if no setting qualifies."""
-    cut, side = final["cache"]["key"]["cut_layer"], final["cache"]["key"]["resolution"]
     groups: dict[str, list[dict]] = {}
     for run in (frontier or {}).get("runs", {}).values():
         norm = run.get("normalized") or {}
-        if norm.get("reference_method") != "compiled" or not norm.get("reference"):
-            continue
-        label = _factor(run, cut, side, final.get("tail_precision_resolved"),
-                        (final.get("config") or {}).get("tail_epochs"))
-        groups.setdefault(label, []).append(run)
+        if norm.get("reference_method") == "compiled" and norm.get("reference"):
+            groups.setdefault(_setting(run, final), []).append(run)
     best = None
     for label, runs in groups.items():
         seeds = {r.get("seed") for r in runs}
@@ -367,11 +368,10 @@ def _provenance_table(ctx: dict) -> str:
     for run in ctx["seeds"]["runs"]:
         rows.append(["`results/seeds.json`", f"seed {run['seed']}", run.get("code_version") or "not recorded",
                      "`transfer-search final`", run.get("finished", "")])
-    for ds in (ctx.get("search_effect") or {}).get("datasets", []):
-        rows.append(["`results/search_effect.json`", ds["name"], ds.get("code_version") or "not recorded",
-                     f"`{_effect_command(ctx['search_effect'], ds)}`",
-                     ds.get("recorded") or ctx["search_effect"].get("recorded", "")])
     effect = ctx.get("search_effect") or {}
+    for ds in effect.get("datasets", []):
+        rows.append(["`results/search_effect.json`", ds["name"], ds.get("code_version") or "not recorded",
+                     f"`{_effect_command(effect, ds)}`", ds.get("recorded") or effect.get("recorded", "")])
     for name in ("study_head", "study_tail"):
         if ctx.get(name):
             source = study_source(ctx[name])
