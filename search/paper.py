@@ -26,7 +26,8 @@ from search.io import atomic_path, read_json, save_figure
 from search.report import confusion_figure
 
 RESULT_FILES = ("final", "final_cold", "evaluate", "seeds", "frontier", "search_effect", "search_effect_tail_shipped",
-                "search_pair", "study_head", "study_tail", "bench_cache", "bench_search", "bench_memory")
+                "search_effect_fold_t", "search_pair", "study_head", "study_tail", "bench_cache", "bench_search",
+                "bench_memory")
 PIPELINE = {"cache": "frozen pass (cache)", "head": "head on pooled features", "tail": "tail fine-tuning",
             "bn_reestimate": "batch-norm re-estimation", "tta_choice": "test-time mirroring choice",
             "test": "test set", "stitch_and_save": "stitch, check and save", "total": "total"}
@@ -156,6 +157,26 @@ def tail_shipped(shipped: dict | None, effect: dict | None) -> dict | None:
            for s, m in pairs):
         out["same_heads"] = {"val": float(np.mean([m["searched_val"] for _, m in pairs])),
                              "test": float(np.mean([m["searched_test"] for _, m in pairs]))}
+    return out
+
+
+def fold_t_rows(earlier: dict | None, effect: dict | None) -> list[dict]:
+    """The sets of ``search_effect_fold_t.json`` (the comparison when cross-validated phase-1
+    trials were compared by a paired t over the folds) whose decisions differ from
+    ``search_effect.json``'s: per set, the decisions that shipped the defaults and the mean test
+    difference under each rule."""
+    now = {d["name"]: d for d in (effect or {}).get("datasets", [])}
+    out = []
+    for old in (earlier or {}).get("datasets", []):
+        new = now.get(old["name"])
+        if new is None:
+            continue
+        shipped = [[s["shipped"][p] for p in ("head", "tail")] for s in old["seeds"]]
+        if shipped == [[s["shipped"][p] for p in ("head", "tail")] for s in new["seeds"]]:
+            continue
+        out.append({"name": old["name"], "decisions": 2 * len(old["seeds"]),
+                    "defaults_before": sum(x == "default" for pair in shipped for x in pair),
+                    "difference_before": 100 * old["mean_difference"], "difference_now": 100 * new["mean_difference"]})
     return out
 
 
@@ -368,10 +389,12 @@ def _provenance_table(ctx: dict) -> str:
     for run in ctx["seeds"]["runs"]:
         rows.append(["`results/seeds.json`", f"seed {run['seed']}", run.get("code_version") or "not recorded",
                      "`transfer-search final`", run.get("finished", "")])
+    for name in ("search_effect", "search_effect_tail_shipped", "search_effect_fold_t"):
+        comparison = ctx.get(name) or {}
+        for ds in comparison.get("datasets", []):
+            rows.append([f"`results/{name}.json`", ds["name"], ds.get("code_version") or "not recorded",
+                         f"`{_effect_command(comparison, ds)}`", ds.get("recorded") or comparison.get("recorded", "")])
     effect = ctx.get("search_effect") or {}
-    for ds in effect.get("datasets", []):
-        rows.append(["`results/search_effect.json`", ds["name"], ds.get("code_version") or "not recorded",
-                     f"`{_effect_command(effect, ds)}`", ds.get("recorded") or effect.get("recorded", "")])
     for name in ("study_head", "study_tail"):
         if ctx.get(name):
             source = study_source(ctx[name])
@@ -534,6 +557,7 @@ def build_context(results: Path) -> dict:
         "confused_true": names[i], "confused_pred": names[j], "confused_count": int(off[i, j]),
         "effect": effect_rows(ctx.get("search_effect") or {}),
         "tail_shipped": tail_shipped(ctx.get("search_effect_tail_shipped"), ctx.get("search_effect")),
+        "fold_t": fold_t_rows(ctx.get("search_effect_fold_t"), ctx.get("search_effect")),
         "head_default_value": default_trial["value"] if default_trial else None,
         "tail_best_is_defaults": bool(tail_study) and any(
             t.get("defaults") and t["number"] == tail_study.get("best_number") for t in tail_study.get("finished", [])),

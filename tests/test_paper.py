@@ -423,3 +423,21 @@ def test_study_source_names_the_effect_search_a_study_report_comes_from():
     assert study_source({"final_source": "/x/effect/lowdata-seed12/final.json"}) == {"dataset": "lowdata", "seed": 12}
     assert study_source({"final_source": "results/final.json"}) is None  # a `make search` + `make final`
     assert study_source({"final_source": None}) is None and study_source(None) is None
+
+
+def test_fold_t_rows_report_the_sets_whose_decisions_the_image_by_image_pairing_changed():
+    from search.paper import fold_t_rows
+
+    def row(name: str, shipped: list[tuple[str, str]], difference: float) -> dict:
+        return {"name": name, "mean_difference": difference,
+                "seeds": [{"shipped": {"head": h, "tail": t}} for h, t in shipped]}
+
+    same = [("default", "default")] * 2
+    earlier = {"datasets": [row("lowdata", same, 0.0), row("digits", same, 0.0), row("gone", same, 0.0)]}
+    shipped_once = [("default", "default"), ("search", "search")]
+    now = {"datasets": [row("lowdata", same, 0.0), row("digits", shipped_once, 0.0139)]}
+    got = fold_t_rows(earlier, now)
+    assert [g["name"] for g in got] == ["digits"]  # lowdata decided the same; "gone" is not in the comparison now
+    assert got[0]["defaults_before"] == got[0]["decisions"] == 4
+    assert got[0]["difference_before"] == 0.0 and got[0]["difference_now"] == pytest.approx(1.39)
+    assert fold_t_rows(None, now) == []
