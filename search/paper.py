@@ -26,8 +26,8 @@ from search.io import atomic_path, read_json, save_figure
 from search.report import confusion_figure
 
 RESULT_FILES = ("final", "final_cold", "evaluate", "seeds", "frontier", "search_effect", "search_effect_tail_shipped",
-                "search_effect_fold_t", "search_pair", "study_head", "study_tail", "bench_cache", "bench_search",
-                "bench_memory")
+                "search_effect_fold_t", "search_effect_more_seeds", "search_pair", "study_head", "study_tail",
+                "bench_cache", "bench_search", "bench_memory")
 PIPELINE = {"cache": "frozen pass (cache)", "head": "head on pooled features", "tail": "tail fine-tuning",
             "bn_reestimate": "batch-norm re-estimation", "tta_choice": "test-time mirroring choice",
             "test": "test set", "stitch_and_save": "stitch, check and save", "total": "total"}
@@ -177,6 +177,22 @@ def fold_t_rows(earlier: dict | None, effect: dict | None) -> list[dict]:
         out.append({"name": old["name"], "decisions": 2 * len(old["seeds"]),
                     "defaults_before": sum(x == "default" for pair in shipped for x in pair),
                     "difference_before": 100 * old["mean_difference"], "difference_now": 100 * new["mean_difference"]})
+    return out
+
+
+def more_seeds_rows(extra: dict | None, effect: dict | None) -> list[dict]:
+    """The sets of ``search_effect_more_seeds.json`` (the comparison on further seeds) that
+    ``search_effect.json`` has too: the further seeds, their test differences in points, their
+    mean, and the mean over every seed of both files."""
+    now = {d["name"]: d for d in (effect or {}).get("datasets", [])}
+    out = []
+    for ds in (extra or {}).get("datasets", []):
+        if ds["name"] not in now:
+            continue
+        diffs = [100 * (s["searched_test"] - s["default_test"]) for s in ds["seeds"]]
+        every = diffs + [100 * (s["searched_test"] - s["default_test"]) for s in now[ds["name"]]["seeds"]]
+        out.append({"name": ds["name"], "seeds": [s["seed"] for s in ds["seeds"]], "differences": diffs,
+                    "mean": float(np.mean(diffs)), "n_all": len(every), "mean_all": float(np.mean(every))})
     return out
 
 
@@ -389,7 +405,7 @@ def _provenance_table(ctx: dict) -> str:
     for run in ctx["seeds"]["runs"]:
         rows.append(["`results/seeds.json`", f"seed {run['seed']}", run.get("code_version") or "not recorded",
                      "`transfer-search final`", run.get("finished", "")])
-    for name in ("search_effect", "search_effect_tail_shipped", "search_effect_fold_t"):
+    for name in ("search_effect", "search_effect_tail_shipped", "search_effect_fold_t", "search_effect_more_seeds"):
         comparison = ctx.get(name) or {}
         for ds in comparison.get("datasets", []):
             rows.append([f"`results/{name}.json`", ds["name"], ds.get("code_version") or "not recorded",
@@ -558,6 +574,7 @@ def build_context(results: Path) -> dict:
         "effect": effect_rows(ctx.get("search_effect") or {}),
         "tail_shipped": tail_shipped(ctx.get("search_effect_tail_shipped"), ctx.get("search_effect")),
         "fold_t": fold_t_rows(ctx.get("search_effect_fold_t"), ctx.get("search_effect")),
+        "more_seeds": more_seeds_rows(ctx.get("search_effect_more_seeds"), ctx.get("search_effect")),
         "head_default_value": default_trial["value"] if default_trial else None,
         "tail_best_is_defaults": bool(tail_study) and any(
             t.get("defaults") and t["number"] == tail_study.get("best_number") for t in tail_study.get("finished", [])),

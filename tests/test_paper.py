@@ -441,3 +441,18 @@ def test_fold_t_rows_report_the_sets_whose_decisions_the_image_by_image_pairing_
     assert got[0]["defaults_before"] == got[0]["decisions"] == 4
     assert got[0]["difference_before"] == 0.0 and got[0]["difference_now"] == pytest.approx(1.39)
     assert fold_t_rows(None, now) == []
+
+
+def test_more_seeds_rows_add_the_further_seeds_of_a_set_the_comparison_has():
+    from search.paper import more_seeds_rows
+
+    def row(name: str, pairs: list[tuple[int, float, float]]) -> dict:
+        return {"name": name, "seeds": [{"seed": k, "default_test": d, "searched_test": s} for k, d, s in pairs]}
+
+    effect = {"datasets": [row("digits", [(0, 0.99, 0.99), (1, 0.96, 0.99)])]}
+    extra = {"datasets": [row("digits", [(2, 0.986, 0.978), (3, 0.98, 0.99)]), row("other", [(2, 0.5, 0.6)])]}
+    got = more_seeds_rows(extra, effect)
+    assert [g["name"] for g in got] == ["digits"] and got[0]["seeds"] == [2, 3]
+    assert got[0]["differences"] == pytest.approx([-0.8, 1.0]) and got[0]["mean"] == pytest.approx(0.1)
+    assert got[0]["n_all"] == 4 and got[0]["mean_all"] == pytest.approx((-0.8 + 1.0 + 0.0 + 3.0) / 4)
+    assert more_seeds_rows(None, effect) == []
