@@ -160,12 +160,17 @@ def tail_shipped(shipped: dict | None, effect: dict | None) -> dict | None:
     return out
 
 
+def _datasets(comparison: dict | None) -> dict[str, dict]:
+    """The dataset rows of a search-effect file (``search.effect``), by name."""
+    return {d["name"]: d for d in (comparison or {}).get("datasets", [])}
+
+
 def fold_t_rows(earlier: dict | None, effect: dict | None) -> list[dict]:
     """The sets of ``search_effect_fold_t.json`` (the comparison when cross-validated phase-1
     trials were compared by a paired t over the folds) whose decisions differ from
     ``search_effect.json``'s: per set, the decisions that shipped the defaults and the mean test
     difference under each rule."""
-    now = {d["name"]: d for d in (effect or {}).get("datasets", [])}
+    now = _datasets(effect)
     out = []
     for old in (earlier or {}).get("datasets", []):
         new = now.get(old["name"])
@@ -184,7 +189,7 @@ def more_seeds_rows(extra: dict | None, effect: dict | None) -> list[dict]:
     """The sets of ``search_effect_more_seeds.json`` (the comparison on further seeds) that
     ``search_effect.json`` has too: the further seeds, their test differences in points, their
     mean, and the mean over every seed of both files."""
-    now = {d["name"]: d for d in (effect or {}).get("datasets", [])}
+    now = _datasets(effect)
     out = []
     for ds in (extra or {}).get("datasets", []):
         if ds["name"] not in now:
@@ -414,7 +419,7 @@ def _provenance_table(ctx: dict) -> str:
     for name in ("study_head", "study_tail"):
         if ctx.get(name):
             source = study_source(ctx[name])
-            row = next((ds for ds in effect.get("datasets", []) if source and ds["name"] == source["dataset"]), None)
+            row = _datasets(effect).get(source["dataset"]) if source else None
             if row is not None:  # one of the searches of the search-effect comparison
                 rows.append([f"`results/{name}.json`", f"study `{ctx[name]['study_name']}`",
                              row.get("code_version") or "not recorded",
