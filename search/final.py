@@ -333,7 +333,7 @@ def stage_tail(run: Run) -> None:
         return
     if c.tail_precision == "auto":  # timed here, on this machine, on the cached maps
         maps = batches.CachedMaps(run.cache, "train", run.splits.train_idx[:c.tail_batch_size], c.tail_batch_size)[0][0]
-        probe = finetune.measure_precision(run.parts, run.head, maps)
+        probe = finetune.measure_precision(run.parts, run.head, maps, params=run.params["tail"])
         run.precision = probe["chosen"]
         run.extra["precision_probe"] = probe
         log.info("tail precision: %s (mixed bfloat16 step %.2fx float32's; chosen from %.2fx)", run.precision,

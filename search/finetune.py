@@ -196,12 +196,16 @@ def resolve_precision(precision: str = "auto") -> str:
     return "float32" if precision == "auto" else precision
 
 
-def measure_precision(parts: TailParts, head: keras.Model, maps: np.ndarray, steps: int = 6) -> dict[str, Any]:
-    """Choose the tail's precision by timing it here: a trainer of the tail and head on ``maps`` (a
-    batch of cached cut maps) in float32 and one in mixed bfloat16, each warmed up by one step that
-    traces, then ``steps`` rounds of one step of each, the order alternating from round to round
-    (float32 first, then bfloat16 first) so that a drift of the machine's speed during the probe
-    falls on both alike; the median step of each. Mixed bfloat16 is chosen when it is at least
+def measure_precision(parts: TailParts, head: keras.Model, maps: np.ndarray, steps: int = 6,
+                      params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Choose the tail's precision by timing it here: a trainer of the tail and head for the tail
+    parameters ``params`` (None: the defaults; the final model passes its own, so that the step
+    timed is the step it trains, with as many blocks unfrozen) on ``maps`` (a batch of cached cut
+    maps) in float32 and one in mixed bfloat16, each warmed up by one step that traces, then
+    ``steps`` rounds of one step of each, the order alternating from round to round (float32
+    first, then bfloat16 first) so that a drift of the machine's speed during the probe falls on
+    both alike; the median step of each (recorded with ``unfreeze_blocks`` and the number of tail
+    variables the timed step trained). Mixed bfloat16 is chosen when it is at least
     :data:`PRECISION_GAIN` times faster (any CPU or GPU with fast bfloat16, whatever its flags).
     The tail and head are left as they were (weights, float32)."""
     import statistics
@@ -214,7 +218,7 @@ def measure_precision(parts: TailParts, head: keras.Model, maps: np.ndarray, ste
     try:
         trainers = {}
         for policy in policies:  # each traced in its own precision; the trace keeps it
-            trainers[policy] = build_tail_trainer(parts, head, saved, {}, steps + 1, 1, policy)
+            trainers[policy] = build_tail_trainer(parts, head, saved, params or {}, steps + 1, 1, policy)
             trainers[policy].train_on_batch(maps, labels)
         for round_ in range(steps):
             for policy in policies if round_ % 2 == 0 else policies[::-1]:
@@ -227,9 +231,12 @@ def measure_precision(parts: TailParts, head: keras.Model, maps: np.ndarray, ste
         head.set_weights(saved)
     seconds = {policy: statistics.median(t) for policy, t in times.items()}
     speedup = seconds["float32"] / seconds["mixed_bfloat16"]
+    trained = trainers["float32"]
     return {"chosen": "mixed_bfloat16" if speedup >= PRECISION_GAIN else "float32", "step_seconds": seconds,
             "speedup": speedup, "threshold": PRECISION_GAIN, "batch": len(maps), "steps": steps,
-            "order": "alternating", "times": times}
+            "order": "alternating", "times": times,
+            "unfreeze_blocks": int(space.with_defaults("tail", params or {})["unfreeze_blocks"]),
+            "tail_trainable_variables": sum(id(v) not in trained._head_ids for v in trained.trainable_variables)}
 
 
 def set_precision(tail: keras.Model, head: keras.Model, policy: str) -> None:

@@ -1,6 +1,7 @@
 """Final model on a tiny random-weight backbone: stitched vs cached parity, .h5 round trip,
 second run reuses the cache, atomic save."""
 
+import dataclasses
 import json
 
 import keras
@@ -97,14 +98,26 @@ def test_h5_round_trip_safe_mode(final_run, tiny_splits):
     assert weighted and not any(la.trainable for la in weighted), [la.name for la in weighted if la.trainable]
 
 
-def test_second_run_reuses_cache_and_records_the_code_it_started_with(final_run, tiny_splits, monkeypatch):
+def test_second_run_reuses_cache_records_its_code_and_probes_the_tail_it_trains(final_run, tiny_splits,
+                                                                               monkeypatch):
     config, _, tmp = final_run
-    config.output = str(tmp / "again.h5")
+    # precision chosen by the probe, for a tail of one unfrozen block (of two): the probe must time that tail
+    config = dataclasses.replace(config, output=str(tmp / "again.h5"), tail_precision="auto",
+                                 params={"tail": {"unfreeze_blocks": 1}})
     versions = iter(["abc1234", "def5678"])  # a commit checked out while the run trains must not be recorded
     monkeypatch.setattr("search.final.code_version", lambda: next(versions))
     again = build_final(config, tiny_splits)
     assert again["cache"]["reused"] is True
     assert again["machine"]["code_version"] == "abc1234"
+    probe = again["precision_probe"]
+    assert again["params"]["tail"]["unfreeze_blocks"] == probe["unfreeze_blocks"] == 1
+    spec = backbones.get_backbone(config.backbone)
+    cut = spec.cut_layer(config.cut)
+    tail = backbones.split_at_cut(spec.build(weights=None, size=TINY_RES), cut)
+    block1 = {id(la) for la in backbones.frozen_layers(tail, spec.cuts["last1"])}  # stays frozen
+    assert probe["tail_trainable_variables"] == sum(
+        len(la.weights) - 2 * isinstance(la, keras.layers.BatchNormalization)  # BN's moving statistics
+        for la in tail.layers if la.weights and id(la) not in block1) > 0
 
 
 @pytest.fixture(scope="module")
