@@ -73,9 +73,10 @@ def reference_method(run: dict) -> str | None:
 def curve(run: dict) -> dict[str, Any]:
     """One run's (cumulative seconds, validation accuracy) points and its final test point, with
     what tells runs apart: the cut layer, input side, backbone weights' fingerprint, cache bytes,
-    seed, parameters (``head/tail`` as :func:`search.space.params_label` says them) and when the
-    run finished; with ``normalized_time.by_stage`` the same points in normalized minutes (a
-    reused cache's extraction left for :func:`compare_runs` to add)."""
+    seed, parameters (``head/tail`` as :func:`search.space.params_label` says them), when the
+    run finished and the CPU's recorded instruction sets (``cpu_flags``, None if not recorded);
+    with ``normalized_time.by_stage`` the same points in normalized minutes (a reused cache's
+    extraction left for :func:`compare_runs` to add)."""
     extraction = float((run["cache"].get("extraction") or {}).get("seconds") or 0.0)
     head = float(run["timings_seconds"].get("head", 0.0))
     points = [{"stage": "frozen features + head", "seconds": extraction + head,
@@ -114,7 +115,8 @@ def curve(run: dict) -> dict[str, Any]:
             "tail_epochs": run["config"].get("tail_epochs"),
             "tail_precision": run.get("tail_precision_resolved"),
             "params": params_label(run.get("params_provenance") or {}), "param_changes": param_changes(run),
-            "flip": run["cache"]["key"].get("flip"), "finished": run.get("finished")}
+            "flip": run["cache"]["key"].get("flip"), "finished": run.get("finished"),
+            "cpu_flags": ((run.get("machine") or {}).get("cpu") or {}).get("flags")}
 
 
 def param_changes(run: dict) -> dict[str, dict[str, Any]]:
@@ -140,19 +142,21 @@ def _key_id(key: dict) -> str:
 def _complete_normalized(frontier: dict[str, dict]) -> None:
     """Add a reused cache's extraction, as normalized in the run that built it, to the normalized
     figures of the runs that reused it; a run with no such builder among ``frontier`` loses them.
-    Of several runs that built the same cache, the latest finished is the measurement taken."""
+    Of several runs that built the same cache, the measurement taken is the latest finished on a
+    CPU with the reused run's recorded instruction sets (``cpu_flags``), else the latest."""
     builders = sorted(((run.get("finished") or "", label) for label, run in frontier.items()
                        if run["normalized"] and not run["cache_reused"]))
-    built = {frontier[label]["cache_key"]: (label, frontier[label]["normalized"]) for _, label in builders}
-    # later builders overwrite earlier ones
     for run in frontier.values():
         norm = run["normalized"]
         if not norm or not run["cache_reused"]:
             continue
-        if run["cache_key"] not in built:
+        same_key = [label for _, label in builders if frontier[label]["cache_key"] == run["cache_key"]]
+        if not same_key:
             run["normalized"] = None
             continue
-        label, builder = built[run["cache_key"]]
+        same_cpu = [label for label in same_key if frontier[label].get("cpu_flags") == run.get("cpu_flags")]
+        label = (same_cpu or same_key)[-1]
+        builder = frontier[label]["normalized"]
         minutes = builder["extraction_minutes"]
         norm.update(extraction_minutes=minutes, extraction_from=label, points=[m + minutes for m in norm["points"]],
                     final_minutes=norm["final_minutes"] + minutes)

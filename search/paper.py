@@ -287,10 +287,32 @@ def _goals_table(ctx: dict, d: dict) -> str:
     return _table(["goal", "bar", "measured", "verdict"], rows)
 
 
+CPU_KINDS = (("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 BF16 and no AMX"), ("avx512f", "AVX-512 and no BF16"),
+             ("avx2", "AVX2 only"))  # the recorded flags (final.CPU_FLAGS_RECORDED), fastest first
+CROSS_CPU_TOLERANCE = 0.2  # normalized minutes of one run on two CPUs "differ" beyond this share
+
+
+def cpu_kind(flags: list[str] | None) -> str | None:
+    """A CPU's fastest recorded instruction set, in words (:data:`CPU_KINDS`); None if the run
+    recorded no flags."""
+    if flags is None:
+        return None
+    return next((words for flag, words in CPU_KINDS if flag in flags), "no AVX2")
+
+
+def _cpu_flags(final: dict) -> list[str] | None:
+    return ((final.get("machine") or {}).get("cpu") or {}).get("flags")
+
+
+def _other_cpu(run: dict, flags: list[str] | None) -> bool:
+    """Whether a run of ``frontier.json`` recorded a CPU with other instruction sets than ``flags``."""
+    return run.get("cpu_flags") is not None and flags is not None and run["cpu_flags"] != flags
+
+
 def _factor(run: dict, default_cut: str, default_side: int, default_precision: str | None = None,
-            default_epochs: int | None = None) -> str:
+            default_epochs: int | None = None, default_flags: list[str] | None = None) -> str:
     """What a run of ``frontier.json`` changed against the default recipe (and the reported run's
-    tail precision and tail epochs), in words."""
+    tail precision, tail epochs and CPU), in words."""
     parts = []
     if run.get("cut_layer") != default_cut:
         parts.append(f"cut at `{run.get('cut_layer')}`")
@@ -307,12 +329,15 @@ def _factor(run: dict, default_cut: str, default_side: int, default_precision: s
         parts.append(f"{run['tail_precision']} tail")
     if run.get("flip"):
         parts.append("mirrored images cached")
+    if _other_cpu(run, default_flags):
+        parts.append(f"CPU with {cpu_kind(run['cpu_flags'])}")
     return ", ".join(parts) or "default recipe"
 
 
 def _precision_pair(frontier: dict | None, final: dict) -> dict | None:
     """The latest run of ``frontier.json`` with the reported run's seed, parameters, cut and side
-    but its tail in the other precision: its accuracies and the reported run's lead in points."""
+    but its tail in the other precision, on the same kind of CPU where both recorded theirs: its
+    accuracies and the reported run's lead in points."""
     from search import space
 
     label = space.params_label(final.get("params_provenance") or {})
@@ -320,7 +345,7 @@ def _precision_pair(frontier: dict | None, final: dict) -> dict | None:
     pairs = [r for r in (frontier or {}).get("runs", {}).values()
              if r.get("seed") == final["config"]["seed"] and r.get("params") == label and r.get("tail_precision")
              and r["tail_precision"] != used and r.get("cut_layer") == key["cut_layer"]
-             and r.get("resolution") == key["resolution"]]
+             and r.get("resolution") == key["resolution"] and not _other_cpu(r, _cpu_flags(final))]
     if not pairs:
         return None
     other = max(pairs, key=lambda r: r.get("finished") or "")
@@ -333,7 +358,42 @@ def _setting(run: dict, final: dict) -> str:
     """What a run of ``frontier.json`` varied against the reported run ``final`` (:func:`_factor`)."""
     key = final["cache"]["key"]
     return _factor(run, key["cut_layer"], key["resolution"], final.get("tail_precision_resolved"),
-                   (final.get("config") or {}).get("tail_epochs"))
+                   (final.get("config") or {}).get("tail_epochs"), _cpu_flags(final))
+
+
+def across_cpus(frontier: dict | None, final: dict) -> dict | None:
+    """The same recipe on two kinds of CPU: the latest run of ``frontier.json`` with the reported
+    run's seed, parameters, cut, side and tail epochs on a CPU with other recorded instruction
+    sets, beside the reported run's own entry. Each run's CPU (:func:`cpu_kind`), wall minutes,
+    minutes by the cost bar's measure (``normalized.reference``) and by stage, tail precision and
+    test accuracy; ``ratio``: the other run's bar minutes over the reported run's, ``differs``:
+    beyond :data:`CROSS_CPU_TOLERANCE`. None without such a pair, or without normalized figures."""
+    from search import space
+
+    runs = list((frontier or {}).get("runs", {}).values())
+    flags, key = _cpu_flags(final), final["cache"]["key"]
+    own = next((r for r in runs if r.get("finished") == final.get("finished")), None)
+    same = [r for r in runs if r.get("seed") == final["config"]["seed"] and _other_cpu(r, flags)
+            and r.get("params") == space.params_label(final.get("params_provenance") or {})
+            and not r.get("param_changes") and r.get("cut_layer") == key["cut_layer"]
+            and r.get("resolution") == key["resolution"]
+            and r.get("tail_epochs") == final["config"].get("tail_epochs")]
+    if own is None or not same:
+        return None
+    other = max(same, key=lambda r: r.get("finished") or "")
+    if not (own.get("normalized") or {}).get("reference") or not (other.get("normalized") or {}).get("reference"):
+        return None
+
+    def figures(run: dict) -> dict:
+        return {"cpu": cpu_kind(run["cpu_flags"]), "wall": run["final"]["seconds"] / 60,
+                "minutes": run["normalized"]["reference"]["final_minutes"],
+                "by_stage": run["normalized"]["final_minutes"], "test": _pct(run["final"]["test_accuracy"]),
+                "precision": "mixed bfloat16" if run.get("tail_precision") == "mixed_bfloat16" else "single precision"}
+
+    there, here = figures(other), figures(own)
+    ratio = there["minutes"] / here["minutes"]
+    return {**there, **{f"own_{k}": v for k, v in here.items()}, "ratio": ratio,
+            "differs": abs(ratio - 1) > CROSS_CPU_TOLERANCE}
 
 
 def _runs_table(frontier: dict, final: dict) -> str:
@@ -567,6 +627,7 @@ def build_context(results: Path) -> dict:
         "seed_spread_points": 100 * (max(tests) - min(tests)),
         "precision_pair": _precision_pair(ctx.get("frontier"), final),
         "within_cost_bar": within_cost_bar(ctx.get("frontier"), final),
+        "across_cpus": across_cpus(ctx.get("frontier"), final),
         "study_source": study_source(ctx.get("study_head")),
         "tail_fidelity": [f for f in (_tail_fidelity(bench.get(key)) for key in (
             fidelity_key(True), fidelity_key(False), *sorted(k for k in bench if "_fixed_" in k))) if f],

@@ -270,6 +270,15 @@ def test_frontier_normalizes_stage_by_stage_and_borrows_a_reused_caches_extracti
         frontier = compare_runs(given, tmp_path / "results")["frontier"]
         assert frontier["reused"]["normalized"]["extraction_from"] == "later"
         assert frontier["reused"]["normalized"]["points"][0] == pytest.approx(30.0 + 2.0)  # 600 s x 3, then head x 2
+    # with CPUs recorded, the latest builder on the reused run's CPU is taken, not a later one on another CPU
+    for run, flags in ((cold, ["avx2", "avx512f"]), (reused, ["avx2", "avx512f"]), (later, ["avx2"])):
+        run["machine"] = {**run["machine"], "cpu": {"model": "x", "flags": flags}}
+    for label, run in (("cold", cold), ("reused", reused), ("later", later)):
+        (tmp_path / f"{label}.json").write_text(json.dumps(run))
+    frontier = compare_runs({k: tmp_path / f"{k}.json" for k in ("later", "cold", "reused")},
+                            tmp_path / "results")["frontier"]
+    assert frontier["later"]["cpu_flags"] == ["avx2"] and frontier["cold"]["cpu_flags"] == ["avx2", "avx512f"]
+    assert frontier["reused"]["normalized"]["extraction_from"] == "cold"
 
 
 def test_code_version_is_dirty_for_changed_code_but_not_for_changed_results(tmp_path):

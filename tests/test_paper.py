@@ -456,3 +456,40 @@ def test_more_seeds_rows_add_the_further_seeds_of_a_set_the_comparison_has():
     assert got[0]["differences"] == pytest.approx([-0.8, 1.0]) and got[0]["mean"] == pytest.approx(0.1)
     assert got[0]["n_all"] == 4 and got[0]["mean_all"] == pytest.approx((-0.8 + 1.0 + 0.0 + 3.0) / 4)
     assert more_seeds_rows(None, effect) == []
+
+
+def test_the_same_recipe_on_another_kind_of_cpu_is_named_and_compared_by_both_normalizations(tiny_results):
+    from search import space
+    from search.paper import _precision_pair, _setting, across_cpus, cpu_kind
+
+    results = tiny_results[0]
+    final = json.loads((results / "final.json").read_text())
+    final["machine"]["cpu"] = {"model": "m", "flags": ["avx2", "avx512f", "avx512_bf16"]}
+    (results / "final.json").write_text(json.dumps(final))
+    key = final["cache"]["key"]
+
+    def run(flags, minutes, by_stage, wall_seconds, precision, finished, **changes):
+        return {"seed": final["config"]["seed"], "params": space.params_label(final["params_provenance"]),
+                "param_changes": {}, "cut_layer": key["cut_layer"], "resolution": key["resolution"],
+                "tail_epochs": final["config"]["tail_epochs"], "tail_precision": precision, "cpu_flags": flags,
+                "finished": finished, "final": {"seconds": wall_seconds, "val_accuracy": 0.5, "test_accuracy": 0.8},
+                "normalized": {"final_minutes": by_stage, "reference": {"final_minutes": minutes}}, **changes}
+
+    own = run(final["machine"]["cpu"]["flags"], 40.0, 42.0, 720.0, "mixed_bfloat16", final["finished"])
+    avx2 = run(["avx2"], 60.0, 45.0, 3000.0, "float32", "z")
+    runs = {"own": own, "avx2": avx2, "older": run(["avx2"], 99.0, 99.0, 60.0, "float32", "a"),
+            "other_epochs": run(["avx2"], 1.0, 1.0, 60.0, "float32", "zz", tail_epochs=99)}
+    got = across_cpus({"runs": runs}, final)
+    assert got["cpu"] == "AVX2 only" and got["own_cpu"] == "AVX-512 BF16 and no AMX"
+    assert (got["wall"], got["minutes"], got["by_stage"]) == (50.0, 60.0, 45.0) and got["own_wall"] == 12.0
+    assert got["precision"] == "single precision" and got["own_precision"] == "mixed bfloat16"
+    assert got["ratio"] == pytest.approx(1.5) and got["differs"]
+    # Table 7 and the cost bar's settings tell the CPU apart; the precision pair stays on one kind of CPU
+    assert _setting(avx2, final).endswith("CPU with AVX2 only") and "CPU" not in _setting(own, final)
+    assert _precision_pair({"runs": runs}, final) is None
+    assert cpu_kind(None) is None and cpu_kind(["avx2", "amx_bf16"]) == "AMX" and cpu_kind([]) == "no AVX2"
+    assert across_cpus({"runs": {"own": own}}, final) is None
+    (results / "frontier.json").write_text(json.dumps({"runs": runs}))
+    text = write_paper(results, tiny_results[1], str(tiny_results[2])).read_text()
+    assert "The same recipe and seed on a CPU with AVX2 only took 50.0 wall minutes and 60.0 normalized minutes" in text
+    assert "cost 1.50 times as much there" in text
