@@ -16,7 +16,8 @@ Entry point: :func:`compare_runs`, behind ``python -m search.cli compare``. It w
   the stage-by-stage figure it compares runs of different input sides. The figure plots
   normalized minutes (stage by stage) when any run has them (those runs only), else wall minutes;
 - ``seeds.json``: the runs of the first run's recipe (:func:`recipe_of`) under different seeds,
-  the latest finished run of each seed (earlier ones are listed as ``superseded``): test
+  on the first run's kind of CPU, the latest finished run of each seed (earlier ones are listed
+  as ``superseded``, runs on other CPUs as ``other_cpu``): test
   accuracy of each with its 95 % interval (Wilson, binomial on the test images), their mean,
   and the bars of :data:`search.config.GOALS`;
 - ``search_pair.json`` when given a run with default parameters and one with searched ones:
@@ -116,7 +117,7 @@ def curve(run: dict) -> dict[str, Any]:
             "tail_precision": run.get("tail_precision_resolved"),
             "params": params_label(run.get("params_provenance") or {}), "param_changes": param_changes(run),
             "flip": run["cache"]["key"].get("flip"), "finished": run.get("finished"),
-            "cpu_flags": ((run.get("machine") or {}).get("cpu") or {}).get("flags")}
+            "cpu_flags": _cpu_flags(run)}
 
 
 def param_changes(run: dict) -> dict[str, dict[str, Any]]:
@@ -169,6 +170,17 @@ def _complete_normalized(frontier: dict[str, dict]) -> None:
                 reference.update(extraction_minutes=extra, final_minutes=reference["final_minutes"] + extra)
 
 
+def _cpu_flags(run: dict) -> list[str] | None:
+    return ((run.get("machine") or {}).get("cpu") or {}).get("flags")
+
+
+def _same_cpu(run: dict, other: dict) -> bool:
+    """Whether two final runs ran on CPUs with the same recorded instruction sets (True when
+    either recorded none)."""
+    a, b = _cpu_flags(run), _cpu_flags(other)
+    return a is None or b is None or a == b
+
+
 def recipe_of(run: dict) -> dict:
     """What defines a recipe: the configuration less the seed and where things are written, and
     the parameters each phase trained with, completed by the fixed defaults
@@ -185,9 +197,10 @@ def recipe_of(run: dict) -> dict:
 
 def compare_runs(runs: dict[str, str | os.PathLike], results: str | os.PathLike = "results",
                  default_run: str | None = None, searched_run: str | None = None) -> dict:
-    """Write ``frontier.json``/``.png``, ``seeds.json`` (runs sharing the first run's recipe, the
-    latest of each seed) and,
-    with ``default_run`` and ``searched_run`` (labels of ``runs``), ``search_pair.json``.
+    """Write ``frontier.json``/``.png``, ``seeds.json`` (runs sharing the first run's recipe and
+    kind of CPU, the latest of each seed; runs of the recipe on another CPU are listed as
+    ``other_cpu``) and, with ``default_run`` and ``searched_run`` (labels of ``runs``),
+    ``search_pair.json``.
 
     Args:
         runs: label -> path of a final run's JSON.
@@ -210,6 +223,9 @@ def compare_runs(runs: dict[str, str | os.PathLike], results: str | os.PathLike 
 
     first = next(iter(loaded.values()))
     same = {label: run for label, run in loaded.items() if recipe_of(run) == recipe_of(first)}
+    # the seeds' spread is measured on one kind of CPU: the first run's (where both recorded theirs)
+    other_cpu = sorted(label for label, run in same.items() if not _same_cpu(run, first))
+    same = {label: run for label, run in same.items() if label not in other_cpu}
     latest: dict[Any, str] = {}  # one run per seed: the latest finished
     for label, run in same.items():
         seed, kept = run["config"]["seed"], latest.get(run["config"]["seed"])
@@ -228,7 +244,7 @@ def compare_runs(runs: dict[str, str | os.PathLike], results: str | os.PathLike 
                          "tail_precision": run.get("tail_precision_resolved"),
                          "code_version": (run.get("machine") or {}).get("code_version")})
         tests = [r["test_accuracy"] for r in rows]
-        seeds = {"recipe": recipe_of(first), "runs": rows, "superseded": superseded,
+        seeds = {"recipe": recipe_of(first), "runs": rows, "superseded": superseded, "other_cpu": other_cpu,
                  "mean_test_accuracy": float(np.mean(tests)),
                  "min_test_accuracy": float(np.min(tests)), "bar_each": GOALS.test_accuracy_each,
                  "bar_mean": GOALS.test_accuracy_mean, "goal_mean": GOALS.test_accuracy_goal_mean,

@@ -55,6 +55,16 @@ def test_frontier_and_seeds_written(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps(_run(2, GOALS.test_accuracy_each - 0.001, 0.9)))
     low = compare_runs({**paths, "c": tmp_path / "c.json"}, tmp_path / "results")["seeds"]
     assert low["meets_bars"] is False, "one seed below the bar fails it, whatever the mean"
+    # a seed of the recipe on another kind of CPU is not among the seeds (the first run's CPU)
+    cpu = {"model": "x", "flags": ["avx2", "avx512f"]}
+    for label, seed in (("a", 0), ("b", 1)):
+        paths[label].write_text(json.dumps({**_run(seed, 0.891 - seed * 0.008, 0.879, reused=seed == 1),
+                                            "machine": {"code_version": "c0de", "cpu": cpu}}))
+    avx2 = {**_run(2, 0.5, 0.5), "machine": {"code_version": "c0de", "cpu": {**cpu, "flags": ["avx2"]}}}
+    (tmp_path / "d.json").write_text(json.dumps(avx2))
+    mixed = compare_runs({**paths, "d": tmp_path / "d.json"}, tmp_path / "results")["seeds"]
+    assert [r["seed"] for r in mixed["runs"]] == [0, 1] and mixed["other_cpu"] == ["d"]
+    assert mixed["mean_test_accuracy"] == pytest.approx(0.887)
     assert seeds["runs"][0]["test_ci95"][0] < 0.891 < seeds["runs"][0]["test_ci95"][1]
 
 
