@@ -386,38 +386,36 @@ def stage_bn(run: Run) -> None:
 
 
 def tta_candidates(config: FinalConfig, cache: Cache) -> tuple[str, ...]:
-    """The test-time mirror averages tried on validation: the cached mirrored images' activations
-    when the cache has them; else the mirrored maps (free) and the mirrored images (their frozen
-    pass runs at test time: 15,000 images for CIFAR-10's validation and test splits). The better
-    of them is then also tried over the training shifts (:func:`stage_tta`)."""
+    """The test-time mirror averages tried on validation, cheaper first: the cached mirrored
+    images' activations when the cache has them; else the mirrored maps (free) and the mirrored
+    images (their frozen pass runs at test time: 15,000 images for CIFAR-10's validation and test
+    splits). Each of them is also tried over the training shifts (:func:`stage_tta`)."""
     if not config.tta:
         return ()
     return ("images",) if cache.key["flip"] else ("maps", "images")
 
 
 def stage_tta(run: Run) -> None:
-    """Choose on validation among no averaging, :func:`tta_candidates`, and the best of those
-    averaged over every offset of the tail's training shifts (``"<mirror>+shifts"``, when the
-    tail trained with shifts); a richer average ships only when it scores strictly higher."""
+    """Choose on validation among no averaging, :func:`tta_candidates`, and each of those averaged
+    over every offset of the tail's training shifts (``"<mirror>+shifts"``, when the tail trained
+    with shifts): the highest score ships, of equal scores the cheaper average (the candidates'
+    order, unshifted first), and an average only when it scores strictly higher than none. Each
+    mirror is tried with the shifts, not only the better unshifted one: that need not be the
+    better shifted one."""
     rows = run.splits.val_idx
     candidates = tta_candidates(run.config, run.cache)
-    probs = run.view_probs(run.trainer, "train", rows, [v for m in ("none", *candidates) for v in tta_views(m)])
+    modes = [*candidates, *([m + SHIFTED for m in candidates] if run.shift else [])]
+    # one call: a mirrored image's frozen pass runs once for all its offsets
+    probs = run.view_probs(run.trainer, "train", rows,
+                           [v for m in ("none", *modes) for v in tta_views(m, run.shift)])
 
     def score(mode: str) -> float:
         return accuracy(average(probs, tta_views(mode, run.shift)), run.val_labels)
 
     plain = score("none")
-    scores = {mode: score(mode) for mode in candidates}
-    mirror = max(scores, key=lambda m: scores[m], default=None)
-    run.tta = mirror if mirror is not None and scores[mirror] > plain else "none"
-    if mirror is not None and run.shift:
-        shifted = mirror + SHIFTED
-        probs.update(run.view_probs(run.trainer, "train", rows,
-                                    [v for v in tta_views(shifted, run.shift) if v not in probs]))
-        scores[shifted] = score(shifted)
-        if scores[shifted] > max(plain, scores[mirror]):
-            run.tta = shifted
-    best = max(scores, key=lambda m: scores[m], default=None)
+    scores = {mode: score(mode) for mode in modes}
+    best = max(scores, key=lambda m: scores[m], default=None)  # the first of equal scores: the cheaper
+    run.tta = best if best is not None and scores[best] > plain else "none"
     run.extra.update(val_accuracy_plain=plain, val_accuracy_tta_candidates=scores,
                      val_accuracy_tta=scores[best] if best else None,
                      val_accuracy=scores[run.tta] if run.tta != "none" else plain, tta_mode=best or "none",
