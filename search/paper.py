@@ -300,6 +300,14 @@ def cpu_kind(flags: list[str] | None) -> str | None:
     return next((words for flag, words in CPU_KINDS if flag in flags), "no AVX2")
 
 
+def _each_mirror_shifted(final: dict) -> bool:
+    """Whether the reported run tried each mirror over the training shifts (``final.stage_tta``),
+    not only the better unshifted one, as runs before that rule did."""
+    modes = list(final.get("val_accuracy_tta_candidates") or {})
+    shifted = [m for m in modes if m.endswith("+shifts")]
+    return bool(shifted) and len(shifted) == len(modes) - len(shifted)
+
+
 def _cpu_flags(final: dict) -> list[str] | None:
     return ((final.get("machine") or {}).get("cpu") or {}).get("flags")
 
@@ -628,6 +636,7 @@ def build_context(results: Path) -> dict:
         "precision_pair": _precision_pair(ctx.get("frontier"), final),
         "within_cost_bar": within_cost_bar(ctx.get("frontier"), final),
         "across_cpus": across_cpus(ctx.get("frontier"), final),
+        "tta_each_mirror_shifted": _each_mirror_shifted(final),
         "study_source": study_source(ctx.get("study_head")),
         "tail_fidelity": [f for f in (_tail_fidelity(bench.get(key)) for key in (
             fidelity_key(True), fidelity_key(False), *sorted(k for k in bench if "_fixed_" in k))) if f],

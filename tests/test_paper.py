@@ -493,3 +493,14 @@ def test_the_same_recipe_on_another_kind_of_cpu_is_named_and_compared_by_both_no
     text = write_paper(results, tiny_results[1], str(tiny_results[2])).read_text()
     assert "The same recipe and seed on a CPU with AVX2 only took 50.0 wall minutes and 60.0 normalized minutes" in text
     assert "cost 1.50 times as much there" in text
+
+
+def test_the_paper_says_which_shifted_averages_the_reported_run_tried():
+    from search.paper import _each_mirror_shifted
+
+    before = {"val_accuracy_tta_candidates": {"images": 0.8894, "images+shifts": 0.8932, "maps": 0.8856}}
+    now = {"val_accuracy_tta_candidates": {"maps": 0.8872, "images": 0.887, "maps+shifts": 0.8848,
+                                           "images+shifts": 0.89}}
+    assert not _each_mirror_shifted(before) and _each_mirror_shifted(now)
+    assert _each_mirror_shifted({"val_accuracy_tta_candidates": {"images": 0.5, "images+shifts": 0.6}})
+    assert not _each_mirror_shifted({"val_accuracy_tta_candidates": {"maps": 0.5}}) and not _each_mirror_shifted({})
