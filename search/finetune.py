@@ -220,6 +220,7 @@ def measure_precision(parts: TailParts, head: keras.Model, maps: np.ndarray, ste
         for policy in policies:  # each traced in its own precision; the trace keeps it
             trainers[policy] = build_tail_trainer(parts, head, saved, params or {}, steps + 1, 1, policy)
             trainers[policy].train_on_batch(maps, labels)
+        tail_variables = len(parts.tail.trainable_weights)  # as the trainers just built set them
         for round_ in range(steps):
             for policy in policies if round_ % 2 == 0 else policies[::-1]:
                 start = time.perf_counter()
@@ -231,12 +232,11 @@ def measure_precision(parts: TailParts, head: keras.Model, maps: np.ndarray, ste
         head.set_weights(saved)
     seconds = {policy: statistics.median(t) for policy, t in times.items()}
     speedup = seconds["float32"] / seconds["mixed_bfloat16"]
-    trained = trainers["float32"]
     return {"chosen": "mixed_bfloat16" if speedup >= PRECISION_GAIN else "float32", "step_seconds": seconds,
             "speedup": speedup, "threshold": PRECISION_GAIN, "batch": len(maps), "steps": steps,
             "order": "alternating", "times": times,
             "unfreeze_blocks": int(space.with_defaults("tail", params or {})["unfreeze_blocks"]),
-            "tail_trainable_variables": sum(id(v) not in trained._head_ids for v in trained.trainable_variables)}
+            "tail_trainable_variables": tail_variables}
 
 
 def set_precision(tail: keras.Model, head: keras.Model, policy: str) -> None:

@@ -109,6 +109,8 @@ def test_second_run_reuses_cache_records_its_code_and_probes_the_tail_it_trains(
                                  params={"tail": {"unfreeze_blocks": 1}})
     versions = iter(["abc1234", "def5678"])  # a commit checked out while the run trains must not be recorded
     monkeypatch.setattr("search.final.code_version", lambda: next(versions))
+    probe = finetune.measure_precision  # one timed round instead of six: a bfloat16 step is slow on some CPUs
+    monkeypatch.setattr(finetune, "measure_precision", lambda *a, **k: probe(*a, **{**k, "steps": 1}))
     again = build_final(config, tiny_splits)
     assert again["cache"]["reused"] is True
     assert again["machine"]["code_version"] == "abc1234"
