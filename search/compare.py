@@ -117,7 +117,7 @@ def curve(run: dict) -> dict[str, Any]:
             "tail_precision": run.get("tail_precision_resolved"),
             "params": params_label(run.get("params_provenance") or {}), "param_changes": param_changes(run),
             "flip": run["cache"]["key"].get("flip"), "finished": run.get("finished"),
-            "cpu_flags": _cpu_flags(run)}
+            "cpu_flags": cpu_flags(run)}
 
 
 def param_changes(run: dict) -> dict[str, dict[str, Any]]:
@@ -155,8 +155,8 @@ def _complete_normalized(frontier: dict[str, dict]) -> None:
         if not same_key:
             run["normalized"] = None
             continue
-        same_cpu = [label for label in same_key if frontier[label].get("cpu_flags") == run.get("cpu_flags")]
-        label = (same_cpu or same_key)[-1]
+        on_cpu = [label for label in same_key if frontier[label].get("cpu_flags") == run.get("cpu_flags")]
+        label = (on_cpu or same_key)[-1]
         builder = frontier[label]["normalized"]
         minutes = builder["extraction_minutes"]
         norm.update(extraction_minutes=minutes, extraction_from=label, points=[m + minutes for m in norm["points"]],
@@ -170,15 +170,16 @@ def _complete_normalized(frontier: dict[str, dict]) -> None:
                 reference.update(extraction_minutes=extra, final_minutes=reference["final_minutes"] + extra)
 
 
-def _cpu_flags(run: dict) -> list[str] | None:
+def cpu_flags(run: dict) -> list[str] | None:
+    """The instruction sets a final run recorded for its CPU (``final.cpu_description``); None if
+    it recorded none."""
     return ((run.get("machine") or {}).get("cpu") or {}).get("flags")
 
 
-def _same_cpu(run: dict, other: dict) -> bool:
-    """Whether two final runs ran on CPUs with the same recorded instruction sets (True when
-    either recorded none)."""
-    a, b = _cpu_flags(run), _cpu_flags(other)
-    return a is None or b is None or a == b
+def same_cpu(flags: list[str] | None, other: list[str] | None) -> bool:
+    """Whether two runs' recorded instruction sets (:func:`cpu_flags`) are those of one kind of
+    CPU: True when either recorded none."""
+    return flags is None or other is None or flags == other
 
 
 def recipe_of(run: dict) -> dict:
@@ -224,7 +225,7 @@ def compare_runs(runs: dict[str, str | os.PathLike], results: str | os.PathLike 
     first = next(iter(loaded.values()))
     same = {label: run for label, run in loaded.items() if recipe_of(run) == recipe_of(first)}
     # the seeds' spread is measured on one kind of CPU: the first run's (where both recorded theirs)
-    other_cpu = sorted(label for label, run in same.items() if not _same_cpu(run, first))
+    other_cpu = sorted(label for label, run in same.items() if not same_cpu(cpu_flags(run), cpu_flags(first)))
     same = {label: run for label, run in same.items() if label not in other_cpu}
     latest: dict[Any, str] = {}  # one run per seed: the latest finished
     for label, run in same.items():

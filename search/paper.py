@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from search.compare import reference_method, wilson_interval
+from search.compare import cpu_flags, reference_method, same_cpu, wilson_interval
 from search.config import GOALS, fidelity_key
 from search.errors import UserError
 from search.io import atomic_path, read_json, save_figure
@@ -308,13 +308,9 @@ def _each_mirror_shifted(final: dict) -> bool:
     return bool(shifted) and len(shifted) == len(modes) - len(shifted)
 
 
-def _cpu_flags(final: dict) -> list[str] | None:
-    return ((final.get("machine") or {}).get("cpu") or {}).get("flags")
-
-
 def _other_cpu(run: dict, flags: list[str] | None) -> bool:
     """Whether a run of ``frontier.json`` recorded a CPU with other instruction sets than ``flags``."""
-    return run.get("cpu_flags") is not None and flags is not None and run["cpu_flags"] != flags
+    return not same_cpu(run.get("cpu_flags"), flags)
 
 
 def _factor(run: dict, default_cut: str, default_side: int, default_precision: str | None = None,
@@ -353,7 +349,7 @@ def _precision_pair(frontier: dict | None, final: dict) -> dict | None:
     pairs = [r for r in (frontier or {}).get("runs", {}).values()
              if r.get("seed") == final["config"]["seed"] and r.get("params") == label and r.get("tail_precision")
              and r["tail_precision"] != used and r.get("cut_layer") == key["cut_layer"]
-             and r.get("resolution") == key["resolution"] and not _other_cpu(r, _cpu_flags(final))]
+             and r.get("resolution") == key["resolution"] and not _other_cpu(r, cpu_flags(final))]
     if not pairs:
         return None
     other = max(pairs, key=lambda r: r.get("finished") or "")
@@ -366,7 +362,7 @@ def _setting(run: dict, final: dict) -> str:
     """What a run of ``frontier.json`` varied against the reported run ``final`` (:func:`_factor`)."""
     key = final["cache"]["key"]
     return _factor(run, key["cut_layer"], key["resolution"], final.get("tail_precision_resolved"),
-                   (final.get("config") or {}).get("tail_epochs"), _cpu_flags(final))
+                   (final.get("config") or {}).get("tail_epochs"), cpu_flags(final))
 
 
 def across_cpus(frontier: dict | None, final: dict) -> dict | None:
@@ -379,7 +375,7 @@ def across_cpus(frontier: dict | None, final: dict) -> dict | None:
     from search import space
 
     runs = list((frontier or {}).get("runs", {}).values())
-    flags, key = _cpu_flags(final), final["cache"]["key"]
+    flags, key = cpu_flags(final), final["cache"]["key"]
     own = next((r for r in runs if r.get("finished") == final.get("finished")), None)
     same = [r for r in runs if r.get("seed") == final["config"]["seed"] and _other_cpu(r, flags)
             and r.get("params") == space.params_label(final.get("params_provenance") or {})
