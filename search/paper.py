@@ -338,22 +338,31 @@ def _factor(run: dict, default_cut: str, default_side: int, default_precision: s
     return ", ".join(parts) or "default recipe"
 
 
+def _like_reported(frontier: dict | None, final: dict) -> list[dict]:
+    """The runs of ``frontier.json`` with the reported run's seed, parameters label, cut and side."""
+    from search import space
+
+    label, key = space.params_label(final.get("params_provenance") or {}), final["cache"]["key"]
+    return [r for r in (frontier or {}).get("runs", {}).values()
+            if r.get("seed") == final["config"]["seed"] and r.get("params") == label
+            and r.get("cut_layer") == key["cut_layer"] and r.get("resolution") == key["resolution"]]
+
+
+def _precision_words(precision: str | None) -> str:
+    return "mixed bfloat16" if precision == "mixed_bfloat16" else "single precision"
+
+
 def _precision_pair(frontier: dict | None, final: dict) -> dict | None:
     """The latest run of ``frontier.json`` with the reported run's seed, parameters, cut and side
     but its tail in the other precision, on the same kind of CPU where both recorded theirs: its
     accuracies and the reported run's lead in points."""
-    from search import space
-
-    label = space.params_label(final.get("params_provenance") or {})
-    used, key = final.get("tail_precision_resolved"), final["cache"]["key"]
-    pairs = [r for r in (frontier or {}).get("runs", {}).values()
-             if r.get("seed") == final["config"]["seed"] and r.get("params") == label and r.get("tail_precision")
-             and r["tail_precision"] != used and r.get("cut_layer") == key["cut_layer"]
-             and r.get("resolution") == key["resolution"] and not _other_cpu(r, cpu_flags(final))]
+    used = final.get("tail_precision_resolved")
+    pairs = [r for r in _like_reported(frontier, final) if r.get("tail_precision")
+             and r["tail_precision"] != used and not _other_cpu(r, cpu_flags(final))]
     if not pairs:
         return None
     other = max(pairs, key=lambda r: r.get("finished") or "")
-    return {"precision": "mixed bfloat16" if other["tail_precision"] == "mixed_bfloat16" else "single precision",
+    return {"precision": _precision_words(other["tail_precision"]),
             "val": _pct(other["final"]["val_accuracy"]), "test": _pct(other["final"]["test_accuracy"]),
             "lead_points": 100 * (final["test_accuracy"] - other["final"]["test_accuracy"])}
 
@@ -372,16 +381,10 @@ def across_cpus(frontier: dict | None, final: dict) -> dict | None:
     minutes by the cost bar's measure (``normalized.reference``) and by stage, tail precision and
     test accuracy; ``ratio``: the other run's bar minutes over the reported run's, ``differs``:
     beyond :data:`CROSS_CPU_TOLERANCE`. None without such a pair, or without normalized figures."""
-    from search import space
-
     runs = list((frontier or {}).get("runs", {}).values())
-    flags, key = cpu_flags(final), final["cache"]["key"]
     own = next((r for r in runs if r.get("finished") == final.get("finished")), None)
-    same = [r for r in runs if r.get("seed") == final["config"]["seed"] and _other_cpu(r, flags)
-            and r.get("params") == space.params_label(final.get("params_provenance") or {})
-            and not r.get("param_changes") and r.get("cut_layer") == key["cut_layer"]
-            and r.get("resolution") == key["resolution"]
-            and r.get("tail_epochs") == final["config"].get("tail_epochs")]
+    same = [r for r in _like_reported(frontier, final) if _other_cpu(r, cpu_flags(final))
+            and not r.get("param_changes") and r.get("tail_epochs") == final["config"].get("tail_epochs")]
     if own is None or not same:
         return None
     other = max(same, key=lambda r: r.get("finished") or "")
@@ -392,7 +395,7 @@ def across_cpus(frontier: dict | None, final: dict) -> dict | None:
         return {"cpu": cpu_kind(run["cpu_flags"]), "wall": run["final"]["seconds"] / 60,
                 "minutes": run["normalized"]["reference"]["final_minutes"],
                 "by_stage": run["normalized"]["final_minutes"], "test": _pct(run["final"]["test_accuracy"]),
-                "precision": "mixed bfloat16" if run.get("tail_precision") == "mixed_bfloat16" else "single precision"}
+                "precision": _precision_words(run.get("tail_precision"))}
 
     there, here = figures(other), figures(own)
     ratio = there["minutes"] / here["minutes"]
